@@ -1,0 +1,77 @@
+"""Slow, obviously-correct references for the attention modes: dense attention over all tokens of
+the map, restricted by an explicit boolean mask built from each mode's group definition."""
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+
+def interlaced_group_ids(length: int, group_size: int) -> Tensor:
+    """Group of each row: with ``n = ceil(length / group_size)`` groups, row ``y`` is in group ``y mod n``."""
+    n = math.ceil(length / group_size)
+    return torch.arange(length) % n
+
+
+def contiguous_group_ids(length: int, group_size: int) -> Tensor:
+    """Group of each row for contiguous stripes: row ``y`` is in stripe ``y // group_size``."""
+    return torch.arange(length) // group_size
+
+
+def same_row_group(h: int, w: int, ids: Tensor) -> Tensor:
+    """``(HW, HW)`` mask: query and key rows share a group (tokens in row-major order)."""
+    rows = ids.view(h, 1).expand(h, w).reshape(-1)
+    return rows[:, None] == rows[None, :]
+
+
+def same_col_group(h: int, w: int, ids: Tensor) -> Tensor:
+    cols = ids.view(1, w).expand(h, w).reshape(-1)
+    return cols[:, None] == cols[None, :]
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, num_heads: int) -> Tensor:
+    """Dense multi-head attention. q, k, v: ``(B, H, W, C)``; mask ``(HW, HW)``, True = may attend."""
+    b, h, w, c = q.shape
+    d = c // num_heads
+    qf, kf, vf = (t.reshape(b, h * w, num_heads, d).transpose(1, 2) for t in (q, k, v))
+    scores = qf @ kf.transpose(-2, -1) / math.sqrt(d)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ vf
+    return out.transpose(1, 2).reshape(b, h, w, c)
+
+
+def mode_masks(mode: str, h: int, w: int, group_size: Tuple[int, int], direction: str = "row"):
+    """The mask (or the row-branch and column-branch masks) a mode defines on an ``h x w`` map."""
+    s_r, s_c = group_size
+    if mode in ("parallel", "axial"):
+        return (same_row_group(h, w, interlaced_group_ids(h, s_r)),
+                same_col_group(h, w, interlaced_group_ids(w, s_c)))
+    if mode == "cross_shaped":
+        return (same_row_group(h, w, contiguous_group_ids(h, s_r)),
+                same_col_group(h, w, contiguous_group_ids(w, s_c)))
+    if mode == "sequential":
+        if direction == "row":
+            return same_row_group(h, w, interlaced_group_ids(h, s_r))
+        return same_col_group(h, w, interlaced_group_ids(w, s_c))
+    if mode == "vanilla":
+        n = max(math.ceil(h / s_r), math.ceil(w / s_c))
+        ids_r, ids_c = torch.arange(h) % n, torch.arange(w) % n
+        return same_row_group(h, w, ids_r) | same_col_group(h, w, ids_c)
+    raise ValueError(mode)
+
+
+def reference_attention(layer, x: Tensor) -> Tensor:
+    """What ``layer`` (a PSAttention) should compute on ``x``, by dense masked attention."""
+    b, h, w, c = x.shape
+    q, k, v = layer.q(x), layer.k(x), layer.v(x)
+    masks = mode_masks(layer.mode, h, w, layer.group_size, layer.direction or "row")
+    if isinstance(masks, tuple):
+        half, heads = c // 2, layer.num_heads // 2
+        rows = masked_attention(q[..., :half], k[..., :half], v[..., :half], masks[0], heads)
+        cols = masked_attention(q[..., half:], k[..., half:], v[..., half:], masks[1], heads)
+        out = torch.cat((rows, cols), dim=-1)
+    else:
+        out = masked_attention(q, k, v, masks, layer.num_heads)
+    return layer.proj(out)

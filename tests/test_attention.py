@@ -1,0 +1,127 @@
+"""PS-attention and the ablation modes against dense masked references (tests/reference.py)."""
+import pytest
+import torch
+
+from pale import PSAttention
+from reference import mode_masks, reference_attention
+
+# (H, W, pale_size, heads): odd sizes, padding in one or both directions, a 1-row map, and 56x56.
+CASES = [
+    (9, 5, (3, 2), 2),
+    (9, 5, (3, 2), 4),
+    (8, 10, 3, 2),
+    (8, 10, 3, 8),
+    (1, 13, 7, 2),
+    (13, 1, 7, 4),
+    (7, 7, 7, 2),
+    (56, 56, 7, 2),
+    (56, 56, 7, 8),
+]
+
+
+def _layer(dim, heads, pale_size, **kw):
+    layer = PSAttention(dim, heads, pale_size, **kw).double().eval()
+    # Random BatchNorm statistics, so the eval-mode projections are not the identity on stats.
+    for m in layer.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return layer
+
+
+@pytest.mark.parametrize("h,w,pale_size,heads", CASES)
+def test_parallel_matches_dense_reference(h, w, pale_size, heads):
+    layer = _layer(16, heads, pale_size)
+    x = torch.randn(2, h, w, 16, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), reference_attention(layer, x), rtol=1e-5, atol=1e-5)
+
+
+MODE_CASES = [
+    ("sequential", dict(direction="row")),
+    ("sequential", dict(direction="column")),
+    ("vanilla", {}),
+    ("axial", {}),
+    ("cross_shaped", dict(stripe_width=3)),
+    ("cross_shaped", dict(stripe_width=7)),
+]
+
+
+@pytest.mark.parametrize("mode,kw", MODE_CASES)
+@pytest.mark.parametrize("h,w,pale_size,heads", [(9, 5, (3, 2), 2), (8, 10, 3, 4), (14, 11, 3, 2), (7, 7, 7, 2)])
+def test_modes_match_dense_reference(mode, kw, h, w, pale_size, heads):
+    layer = _layer(16, heads, pale_size, mode=mode, **kw)
+    x = torch.randn(2, h, w, 16, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), reference_attention(layer, x), rtol=1e-5, atol=1e-5)
+
+
+def test_parallel_row_groups_are_interlaced():
+    # The authors' example (PaddleViT issue #151): 9 rows, 3 per pale -> {0,3,6}, {1,4,7}, {2,5,8}.
+    row_mask = mode_masks("parallel", 9, 1, (3, 3))[0]
+    assert row_mask[0].nonzero().flatten().tolist() == [0, 3, 6]
+    assert row_mask[4].nonzero().flatten().tolist() == [1, 4, 7]
+
+
+def test_token_sees_only_its_pale():
+    """Gradient of one output token reaches exactly the inputs its pale covers (through q/k/v's 3x3 convs)."""
+    layer = _layer(8, 2, 3)
+    x = torch.randn(1, 9, 9, 8, dtype=torch.float64, requires_grad=True)
+    layer(x)[0, 4, 4].sum().backward()
+    touched = x.grad[0].abs().sum(-1) > 0
+    rows, cols = mode_masks("parallel", 9, 9, (3, 3))
+    pale = (rows[4 * 9 + 4] | cols[4 * 9 + 4]).view(9, 9)
+    # widen the pale by the 3x3 depthwise convolutions of q, k, v
+    widened = torch.nn.functional.max_pool2d(pale.double()[None, None], 3, 1, 1)[0, 0] > 0
+    assert touched.equal(widened)
+
+
+@pytest.mark.parametrize("pale_size", [7, (7, 7), (3, 5)])
+def test_pale_size_forms(pale_size):
+    layer = PSAttention(32, 4, pale_size)
+    assert layer.group_size == ((pale_size, pale_size) if isinstance(pale_size, int) else tuple(pale_size))
+
+
+def test_fp32_close_to_fp64():
+    layer = _layer(32, 4, 7)
+    x = torch.randn(2, 20, 17, 32, dtype=torch.float64)
+    ref = layer(x)
+    out = layer.float()(x.float())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(dim=30, num_heads=4), "not divisible"),
+    (dict(dim=24, num_heads=3), "must be even"),
+    (dict(dim=0, num_heads=2), "positive"),
+    (dict(dim=32, num_heads=4, pale_size=0), "pale_size must be >= 1"),
+    (dict(dim=32, num_heads=4, pale_size=(7, 7, 7)), "pale_size must be an int or a pair"),
+    (dict(dim=32, num_heads=4, mode="diagonal"), "unknown attention mode"),
+    (dict(dim=32, num_heads=4, direction="row"), "only used by mode='sequential'"),
+    (dict(dim=32, num_heads=4, mode="sequential", direction="up"), "direction must be"),
+    (dict(dim=32, num_heads=4, mode="cross_shaped", stripe_width=0), "stripe_width must be >= 1"),
+])
+def test_bad_construction_raises(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PSAttention(**kwargs)
+
+
+def test_odd_heads_allowed_for_single_branch_modes():
+    PSAttention(24, 3, mode="sequential")
+    PSAttention(24, 3, mode="vanilla")
+
+
+@pytest.mark.parametrize("x,err,match", [
+    (torch.randn(2, 7, 7), ValueError, r"expects \(B, H, W, C\)"),
+    (torch.randn(2, 7, 7, 16), ValueError, "got 16 channels"),
+    (torch.ones(2, 7, 7, 32, dtype=torch.long), TypeError, "floating-point"),
+])
+def test_bad_input_raises(x, err, match):
+    with pytest.raises(err, match=match):
+        PSAttention(32, 4)(x)
+
+
+def test_vanilla_impossible_shape_raises():
+    # One row cannot hold two pales (ceil(13 / 7) = 2 pales > 1 row).
+    with pytest.raises(ValueError, match="needs 2 pales"):
+        PSAttention(16, 2, 7, mode="vanilla")(torch.randn(1, 1, 13, 16))

@@ -1,0 +1,80 @@
+"""Atomic writes, safe loading and clear weight-mismatch errors (pale.io)."""
+import os
+import pickle
+
+import pytest
+import torch
+
+from pale.io import (CheckpointError, WeightsMismatchError, atomic_path, atomic_write_text,
+                     create_model_from_file, load_torch, load_weights, save_checkpoint, save_safetensors)
+from pale.models.pale_transformer import PaleTransformer
+
+SMALL = dict(embed_dims=(16, 32, 32, 64), depths=(1, 1, 1, 1), num_heads=(2, 2, 4, 4), num_classes=3)
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    target = tmp_path / "metrics.json"
+    atomic_write_text(target, "old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half-writ")
+            raise RuntimeError("crash while writing")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_malicious_pickle_is_refused_without_running(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"model": _Boom()}, f)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_torch(path)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": {"w": torch.randn(100, 100)}}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_torch(path)
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_torch(tmp_path / "nope.pth")
+
+
+def test_mismatch_lists_keys_and_non_strict_loads_the_rest():
+    src = PaleTransformer(**SMALL)
+    dst = PaleTransformer(**dict(SMALL, num_classes=7))
+    with pytest.raises(WeightsMismatchError, match=r"head.fc.weight: \(3, 64\) vs \(7, 64\)"):
+        load_weights(dst, src.state_dict())
+    report = load_weights(dst, src.state_dict(), strict=False)
+    assert [k for k, _, _ in report.mismatched] == ["head.fc.weight", "head.fc.bias"]
+    assert torch.equal(dst.stem.proj.weight, src.stem.proj.weight)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_model_file_round_trip(tmp_path, suffix):
+    import timm
+    model = timm.create_model("pale_tiny", num_classes=4, depths=(1, 1, 1, 1)).eval()
+    kwargs = dict(num_classes=4, depths=[1, 1, 1, 1])
+    path = tmp_path / f"m{suffix}"
+    if suffix == ".pth":
+        save_checkpoint(path, model, "pale_tiny", kwargs, class_names=list("abcd"))
+    else:
+        save_safetensors(model.state_dict(), path, dict(model_name="pale_tiny", model_kwargs=kwargs,
+                                                        class_names=list("abcd")))
+    loaded, info = create_model_from_file(path)
+    assert info["class_names"] == list("abcd")
+    x = torch.randn(1, 3, 40, 40)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
