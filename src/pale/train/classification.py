@@ -1,0 +1,212 @@
+"""Image classification on an ImageFolder tree (ImageNet layout: ``root/train/<class>/*``,
+``root/val/<class>/*``), as a :class:`pale.train.engine.Task`.
+
+Augmentation, Mixup/CutMix and losses are timm's: ``create_transform`` (RandomResizedCrop, flips,
+colour jitter, RandAugment, random erasing; resize + centre crop at ``crop_pct`` for evaluation),
+``Mixup`` with label smoothing and ``SoftTargetCrossEntropy``. Accuracies are percentages, as in timm.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import io as pio
+from .data import ImageFolderDataset
+from .engine import Runtime, Task
+
+__all__ = ["ClassificationTask", "evaluate_classifier", "build_eval_transform", "CLASSIFICATION_DEFAULTS"]
+
+CLASSIFICATION_DEFAULTS: Dict[str, Any] = {
+    "model": {
+        "name": "pale_tiny",
+        "kwargs": {},            # passed to timm.create_model (e.g. embed_dims, depths, pale_size)
+        "drop_path_rate": 0.2,
+        "drop_rate": 0.0,
+        "pretrained": None,      # a .pth/.safetensors to start from (the head is dropped if its shape differs)
+    },
+    "data": {
+        "root": None,            # folder with <train_split>/<class>/* and <val_split>/<class>/*
+        "train_split": "train",
+        "val_split": "val",      # null: no validation
+        "img_size": 224,
+        "crop_pct": 0.9,         # evaluation: resize to img_size / crop_pct, centre crop img_size
+        "interpolation": "bicubic",
+        "mean": None,            # null: the model's (ImageNet) statistics
+        "std": None,
+        "skip_bad_images": False,  # true: skip unreadable images and count them; false: fail naming the file
+    },
+    "aug": {
+        "scale": [0.08, 1.0],
+        "ratio": [0.75, 1.3333333333],
+        "hflip": 0.5,
+        "vflip": 0.0,
+        "color_jitter": 0.4,
+        "auto_augment": "rand-m9-mstd0.5-inc1",  # null: none
+        "train_interpolation": "bicubic",
+        "reprob": 0.25,
+        "remode": "pixel",
+        "recount": 1,
+        "mixup": 0.8,
+        "cutmix": 1.0,
+        "cutmix_minmax": None,
+        "mixup_prob": 1.0,
+        "mixup_switch_prob": 0.5,
+        "mixup_mode": "batch",
+        "smoothing": 0.1,
+    },
+}
+
+
+def data_config(cfg: Dict[str, Any], model: Optional[nn.Module] = None) -> Dict[str, Any]:
+    """Input size, crop, interpolation and normalisation used for evaluation (stored with the weights)."""
+    d = cfg["data"]
+    pre = getattr(model, "pretrained_cfg", None) or {}
+    size = d["img_size"]
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return dict(input_size=[3, int(h), int(w)], crop_pct=float(d["crop_pct"]), interpolation=d["interpolation"],
+                mean=list(d["mean"] or pre.get("mean", (0.485, 0.456, 0.406))),
+                std=list(d["std"] or pre.get("std", (0.229, 0.224, 0.225))), crop_mode="center")
+
+
+def build_eval_transform(dc: Dict[str, Any]):
+    from timm.data import create_transform
+
+    return create_transform(tuple(dc["input_size"]), is_training=False, interpolation=dc["interpolation"],
+                            mean=tuple(dc["mean"]), std=tuple(dc["std"]), crop_pct=dc["crop_pct"],
+                            crop_mode=dc.get("crop_mode", "center"))
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]],
+                        rt: Runtime) -> Dict[str, float]:
+    """Cross-entropy loss, top-1 and top-5 accuracy (%) over ``batches``, summed over ranks."""
+    totals = torch.zeros(4, dtype=torch.float64, device=rt.device)  # loss sum, top1, top5, count
+    for images, targets in batches:
+        images, targets = rt.to_device(images), targets.to(rt.device)
+        with rt.autocast():
+            logits = model(images)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hit = top.eq(targets[:, None])
+        totals += torch.stack([F.cross_entropy(logits, targets, reduction="sum").double(),
+                               hit[:, 0].sum().double(), hit.any(dim=1).sum().double(),
+                               torch.tensor(float(len(targets)), dtype=torch.float64, device=rt.device)])
+    rt.all_reduce_sum(totals)
+    n = max(float(totals[3]), 1.0)
+    return dict(loss=float(totals[0]) / n, top1=100.0 * float(totals[1]) / n, top5=100.0 * float(totals[2]) / n,
+                n=int(totals[3]))
+
+
+class ClassificationTask(Task):
+    """A timm classifier (``model.name``, Pale by default) on an image folder."""
+
+    defaults = CLASSIFICATION_DEFAULTS
+    best_metric = "top1"
+    best_mode = "max"
+    curve_metrics = ("top1", "top5")
+
+    def __init__(self, cfg: Dict[str, Any]):
+        super().__init__(cfg)
+        d = cfg["data"]
+        if not d["root"]:
+            raise ValueError("data.root is not set: pass --data FOLDER (a folder with "
+                             f"{d['train_split']}/<class>/<image> and {d['val_split']}/<class>/<image>)")
+        self.root = Path(d["root"])
+        if not self.root.exists():
+            raise FileNotFoundError(f"data folder not found: {self.root}")
+        from .data import scan_image_folder
+        self.train_dir = self.root / d["train_split"]
+        _, self.class_names = scan_image_folder(self.train_dir, what="training folder")
+        self.num_classes = len(self.class_names)
+        self.mixup_fn = None
+        self._model: Optional[nn.Module] = None
+
+    # -- model --
+
+    def model_kwargs(self) -> Dict[str, Any]:
+        m = self.cfg["model"]
+        return dict(m["kwargs"], num_classes=self.num_classes, drop_path_rate=float(m["drop_path_rate"]),
+                    drop_rate=float(m["drop_rate"]))
+
+    def build_model(self) -> nn.Module:
+        import timm
+
+        import pale  # noqa: F401  (registers the Pale models)
+
+        m = self.cfg["model"]
+        try:
+            model = timm.create_model(m["name"], **self.model_kwargs())
+        except RuntimeError as err:
+            if "Unknown model" in str(err):
+                raise ValueError(f"model.name: unknown model {m['name']!r}") from None
+            raise
+        except TypeError as err:
+            raise ValueError(f"model.kwargs do not fit {m['name']}: {err}") from None
+        if m["pretrained"]:
+            state, _ = pio.read_model_file(m["pretrained"])
+            own = model.state_dict()
+            state = {k: v for k, v in state.items() if not (k in own and own[k].shape != v.shape and k.startswith("head."))}
+            report = pio.load_weights(model, state, strict=False, source=str(m["pretrained"]))
+            if report.mismatched or report.unexpected:
+                raise pio.WeightsMismatchError(f"{m['pretrained']} does not fit {m['name']}:\n{report.describe()}", report)
+        self._model = model
+        self.data_config = data_config(self.cfg, model)
+        return model
+
+    def model_info(self) -> Dict[str, Any]:
+        return dict(model_name=self.cfg["model"]["name"], model_kwargs=self.model_kwargs(),
+                    class_names=list(self.class_names), data_config=self.data_config)
+
+    # -- data --
+
+    def train_dataset(self) -> ImageFolderDataset:
+        from timm.data import Mixup, create_transform
+
+        a, dc = self.cfg["aug"], self.data_config
+        transform = create_transform(
+            tuple(dc["input_size"]), is_training=True, scale=tuple(a["scale"]), ratio=tuple(a["ratio"]),
+            hflip=float(a["hflip"]), vflip=float(a["vflip"]), color_jitter=float(a["color_jitter"]),
+            auto_augment=a["auto_augment"], interpolation=a["train_interpolation"], mean=tuple(dc["mean"]),
+            std=tuple(dc["std"]), re_prob=float(a["reprob"]), re_mode=a["remode"], re_count=int(a["recount"]))
+        if a["mixup"] > 0 or a["cutmix"] > 0 or a["cutmix_minmax"] is not None:
+            self.mixup_fn = Mixup(mixup_alpha=float(a["mixup"]), cutmix_alpha=float(a["cutmix"]),
+                                  cutmix_minmax=a["cutmix_minmax"], prob=float(a["mixup_prob"]),
+                                  switch_prob=float(a["mixup_switch_prob"]), mode=a["mixup_mode"],
+                                  label_smoothing=float(a["smoothing"]), num_classes=self.num_classes)
+        return ImageFolderDataset(self.train_dir, transform, class_names=self.class_names,
+                                  skip_bad=bool(self.cfg["data"]["skip_bad_images"]), what="training folder")
+
+    def val_dataset(self) -> Optional[ImageFolderDataset]:
+        split = self.cfg["data"]["val_split"]
+        if not split:
+            return None
+        return ImageFolderDataset(self.root / split, build_eval_transform(self.data_config),
+                                  class_names=self.class_names, skip_bad=bool(self.cfg["data"]["skip_bad_images"]),
+                                  what="validation folder")
+
+    # -- loss and evaluation --
+
+    def training_loss(self, model: nn.Module, batch: Any, rt: Runtime) -> Tuple[torch.Tensor, int]:
+        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+        images, targets = batch
+        images, targets = rt.to_device(images), targets.to(rt.device)
+        smoothing = float(self.cfg["aug"]["smoothing"])
+        if self.mixup_fn is not None:
+            if len(images) % 2:  # Mixup pairs samples; a batch shortened by skipped images may be odd
+                images, targets = images[:-1], targets[:-1]
+            images, targets = self.mixup_fn(images, targets)
+            loss = SoftTargetCrossEntropy()(model(images), targets)
+        elif smoothing > 0:
+            loss = LabelSmoothingCrossEntropy(smoothing)(model(images), targets)
+        else:
+            loss = F.cross_entropy(model(images), targets)
+        return loss, len(images)
+
+    def evaluate(self, model: nn.Module, batches: Iterable[Any], rt: Runtime) -> Dict[str, float]:
+        return evaluate_classifier(model, batches, rt)

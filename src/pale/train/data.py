@@ -1,0 +1,210 @@
+"""Data plumbing shared by every task: image folders with clear errors, bad-image skipping, and
+samplers whose order (and per-sample augmentation) depends only on (seed, epoch, index), so a run
+resumed in the middle of an epoch sees exactly the batches an uninterrupted run would.
+
+* :func:`scan_image_folder` -- ``root/<class>/<image>`` with errors naming the missing folder, the empty
+  class folder, or the root without classes.
+* :class:`ImageFolderDataset` -- loads with PIL; an unreadable image raises :class:`BadImageError` with its
+  path, or (``skip_bad=True``) yields ``None``, which :class:`SkipCollate` drops and counts.
+* :class:`SeededDataset` + :class:`EpochSampler` -- the training sampler yields ``(epoch, index)``;
+  the wrapper seeds ``random``, ``numpy`` and ``torch`` from ``(seed, epoch, index)`` before calling the
+  task's dataset, so augmentations do not depend on worker count, worker order, or where a run resumed.
+* :class:`ShardSampler` -- evaluation: each rank takes every ``world``-th sample, no padding, so metrics
+  summed over ranks count every sample exactly once.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, DistributedSampler, Sampler, default_collate
+
+__all__ = ["IMG_EXTENSIONS", "BadImageError", "scan_image_folder", "ImageFolderDataset", "load_image",
+           "SeededDataset", "EpochSampler", "ShardSampler", "SkipCollate", "clean_worker_error"]
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class BadImageError(ValueError):
+    """An image file that cannot be decoded."""
+
+
+def clean_worker_error(err: BaseException) -> str:
+    """The last line of an error re-raised from a DataLoader worker (which carries the worker's
+    traceback), so users see the one line that names the file."""
+    text = str(err)
+    if "Original Traceback" in text:
+        lines = [line for line in text.strip().splitlines() if line.strip()]
+        text = lines[-1]
+        prefix = f"{type(err).__name__}: "
+        text = text[len(prefix):] if text.startswith(prefix) else text
+    return text
+
+
+def scan_image_folder(root: Path, class_names: Optional[Sequence[str]] = None,
+                      what: str = "data folder") -> Tuple[List[Tuple[str, int]], List[str]]:
+    """Samples ``(path, class index)`` of ``root/<class>/<image>`` and the sorted class names.
+
+    With ``class_names`` given (e.g. the training classes), the folder's classes must be among them
+    and indices follow that list.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"{what} not found: {root}")
+    if not root.is_dir():
+        raise ValueError(f"{what} is not a folder: {root}")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise ValueError(f"{what} {root} has no class sub-folders (expected {root}/<class>/<image>)")
+    names = [p.name for p in folders]
+    if class_names is None:
+        class_names = names
+    else:
+        unknown = [n for n in names if n not in class_names]
+        if unknown:
+            raise ValueError(f"{what} {root} has classes the model does not know: {', '.join(unknown[:10])} "
+                             f"(known: {', '.join(list(class_names)[:10])}{', ...' if len(class_names) > 10 else ''})")
+    index = {n: i for i, n in enumerate(class_names)}
+    samples: List[Tuple[str, int]] = []
+    for folder in folders:
+        files = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+        if not files:
+            raise ValueError(f"class folder {folder} has no images (extensions: {', '.join(IMG_EXTENSIONS)})")
+        samples += [(f, index[folder.name]) for f in files]
+    return samples, list(class_names)
+
+
+def load_image(path: str, mode: str = "RGB"):
+    """Open and fully decode an image; any failure is a :class:`BadImageError` naming ``path``."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert(mode)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise BadImageError(f"cannot read image {path}: {err}") from None
+
+
+class ImageFolderDataset(Dataset):
+    """``(transform(image), class index)`` for each image of :func:`scan_image_folder`."""
+
+    def __init__(self, root: Path, transform: Optional[Callable] = None, class_names: Optional[Sequence[str]] = None,
+                 skip_bad: bool = False, mode: str = "RGB", what: str = "data folder"):
+        self.root = Path(root)
+        self.samples, self.class_names = scan_image_folder(self.root, class_names, what)
+        self.transform = transform
+        self.skip_bad = skip_bad
+        self.mode = mode
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Optional[Tuple[Any, int]]:
+        path, target = self.samples[index]
+        try:
+            img = load_image(path, self.mode)
+        except BadImageError:
+            if self.skip_bad:
+                return None
+            raise
+        return (self.transform(img) if self.transform is not None else img), target
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+class SeededDataset(Dataset):
+    """Wraps a dataset so item ``(epoch, i)`` is drawn with all RNGs seeded from ``(seed, epoch, i)``.
+
+    The caller's RNG states are restored afterwards, so in the main process (``workers=0``) the
+    training loop's own randomness (Mixup, drop path) is not disturbed.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: Tuple[int, int]) -> Any:
+        epoch, index = key
+        s = _sample_seed(self.seed, epoch, index)
+        py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        try:
+            random.seed(s)
+            np.random.seed(s)
+            torch.random.default_generator.manual_seed(s)
+            return self.dataset[index]
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+            torch.set_rng_state(torch_state)
+
+
+class EpochSampler(DistributedSampler):
+    """DistributedSampler (shuffled with ``seed + epoch``, padded, sharded by rank) that yields
+    ``(epoch, index)`` for :class:`SeededDataset` and can start after the first ``start`` samples of
+    this rank's share (to resume mid-epoch)."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, drop_last: bool = False):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
+                         drop_last=drop_last)
+        self.start = 0
+
+    def set_start(self, start: int) -> None:
+        self.start = start
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:  # type: ignore[override]
+        indices = list(super().__iter__())[self.start:]
+        return iter([(self.epoch, i) for i in indices])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+class ShardSampler(Sampler):
+    """Indices ``rank, rank + world, ...``: every sample exactly once over all ranks, in order."""
+
+    def __init__(self, length: int, num_replicas: int = 1, rank: int = 0):
+        self.indices = list(range(rank, length, num_replicas))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class SkipCollate:
+    """Collate that drops ``None`` items (skipped bad images); returns ``(batch or None, n_skipped)``."""
+
+    def __init__(self, collate_fn: Optional[Callable[[List[Any]], Any]] = None):
+        self.collate_fn = collate_fn or default_collate
+
+    def __call__(self, items: List[Any]) -> Tuple[Any, int]:
+        kept = [it for it in items if it is not None]
+        skipped = len(items) - len(kept)
+        return (self.collate_fn(kept) if kept else None), skipped
+
+
+def write_image_folder(root: Path, images: "np.ndarray", labels: Sequence[int], class_names: Sequence[str],
+                       prefix: str = "img") -> Path:
+    """Write uint8 images ``(N, H, W)`` or ``(N, H, W, 3)`` as PNGs into ``root/<class>/<prefix>_<i>.png``
+    (each atomically)."""
+    from PIL import Image
+
+    from ..io import atomic_path
+
+    root = Path(root)
+    for name in class_names:
+        (root / name).mkdir(parents=True, exist_ok=True)
+    for i, (img, label) in enumerate(zip(images, labels)):
+        with atomic_path(root / class_names[int(label)] / f"{prefix}_{i:05d}.png") as tmp:
+            Image.fromarray(np.asarray(img, dtype=np.uint8)).save(tmp, format="PNG")
+    return root

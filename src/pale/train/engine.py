@@ -1,0 +1,696 @@
+"""The training engine: one generic :class:`Trainer` that runs any :class:`Task`.
+
+The Trainer owns everything that is the same for classification, segmentation and detection:
+devices and DistributedDataParallel (``torchrun``; NCCL on GPUs, gloo on CPU), samplers whose order
+survives a resume, mixed precision (bf16 autocast, or fp16 with a GradScaler on CUDA), gradient
+accumulation and clipping, channels-last and gradient checkpointing, timm's optimizer
+(``create_optimizer_v2``), scheduler (``create_scheduler_v2``, stepped per update) and EMA
+(``ModelEmaV3``), atomic checkpoints (``last.pth`` every epoch, ``best.pth`` + ``best.safetensors`` for
+the best validation metric) with exact ``resume``, non-finite-loss handling, SIGTERM/Ctrl-C checkpoints,
+skipped-bad-image counting, a tqdm bar, ``metrics.jsonl``, ``curves.png``, ``summary.json`` and optional
+TensorBoard. Only rank 0 writes files.
+
+A :class:`Task` supplies what is specific to a problem: the model, the datasets, the loss of one batch,
+the evaluation, and which metric is "best". Its recipe sections (``defaults``) are merged with the
+engine's (:data:`pale.train.recipe.ENGINE_DEFAULTS`) so unknown keys are caught for both.
+
+Example (a segmentation task reusing the engine)::
+
+    from pale.train import Task, Trainer, resolve_recipe, ENGINE_DEFAULTS, merge
+
+    class SegTask(Task):
+        defaults = {"model": {"name": "pale_tiny"}, "data": {"root": None}}
+        best_metric, best_mode, curve_metrics = "miou", "max", ("miou", "macc")
+
+        def build_model(self): ...                     # an nn.Module
+        def model_info(self): return dict(model_name=..., model_kwargs=..., class_names=...)
+        def train_dataset(self): ...                   # map-style Dataset
+        def val_dataset(self): ...                     # or None
+        def collate_fn(self, train): ...               # optional; default_collate otherwise
+        def training_loss(self, model, batch, rt):     # called under autocast
+            images, masks = rt.to_device(batch[0]), batch[1].to(rt.device)
+            return criterion(model(images), masks), len(images)
+        def evaluate(self, model, batches, rt):        # model in eval mode, under no_grad/autocast
+            ...                                        # reduce counts with rt.all_reduce_sum
+            return {"miou": ..., "macc": ..., "loss": ...}
+
+    cfg = resolve_recipe("my_seg.yaml", ["epochs=10"], merge(ENGINE_DEFAULTS, SegTask.defaults))
+    summary = Trainer(SegTask(cfg), cfg, "runs/seg").fit()          # or resume="runs/seg/last.pth"
+
+Checkpoint contents (``pale.io.save_checkpoint``): ``model``, ``model_ema``, ``model_name``,
+``model_kwargs``, ``class_names`` (and any other entries of ``task.model_info()``), ``optimizer``,
+``scheduler``, ``scaler``, ``epoch`` (completed epochs), ``step`` (updates done in the current epoch, non-zero
+only for an interrupted epoch), ``num_updates``, ``epoch_state`` (running sums of the interrupted epoch),
+``rng`` (python, numpy, torch and CUDA states of every rank), ``history``, ``best``, ``skipped_images``
+and ``config`` (the resolved recipe).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+
+from .. import io as pio
+from .data import BadImageError, EpochSampler, SeededDataset, ShardSampler, SkipCollate, clean_worker_error
+from .recipe import RecipeError, dump_recipe
+
+__all__ = ["Task", "Runtime", "Trainer", "NonFiniteLossError", "TrainingInterrupted", "setup_runtime",
+           "resolved_lr", "seed_everything", "rng_state", "set_rng_state", "plot_curves"]
+
+Config = Dict[str, Any]
+
+
+class NonFiniteLossError(ValueError):
+    """The loss became NaN or infinite (and ``train.on_nonfinite`` is ``stop``)."""
+
+
+class TrainingInterrupted(SystemExit):
+    """Raised after SIGTERM / SIGINT once the checkpoint is saved; exit code 128 + signal number."""
+
+
+# ---- runtime: devices, precision, distributed ------------------------------------------------------
+
+@dataclass
+class Runtime:
+    """Where and how this process computes; handed to the task's loss and evaluation."""
+
+    device: torch.device
+    amp_dtype: Optional[torch.dtype] = None
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    channels_last: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def to_device(self, images: torch.Tensor) -> torch.Tensor:
+        """An image batch on the device (channels-last when enabled)."""
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last and images.ndim == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks (in place, returned); a no-op on one process."""
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def all_gather_object(self, obj: Any) -> List[Any]:
+        if not self.distributed:
+            return [obj]
+        out: List[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def setup_runtime(device: str = "auto", amp: str = "auto", channels_last: bool = False) -> Runtime:
+    """Pick the device and precision; join the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
+        dev = torch.device("cuda", local_rank if world > 1 or dev.index is None else dev.index)
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    if amp == "auto":
+        amp = "bf16" if dev.type == "cpu" or torch.cuda.is_bf16_supported() else "fp16"
+    amp_dtypes = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if amp not in amp_dtypes:
+        raise ValueError(f"train.amp must be one of auto, {', '.join(amp_dtypes)}; got {amp!r}")
+    if amp == "fp16" and dev.type != "cuda":
+        raise ValueError("train.amp=fp16 needs a CUDA device; use bf16 (or none) on the CPU")
+    return Runtime(dev, amp_dtypes[amp], rank, world, local_rank, channels_last)
+
+
+# ---- reproducibility -----------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> Dict[str, Any]:
+    """Python, numpy, torch (and CUDA) RNG states as plain containers and tensors (weights_only-safe)."""
+    np_state = np.random.get_state()
+    state = dict(python=random.getstate(),
+                 numpy=dict(name=np_state[0], keys=torch.from_numpy(np_state[1].astype(np.int64)),
+                            pos=int(np_state[2]), has_gauss=int(np_state[3]), gauss=float(np_state[4])),
+                 torch=torch.get_rng_state())
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resolved_lr(cfg: Mapping[str, Any]) -> float:
+    """``optim.lr`` if set, else ``lr_base`` scaled linearly by ``batch_size / lr_base_size``."""
+    optim = cfg["optim"]
+    if optim.get("lr") is not None:
+        return float(optim["lr"])
+    return float(optim["lr_base"]) * cfg["batch_size"] / optim["lr_base_size"]
+
+
+# ---- the task interface --------------------------------------------------------------------------
+
+class Task:
+    """What a problem supplies to the :class:`Trainer` (see the module docstring for an example)."""
+
+    #: the task's recipe sections (merged with ENGINE_DEFAULTS; unknown keys are errors)
+    defaults: Config = {}
+    #: key of :meth:`evaluate`'s result that picks ``best.pth``, and whether higher is better
+    best_metric: str = "top1"
+    best_mode: str = "max"
+    #: evaluation metrics drawn in ``curves.png`` (losses are always drawn)
+    curve_metrics: Sequence[str] = ("top1",)
+    #: extra keyword arguments for DistributedDataParallel (e.g. find_unused_parameters=True)
+    ddp_kwargs: Mapping[str, Any] = {}
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def model_info(self) -> Dict[str, Any]:
+        """``model_name``, ``model_kwargs``, ``class_names`` (+ any metadata) stored with the weights."""
+        raise NotImplementedError
+
+    def train_dataset(self) -> Dataset:
+        raise NotImplementedError
+
+    def val_dataset(self) -> Optional[Dataset]:
+        return None
+
+    def collate_fn(self, train: bool) -> Optional[Callable[[List[Any]], Any]]:
+        return None
+
+    def training_loss(self, model: nn.Module, batch: Any, rt: Runtime) -> Tuple[torch.Tensor, int]:
+        """The loss of one batch (called under autocast) and the number of samples in it."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, batches: Iterable[Any], rt: Runtime) -> Dict[str, float]:
+        """Metrics over all of ``batches`` (this rank's share), reduced over ranks."""
+        raise NotImplementedError
+
+
+# ---- curves ----------------------------------------------------------------------------------------
+
+def plot_curves(history: Sequence[Mapping[str, Any]], path: Path, metrics: Sequence[str]) -> None:
+    """Losses (left) and the chosen metrics (right) against epoch, as a PNG written atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in sorted({k for h in history for k in h if k.endswith("loss")}):
+        pts = [(h["epoch"], h[key]) for h in history if h.get(key) is not None]
+        if pts:
+            ax_loss.plot(*zip(*pts), marker="o", label=key)
+    for key in sorted({k for h in history for k in h if any(k == p + m for m in metrics for p in ("val_", "ema_val_"))}):
+        pts = [(h["epoch"], h[key]) for h in history if h.get(key) is not None]
+        if pts:
+            ax_metric.plot(*zip(*pts), marker="o", label=key)
+    for ax, title in ((ax_loss, "loss"), (ax_metric, "validation")):
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    if epochs:
+        ax_loss.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+    fig.tight_layout()
+    pio.atomic_savefig(fig, path, dpi=100)
+    plt.close(fig)
+
+
+# ---- the trainer -----------------------------------------------------------------------------------
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+class Trainer:
+    """Runs ``task`` with recipe ``cfg``, writing into ``out_dir`` (rank 0 only).
+
+    Args:
+        task: the problem (model, data, loss, evaluation).
+        cfg: the resolved recipe (engine sections + the task's).
+        out_dir: run folder; must not hold another run unless resuming.
+        resume: a ``last.pth`` (or any checkpoint) of this run to continue exactly.
+        dry_run: one epoch of two updates and two evaluation batches, to check a setup; writes nothing.
+    """
+
+    def __init__(self, task: Task, cfg: Config, out_dir: os.PathLike, resume: Optional[os.PathLike] = None,
+                 dry_run: bool = False):
+        self.task, self.cfg, self.dry_run = task, cfg, dry_run
+        self.out_dir = Path(out_dir)
+        self.resume_path = Path(resume) if resume else None
+        tcfg = cfg["train"]
+        if tcfg["on_nonfinite"] not in ("stop", "skip"):
+            raise RecipeError(f"train.on_nonfinite must be 'stop' or 'skip', got {tcfg['on_nonfinite']!r}")
+        if int(tcfg["accum_steps"]) < 1:
+            raise RecipeError(f"train.accum_steps must be >= 1, got {tcfg['accum_steps']}")
+        if not self.resume_path and not dry_run and (self.out_dir / "last.pth").exists():
+            raise ValueError(f"output folder {self.out_dir} already holds a run (last.pth): pass --resume to "
+                             f"continue it, or choose another output folder")
+        self._stop_signal: Optional[int] = None
+        self.skipped_images = 0
+        self.nonfinite_skipped = 0
+
+    # -- files (rank 0 only) --
+
+    def _write(self, fn: Callable[[], None]) -> None:
+        if self.rt.is_main and not self.dry_run:
+            fn()
+
+    def _save(self, name: str, epoch: int, step: int, epoch_state: Optional[Mapping[str, Any]] = None) -> Path:
+        """Checkpoint after ``epoch`` complete epochs and ``step`` updates of the next (all ranks call this)."""
+        rngs = self.rt.all_gather_object(rng_state())
+        path = self.out_dir / name
+        if self.rt.is_main and not self.dry_run:
+            info = self.task.model_info()
+            pio.save_checkpoint(
+                path, _unwrap(self.model), info.pop("model_name"), info.pop("model_kwargs"),
+                info.pop("class_names", None), **info,
+                model_ema=self.ema.module.state_dict() if self.ema is not None else None,
+                optimizer=self.optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
+                scaler=self.scaler.state_dict() if self.scaler is not None else None,
+                epoch=epoch, step=step, num_updates=self.num_updates, epoch_state=dict(epoch_state or {}),
+                rng=rngs, history=self.history, best=self.best, skipped_images=self.skipped_images,
+                config=self.cfg)
+        return path
+
+    def _export_weights(self, name: str) -> None:
+        """Weights only (EMA when enabled), as safetensors with the model description as metadata."""
+        info = self.task.model_info()
+        weights = (self.ema.module if self.ema is not None else _unwrap(self.model)).state_dict()
+        pio.save_safetensors(weights, self.out_dir / name, metadata=info)
+
+    def _write_history(self) -> None:
+        text = "".join(json.dumps(h, sort_keys=True) + "\n" for h in self.history)
+        pio.atomic_write_text(self.out_dir / "metrics.jsonl", text)
+
+    # -- setup --
+
+    def _build(self) -> None:
+        cfg, tcfg = self.cfg, self.cfg["train"]
+        self.rt = rt = setup_runtime(tcfg["device"], tcfg["amp"], bool(tcfg["channels_last"]))
+        seed = int(cfg["seed"])
+        seed_everything(seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+        self.task.runtime = rt
+        model = self.task.build_model()
+        if tcfg["grad_checkpointing"]:
+            if not hasattr(model, "set_grad_checkpointing"):
+                raise ValueError(f"{type(model).__name__} has no set_grad_checkpointing()")
+            model.set_grad_checkpointing(True)
+        model.to(rt.device)
+        if rt.channels_last:
+            model.to(memory_format=torch.channels_last)
+        seed_everything(seed + rt.rank)  # different drop-path / Mixup draws on each rank
+
+        # batch: total = per_device * world * accum
+        accum, total = int(tcfg["accum_steps"]), int(cfg["batch_size"])
+        if total % (rt.world_size * accum):
+            raise RecipeError(f"batch_size {total} is not divisible by {rt.world_size} processes x "
+                              f"{accum} accumulation steps")
+        self.accum = accum
+        self.batch_per_device = total // (rt.world_size * accum)
+
+        train_ds = self.task.train_dataset()
+        self.train_sampler = EpochSampler(train_ds, rt.world_size, rt.rank, seed)
+        workers = int(tcfg["workers"])
+        self.train_loader = DataLoader(
+            SeededDataset(train_ds, seed), batch_size=self.batch_per_device, sampler=self.train_sampler,
+            num_workers=workers, collate_fn=SkipCollate(self.task.collate_fn(True)), drop_last=True,
+            pin_memory=rt.device.type == "cuda", generator=torch.Generator().manual_seed(seed))
+        self.updates_per_epoch = (self.train_sampler.num_samples // self.batch_per_device) // accum
+        if self.updates_per_epoch == 0:
+            raise ValueError(f"the training set ({len(train_ds)} samples, {self.train_sampler.num_samples} per "
+                             f"process) is smaller than one batch ({self.batch_per_device} per process x "
+                             f"{accum} accumulation steps); lower batch_size")
+        val_ds = self.task.val_dataset()
+        self.val_loader = None
+        if val_ds is not None:
+            eval_bs = int(tcfg["eval_batch_size"] or 2 * self.batch_per_device)
+            self.val_loader = DataLoader(
+                val_ds, batch_size=eval_bs, sampler=ShardSampler(len(val_ds), rt.world_size, rt.rank),
+                num_workers=workers, collate_fn=SkipCollate(self.task.collate_fn(False)),
+                pin_memory=rt.device.type == "cuda")
+
+        from timm.optim import create_optimizer_v2
+        from timm.scheduler import create_scheduler_v2
+        from timm.utils import ModelEmaV3
+
+        ocfg, scfg = cfg["optim"], cfg["sched"]
+        self.lr = resolved_lr(cfg)
+        opt_kwargs: Dict[str, Any] = dict(opt=ocfg["opt"], lr=self.lr, weight_decay=float(ocfg["weight_decay"]),
+                                          momentum=float(ocfg["momentum"]), layer_decay=ocfg["layer_decay"])
+        opt_name = str(ocfg["opt"]).lower()
+        if "adam" in opt_name or "lamb" in opt_name:
+            opt_kwargs.update(betas=tuple(ocfg["betas"]), eps=float(ocfg["eps"]))
+        self.optimizer = create_optimizer_v2(model, **opt_kwargs)
+        self.scheduler = create_scheduler_v2(
+            self.optimizer, sched=scfg["sched"], num_epochs=int(cfg["epochs"]),
+            warmup_epochs=scfg["warmup_epochs"], warmup_lr=float(scfg["warmup_lr"]), min_lr=float(scfg["min_lr"]),
+            cooldown_epochs=scfg["cooldown_epochs"], decay_rate=float(scfg["decay_rate"]),
+            step_on_epochs=bool(scfg["step_on_epochs"]), updates_per_epoch=self.updates_per_epoch)[0]
+        self.scaler = (torch.amp.GradScaler("cuda") if rt.amp_dtype == torch.float16 else None)
+        ecfg = cfg["ema"]
+        self.ema = ModelEmaV3(model, decay=float(ecfg["decay"]), use_warmup=bool(ecfg["warmup"])) \
+            if ecfg["enabled"] else None
+
+        self.model = model
+        self.num_updates = 0
+        self.start_epoch, self.start_step = 0, 0
+        self.epoch_state: Dict[str, Any] = {}
+        self.history: List[Dict[str, Any]] = []
+        self.best: Dict[str, Any] = {}
+        if self.resume_path:
+            self._load_resume(self.resume_path)
+        if rt.distributed:
+            self.model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None, **self.task.ddp_kwargs)
+
+    def _load_resume(self, path: Path) -> None:
+        ckpt = pio.load_torch(path)
+        if not isinstance(ckpt, dict) or "optimizer" not in ckpt or "epoch" not in ckpt:
+            raise pio.CheckpointError(f"{path} is not a training checkpoint of `pale train` (no optimizer/epoch "
+                                      f"state); to start from its weights use model.pretrained instead")
+        pio.load_weights(self.model, ckpt["model"], source=str(path))
+        if self.ema is not None:
+            if ckpt.get("model_ema") is None:
+                raise pio.CheckpointError(f"{path} has no EMA weights but ema.enabled is true")
+            pio.load_weights(self.ema.module, ckpt["model_ema"], source=f"{path} (EMA)")
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scheduler is not None and ckpt.get("scheduler"):
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.start_epoch, self.start_step = int(ckpt["epoch"]), int(ckpt.get("step", 0))
+        self.num_updates = int(ckpt.get("num_updates", 0))
+        self.epoch_state = dict(ckpt.get("epoch_state") or {})
+        self.history = [h for h in ckpt.get("history", []) if h["epoch"] <= self.start_epoch]
+        self.best = dict(ckpt.get("best") or {})
+        self.skipped_images = int(ckpt.get("skipped_images", 0))
+        rngs = ckpt.get("rng") or []
+        if len(rngs) == self.rt.world_size:
+            set_rng_state(rngs[self.rt.rank])
+        else:
+            self._log(f"note: {path} was written by {len(rngs)} processes, this run has {self.rt.world_size}; "
+                      f"random streams restart from the seed, so the continuation is not bit-exact")
+            seed_everything(int(self.cfg["seed"]) + 1000 * self.start_epoch + self.rt.rank)
+
+    # -- logging --
+
+    def _log(self, text: str) -> None:
+        if self.rt.is_main:
+            from tqdm import tqdm
+            tqdm.write(text, file=sys.stderr)
+
+    # -- signals --
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self._stop_signal = signum
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0])
+        if self.rt.distributed:  # every rank stops at the same update
+            flag = flag.to(self.rt.device)
+            self.rt.all_reduce_sum(flag)
+        return bool(flag.item() > 0)
+
+    @contextlib.contextmanager
+    def _signal_handlers(self) -> Iterator[None]:
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    # -- batches --
+
+    def _batches(self, loader: DataLoader) -> Iterator[Any]:
+        """Batches of ``loader`` without the skipped-image bookkeeping (counted here)."""
+        it = iter(loader)
+        while True:
+            try:
+                batch, skipped = next(it)
+            except StopIteration:
+                return
+            except BadImageError as err:
+                raise BadImageError(clean_worker_error(err)) from None
+            self.skipped_images += skipped
+            if batch is not None:
+                yield batch
+
+    # -- loop --
+
+    def fit(self) -> Dict[str, Any]:
+        """Train to ``epochs`` (from the resume point), validating and checkpointing each epoch.
+
+        Returns the summary also written to ``summary.json``.
+        """
+        self._build()
+        rt, tcfg = self.rt, self.cfg["train"]
+        epochs = 1 if self.dry_run else int(self.cfg["epochs"])
+        self._write(lambda: pio.atomic_write_text(self.out_dir / "config.yaml", dump_recipe(self.cfg)))
+        if self.resume_path:
+            self._write(self._write_history)
+            self._log(f"resuming {self.resume_path} at epoch {self.start_epoch + 1}, update {self.start_step}")
+        self.tb = None
+        if tcfg["tensorboard"] and rt.is_main and not self.dry_run:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError("train.tensorboard needs the tensorboard package "
+                                 "(pip install 'pale-transformer[tensorboard]')") from None
+            self.tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+        self._log(f"{rt.world_size} process(es) on {rt.device.type}, amp={rt.amp_dtype}, batch {self.cfg['batch_size']} "
+                  f"= {self.batch_per_device} x {rt.world_size} x {self.accum}, lr {self.lr:.3g}, "
+                  f"{self.updates_per_epoch} updates/epoch")
+        started = time.time()
+        with self._signal_handlers():
+            for epoch in range(self.start_epoch, epochs):
+                record = self._train_epoch(epoch)
+                last = epoch + 1 == epochs
+                if self.val_loader is not None and (last or (epoch + 1) % int(tcfg["eval_every"]) == 0):
+                    record.update(self._validate())
+                self.history.append(record)
+                self._end_epoch(epoch, record)
+                if self._stop_requested():
+                    self._interrupted(epoch + 1, 0)
+        total_skipped = self._total_skipped()
+        summary = dict(epochs=epochs, best=self.best, last=self.history[-1] if self.history else {},
+                       skipped_images=total_skipped, skipped_nonfinite_batches=self.nonfinite_skipped,
+                       train_time_s=round(time.time() - started, 1))
+        if total_skipped:
+            self._log(f"skipped {total_skipped} unreadable image(s) (data.skip_bad_images)")
+
+        def finish() -> None:
+            self._export_weights("last.safetensors")
+            pio.atomic_write_json(self.out_dir / "summary.json", summary)
+            if self.history:
+                plot_curves(self.history, self.out_dir / "curves.png", self.task.curve_metrics)
+        self._write(finish)
+        if self.tb is not None:
+            self.tb.close()
+        return summary
+
+    def _total_skipped(self) -> int:
+        t = torch.tensor([float(self.skipped_images)], device=self.rt.device)
+        return int(self.rt.all_reduce_sum(t).item())
+
+    def _train_epoch(self, epoch: int) -> Dict[str, Any]:
+        from timm.utils import dispatch_clip_grad
+        from tqdm import tqdm
+
+        rt, tcfg = self.rt, self.cfg["train"]
+        model, opt = self.model, self.optimizer
+        model.train()
+        start_step = self.start_step if epoch == self.start_epoch else 0
+        state = dict(self.epoch_state) if start_step else {}
+        loss_sum, loss_count = state.get("loss_sum", 0.0), state.get("loss_count", 0)
+        images, train_time = state.get("images", 0), state.get("time", 0.0)
+        self.train_sampler.set_epoch(epoch)
+        self.train_sampler.set_start(start_step * self.accum * self.batch_per_device)
+        total_updates = 2 if self.dry_run else self.updates_per_epoch
+        bar = tqdm(total=total_updates, initial=start_step, desc=f"epoch {epoch + 1}/{self.cfg['epochs']}",
+                   disable=not (rt.is_main and tcfg["progress"]), dynamic_ncols=True, leave=False)
+        step, micro, window_loss, window_n = start_step, 0, 0.0, 0
+        clip = tcfg["clip_grad"]
+        tick = time.time()
+        opt.zero_grad(set_to_none=True)
+        for batch in self._batches(self.train_loader):
+            if step >= total_updates:
+                break
+            sync = (micro + 1) % self.accum == 0
+            ctx = model.no_sync() if (rt.distributed and not sync) else contextlib.nullcontext()
+            with ctx:
+                with rt.autocast():
+                    loss, n = self.task.training_loss(model, batch, rt)
+                finite = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=rt.device)
+                if bool(rt.all_reduce_sum(finite).item() > 0):
+                    if tcfg["on_nonfinite"] == "stop":
+                        last = self.out_dir / "last.pth"
+                        keep = f"the last good checkpoint is {last} (epoch {epoch})" if last.exists() else \
+                            "no checkpoint was written yet"
+                        raise NonFiniteLossError(
+                            f"loss is {loss.item()} at epoch {epoch + 1}, update {step + 1} (lr "
+                            f"{opt.param_groups[0]['lr']:.3g}); training stopped and {keep}. Lower the learning "
+                            f"rate, set train.clip_grad, or pass --set train.on_nonfinite=skip to skip such batches")
+                    self.nonfinite_skipped += 1
+                    self._log(f"skipping a batch with a non-finite loss at epoch {epoch + 1}, update {step + 1}")
+                    opt.zero_grad(set_to_none=True)
+                    micro = 0
+                    continue
+                scaled = loss / self.accum
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            window_loss += loss.item() * n
+            window_n += n
+            micro += 1
+            if not sync:
+                continue
+            if clip is not None:
+                if self.scaler is not None:
+                    self.scaler.unscale_(opt)
+                dispatch_clip_grad(model.parameters(), float(clip), mode=tcfg["clip_mode"])
+            if self.scaler is not None:
+                self.scaler.step(opt)
+                self.scaler.update()
+            else:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            self.num_updates += 1
+            step += 1
+            micro = 0
+            if self.scheduler is not None:
+                self.scheduler.step_update(num_updates=self.num_updates)
+            if self.ema is not None:
+                self.ema.update(_unwrap(model), step=self.num_updates)
+            stats = rt.all_reduce_sum(torch.tensor([window_loss, float(window_n)], device=rt.device, dtype=torch.float64))
+            loss_sum += float(stats[0])
+            loss_count += int(stats[1])
+            images += int(stats[1])
+            window_loss, window_n = 0.0, 0
+            now = time.time()
+            train_time += now - tick
+            tick = now
+            lr = opt.param_groups[0]["lr"]
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum / max(loss_count, 1):.4f}", lr=f"{lr:.2e}",
+                            img_s=f"{images / max(train_time, 1e-9):.1f}")
+            if self.tb is not None and self.num_updates % 50 == 0:
+                self.tb.add_scalar("train/loss", float(stats[0] / max(stats[1], 1)), self.num_updates)
+                self.tb.add_scalar("train/lr", lr, self.num_updates)
+            if self._stop_requested():
+                bar.close()
+                self._interrupted(epoch, step, dict(loss_sum=loss_sum, loss_count=loss_count, images=images,
+                                                    time=train_time))
+        bar.close()
+        if self.scheduler is not None:
+            self.scheduler.step(epoch + 1)
+        return dict(epoch=epoch + 1, lr=opt.param_groups[0]["lr"], train_loss=loss_sum / max(loss_count, 1),
+                    train_images_per_s=round(images / max(train_time, 1e-9), 2))
+
+    def _validate(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        models = [("val_", _unwrap(self.model))]
+        if self.ema is not None:
+            models.append(("ema_val_", self.ema.module))
+        for prefix, model in models:
+            was_training = model.training
+            model.eval()
+            batches = self._batches(self.val_loader)
+            if self.dry_run:
+                batches = (b for i, b in zip(range(2), batches))
+            with torch.no_grad(), self.rt.autocast():
+                metrics = self.task.evaluate(model, batches, self.rt)
+            model.train(was_training)
+            out.update({prefix + k: v for k, v in metrics.items()})
+        return out
+
+    def _end_epoch(self, epoch: int, record: Dict[str, Any]) -> None:
+        key = ("ema_val_" if self.ema is not None else "val_") + self.task.best_metric
+        value = record.get(key)
+        improved = value is not None and (
+            not self.best or (value > self.best["value"] if self.task.best_mode == "max" else value < self.best["value"]))
+        if improved:
+            self.best = dict(metric=key, value=value, epoch=epoch + 1)
+        shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
+        self._log(shown)
+        self._save("last.pth", epoch + 1, 0)
+        if improved:
+            self._save("best.pth", epoch + 1, 0)
+            self._write(lambda: self._export_weights("best.safetensors"))
+
+        def files() -> None:
+            self._write_history()
+            if self.tb is not None:
+                for k, v in record.items():
+                    if isinstance(v, (int, float)) and k != "epoch":
+                        self.tb.add_scalar(f"epoch/{k}", v, epoch + 1)
+        self._write(files)
+
+    def _interrupted(self, epoch: int, step: int, epoch_state: Optional[Mapping[str, Any]] = None) -> None:
+        signum = self._stop_signal or signal.SIGTERM
+        path = self._save("last.pth", epoch, step, epoch_state)
+
+        def files() -> None:
+            if self.history:
+                plot_curves(self.history, self.out_dir / "curves.png", self.task.curve_metrics)
+        self._write(files)
+        name = signal.Signals(signum).name
+        self._log(f"stopped by {name} at epoch {epoch + 1 if step else epoch}, update {step}; checkpoint saved to "
+                  f"{path}; continue with: pale train --resume {path}")
+        raise TrainingInterrupted(128 + int(signum))

@@ -1,0 +1,214 @@
+"""Training recipes: YAML files of nested settings, checked against the defaults, with overrides.
+
+A recipe is a nested mapping. The *schema* is the defaults mapping itself: every key a recipe or an
+override may set must exist in the defaults (the engine's :data:`ENGINE_DEFAULTS` merged with the
+task's own ``defaults``), otherwise :class:`RecipeError` names the unknown key and lists the known ones.
+A default of ``{}`` marks a free-form mapping (for example ``model.kwargs``, passed to the model).
+
+Overrides are ``dotted.key=value`` strings; values are parsed as YAML (``5e-4``, ``[0.9, 0.999]``,
+``null``, ``true`` all work)::
+
+    cfg = resolve_recipe("pale_tiny_imagenet", ["epochs=100", "optim.lr_base=5e-4"], defaults)
+
+Shipped recipes live in ``pale/recipes/<name>.yaml`` and are found by name; any other path is read as is.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
+
+import yaml
+
+__all__ = ["RecipeError", "ENGINE_DEFAULTS", "shipped_recipes", "recipe_path", "load_yaml", "merge",
+           "parse_override", "apply_overrides", "resolve_recipe", "dump_recipe"]
+
+Config = Dict[str, Any]
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used: unknown key, wrong type, missing file."""
+
+
+# Settings of the generic engine (pale.train.engine.Trainer). Tasks add their own sections.
+ENGINE_DEFAULTS: Config = {
+    "task": "classification",
+    "epochs": 300,
+    "batch_size": 1024,          # total over all devices and accumulation steps
+    "seed": 0,
+    "optim": {
+        "opt": "adamw",
+        "lr": None,              # absolute; when null, lr_base * batch_size / lr_base_size
+        "lr_base": 1.0e-3,
+        "lr_base_size": 1024,
+        "weight_decay": 0.05,    # timm: none on 1-D params (norms, biases) and model.no_weight_decay()
+        "betas": [0.9, 0.999],
+        "eps": 1.0e-8,
+        "momentum": 0.9,         # SGD-like optimizers only
+        "layer_decay": None,
+    },
+    "sched": {
+        "sched": "cosine",
+        "warmup_epochs": 20,
+        "warmup_lr": 1.0e-6,
+        "min_lr": 1.0e-5,
+        "cooldown_epochs": 0,
+        "decay_rate": 0.1,       # step / poly power
+        "step_on_epochs": False,  # False: update the lr after every optimizer step
+    },
+    "ema": {
+        "enabled": True,
+        "decay": 0.9998,
+        "warmup": False,
+    },
+    "train": {
+        "device": "auto",        # auto | cpu | cuda | cuda:N
+        "amp": "auto",           # auto (bf16 on CPU, bf16/fp16 on CUDA) | bf16 | fp16 | none
+        "channels_last": False,
+        "grad_checkpointing": False,
+        "accum_steps": 1,
+        "clip_grad": None,
+        "clip_mode": "norm",     # norm | value | agc
+        "workers": 8,
+        "eval_every": 1,         # epochs between validations (the last epoch is always validated)
+        "eval_batch_size": None,  # per device; default: twice the training batch per device
+        "on_nonfinite": "stop",  # stop | skip: a NaN/inf loss stops the run, or its batch is skipped
+        "tensorboard": False,
+        "progress": True,
+    },
+}
+
+
+def shipped_recipes() -> List[str]:
+    """Names of the recipes shipped in ``pale/recipes``."""
+    folder = resources.files("pale") / "recipes"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def recipe_path(name_or_path: Union[str, Path]) -> Path:
+    """A shipped recipe's file (by name, with or without ``.yaml``) or an existing file path."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    stem = p.name[:-5] if p.name.endswith(".yaml") else p.name
+    shipped = resources.files("pale") / "recipes" / f"{stem}.yaml"
+    if str(name_or_path) == p.name and shipped.is_file():
+        return Path(str(shipped))
+    raise RecipeError(f"recipe not found: {name_or_path} (not a file, and not one of the shipped recipes: "
+                      f"{', '.join(shipped_recipes())})")
+
+
+def load_yaml(path: Union[str, Path]) -> Config:
+    p = recipe_path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"recipe {p} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {p} must be a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def _coerce(key: str, default: Any, value: Any) -> Any:
+    """Check ``value`` against the default's type; numbers given as strings (YAML reads ``5e-4`` as
+    a string) are converted."""
+    if value is None or default is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise RecipeError(f"recipe key '{key}' must be true or false, got {value!r}")
+        return value
+    if isinstance(default, (int, float)):
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise RecipeError(f"recipe key '{key}' must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"recipe key '{key}' must be a number, got {value!r}")
+        if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
+            if not value.is_integer():
+                raise RecipeError(f"recipe key '{key}' must be an integer, got {value!r}")
+            value = int(value)
+        return value
+    if isinstance(default, str) and not isinstance(value, str):
+        raise RecipeError(f"recipe key '{key}' must be a string, got {value!r}")
+    if isinstance(default, list) and not isinstance(value, (list, tuple)):
+        raise RecipeError(f"recipe key '{key}' must be a list, got {value!r}")
+    return value
+
+
+def _unknown(key: str, known: Iterable[str]) -> RecipeError:
+    known = sorted(known)
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return RecipeError(f"unknown recipe key '{key}'{hint}; known keys here: {', '.join(known)}")
+
+
+def merge(base: Mapping[str, Any], update: Mapping[str, Any], prefix: str = "") -> Config:
+    """``base`` updated by ``update``, recursively; every key of ``update`` must exist in ``base``
+    unless ``base`` is an empty (free-form) mapping."""
+    out = copy.deepcopy(dict(base))
+    free_form = len(base) == 0
+    for key, value in update.items():
+        if not isinstance(key, str):
+            raise RecipeError(f"recipe keys must be strings, got {key!r} under '{prefix or '(top)'}'")
+        dotted = f"{prefix}{key}"
+        if key not in base:
+            if free_form:
+                out[key] = copy.deepcopy(value)
+                continue
+            raise _unknown(dotted, base.keys())
+        default = base[key]
+        if isinstance(default, dict):
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                raise RecipeError(f"recipe key '{dotted}' must be a mapping, got {value!r}")
+            out[key] = merge(default, value, dotted + ".")
+        else:
+            out[key] = copy.deepcopy(_coerce(dotted, default, value))
+    return out
+
+
+def parse_override(text: str) -> Config:
+    """``"a.b=1"`` -> ``{"a": {"b": 1}}`` (the value parsed as YAML)."""
+    if "=" not in text:
+        raise RecipeError(f"override {text!r} must look like key=value (e.g. optim.lr_base=5e-4)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    out: Config = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def apply_overrides(cfg: Mapping[str, Any], overrides: Optional[Iterable[str]], defaults: Mapping[str, Any]) -> Config:
+    out = dict(cfg)
+    for text in overrides or ():
+        out = merge(merge(defaults, out), parse_override(text))
+    return merge(defaults, out)
+
+
+def resolve_recipe(recipe: Union[str, Path, Mapping[str, Any], None], overrides: Optional[Iterable[str]],
+                   defaults: Mapping[str, Any]) -> Config:
+    """Defaults, then the recipe (a name, a path or a mapping), then the overrides, all checked."""
+    data = load_yaml(recipe) if isinstance(recipe, (str, Path)) else dict(recipe or {})
+    return apply_overrides(merge(defaults, data), overrides, defaults)
+
+
+def dump_recipe(cfg: Mapping[str, Any]) -> str:
+    return yaml.safe_dump(dict(cfg), sort_keys=False, default_flow_style=None)

@@ -1,0 +1,58 @@
+"""Recipe -> task -> trainer: what ``pale train`` (and the demo) call."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterable, Optional, Type, Union
+
+from .. import io as pio
+from .classification import ClassificationTask
+from .engine import Task, Trainer
+from .recipe import ENGINE_DEFAULTS, RecipeError, apply_overrides, load_yaml, merge
+
+__all__ = ["TASKS", "register_task", "task_defaults", "resolve_config", "train"]
+
+#: recipe ``task:`` value -> Task class
+TASKS: Dict[str, Type[Task]] = {"classification": ClassificationTask}
+
+
+def register_task(name: str, cls: Type[Task]) -> None:
+    TASKS[name] = cls
+
+
+def task_defaults(task: str) -> Dict[str, Any]:
+    if task not in TASKS:
+        raise RecipeError(f"unknown task {task!r} in recipe key 'task'; known: {', '.join(sorted(TASKS))}")
+    return merge(ENGINE_DEFAULTS, {"task": task}) | {k: v for k, v in TASKS[task].defaults.items()}
+
+
+def resolve_config(recipe: Union[str, os.PathLike, Dict[str, Any], None],
+                   overrides: Optional[Iterable[str]] = None) -> Dict[str, Any]:
+    """The full, checked configuration: defaults of the recipe's task, the recipe, the overrides."""
+    data = load_yaml(recipe) if isinstance(recipe, (str, os.PathLike)) else dict(recipe or {})
+    task = data.get("task", ENGINE_DEFAULTS["task"])
+    for text in overrides or ():
+        if text.split("=", 1)[0].strip() == "task":
+            task = text.split("=", 1)[1].strip()
+    defaults = task_defaults(task)
+    return apply_overrides(merge(defaults, data), overrides, defaults)
+
+
+def train(recipe: Union[str, os.PathLike, Dict[str, Any], None], overrides: Optional[Iterable[str]] = None,
+          out_dir: Optional[os.PathLike] = None, resume: Optional[os.PathLike] = None,
+          dry_run: bool = False) -> Dict[str, Any]:
+    """Train from a recipe (or continue the run of ``resume``, whose stored recipe is used, then the
+    overrides). Returns the run summary."""
+    if resume is not None:
+        ckpt = pio.load_torch(resume)
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
+            raise pio.CheckpointError(f"{resume} is not a `pale train` checkpoint (no stored recipe)")
+        cfg = resolve_config(ckpt["config"], overrides)
+        del ckpt
+        out_dir = Path(out_dir) if out_dir is not None else Path(resume).parent
+    else:
+        cfg = resolve_config(recipe, overrides)
+        if out_dir is None:
+            raise ValueError("no output folder given")
+    task = TASKS[cfg["task"]](cfg)
+    return Trainer(task, cfg, Path(out_dir), resume=resume, dry_run=dry_run).fit()
