@@ -1,0 +1,63 @@
+"""``pale export MODEL --checkpoint FILE --format onnx|safetensors``: files for deployment."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import export as ex
+
+    model, info = ex.load_model_for_export(args.model, args.checkpoint)
+    out = Path(args.output) if args.output else Path(f"{args.model}.{args.format}")
+    if args.format == "safetensors":
+        ex.export_safetensors(model, info, out)
+        print(f"wrote {out} (weights of {args.model}; metadata: model_name, model_kwargs, class_names"
+              f"{', data_config' if info.get('data_config') else ''})")
+        return 0
+
+    from ..predict import resolve_preprocessing
+
+    data_config = resolve_preprocessing(info, model)
+    default_size = tuple(data_config["input_size"][1:])
+    check_sizes = [tuple(s) for s in args.check_size] if args.check_size else [default_size, (97, 131)]
+    meta = dict(model_name=info.get("model_name", args.model), model_kwargs=info.get("model_kwargs") or {},
+                class_names=info.get("class_names"),
+                data_config={k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()})
+    trace_size, checks = ex.export_onnx(
+        model, out, exporter=args.exporter, opset=args.opset,
+        trace_size=tuple(args.trace_size) if args.trace_size else (None if not args.static else default_size),
+        dynamic=not args.static, check_sizes=check_sizes, rtol=args.rtol, metadata=meta)
+    if args.json:
+        print(json.dumps(dict(output=str(out), exporter=args.exporter, trace_size=list(trace_size),
+                              dynamic=not args.static, checks=[c.as_dict() for c in checks]), indent=2))
+        return 0
+    axes = "dynamic batch, height and width" if not args.static else f"fixed size {trace_size[0]}x{trace_size[1]}"
+    print(f"wrote {out} ({args.exporter} exporter, opset {args.opset}, {axes}; traced at "
+          f"{trace_size[0]}x{trace_size[1]})")
+    print("onnxruntime vs PyTorch:")
+    print(f"  {'input':<20}{'max abs err':>14}{'max rel err':>14}")
+    for c in checks:
+        print(f"  {'x'.join(map(str, c.shape)):<20}{c.max_abs_err:>14.3g}{c.max_rel_err:>14.3g}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("export", help="export a model to ONNX (dynamic sizes, checked) or safetensors weights")
+    p.add_argument("model", help="model name, e.g. pale_tiny (must match the checkpoint's)")
+    p.add_argument("--checkpoint", "-c", help="a .pth checkpoint or .safetensors export (default: fresh weights)")
+    p.add_argument("--format", "-f", choices=["onnx", "safetensors"], default="onnx")
+    p.add_argument("--output", "-o", help="output file (default MODEL.FORMAT)")
+    p.add_argument("--exporter", choices=["legacy", "dynamo"], default="legacy",
+                   help="ONNX exporter: legacy TorchScript trace (default) or torch.export (docs/deploy.md)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17; dynamo uses at least 18)")
+    p.add_argument("--static", action="store_true", help="fixed input size instead of dynamic batch/height/width")
+    p.add_argument("--trace-size", type=int, nargs=2, metavar=("H", "W"),
+                   help="example size for the trace (default: one at which every attention layer pads)")
+    p.add_argument("--check-size", type=int, nargs=2, action="append", metavar=("H", "W"),
+                   help="check onnxruntime against PyTorch at this size (repeatable; "
+                        "default: the model's input size and 97x131, plus the trace size)")
+    p.add_argument("--rtol", type=float, default=1e-4, help="largest allowed max|onnx-torch|/max|torch| (default 1e-4)")
+    p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    p.set_defaults(func=run)

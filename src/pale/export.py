@@ -1,0 +1,242 @@
+"""Deployment exports: ONNX with dynamic batch, height and width (checked with onnxruntime), and
+weights-only safetensors with the model's description as metadata.
+
+ONNX and padding. PS-attention pads each map up to a multiple of its group size and masks the
+padded keys. The exporters trace the model at one example size, so two things must hold for the
+graph to be right at every size (docs/deploy.md has the details):
+
+* The branch ``if hp != h`` (pad or not) is a Python ``if`` on sizes: the trace keeps the branch the
+  example size took. :func:`padding_trace_size` picks an example size at which *every* attention
+  layer pads rows and columns, so the graph always pads (by zero rows when none are needed, with an
+  all-true mask), which is correct at every size.
+* ``padded_length`` is written ``-(-n // s) * s``; traced to ONNX, integer division of a negative
+  number truncates instead of flooring, so padded lengths come out one group short. While
+  exporting, :func:`onnx_safe_padding` swaps in ``(n + s - 1) // s * s`` (same value, no negative
+  operands).
+
+Every export is verified against PyTorch with onnxruntime before it replaces the target file.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from . import io as pio
+
+__all__ = ["EXPORTERS", "OnnxCheck", "onnx_safe_padding", "attention_layers", "padding_trace_size",
+           "export_onnx", "check_onnx", "export_safetensors", "load_model_for_export"]
+
+EXPORTERS = ("legacy", "dynamo")
+Size = Tuple[int, int]
+
+
+@dataclass
+class OnnxCheck:
+    """onnxruntime against PyTorch at one input shape: ``max|onnx - torch| / max|torch|``."""
+
+    shape: Tuple[int, int, int, int]
+    max_abs_err: float
+    max_rel_err: float
+
+    def as_dict(self) -> Dict[str, Any]:
+        return dict(shape=list(self.shape), max_abs_err=self.max_abs_err, max_rel_err=self.max_rel_err)
+
+
+def _positive_padded_length(length: Any, group_size: int) -> Any:
+    """``length`` rounded up to a multiple of ``group_size`` without dividing a negative number."""
+    return (length + group_size - 1) // group_size * group_size
+
+
+@contextlib.contextmanager
+def onnx_safe_padding() -> Iterator[None]:
+    """Trace-safe rounding of padded lengths in the model module while exporting (see module doc)."""
+    from .models import pale_transformer as pt
+
+    original = getattr(pt, "padded_length", None)
+    if original is None:  # the model no longer has the helper: nothing to patch; the check decides
+        yield
+        return
+    pt.padded_length = _positive_padded_length
+    try:
+        yield
+    finally:
+        pt.padded_length = original
+
+
+def attention_layers(model: nn.Module) -> List[nn.Module]:
+    """Every PS-attention layer of ``model`` (modules with ``mode`` and ``group_size``)."""
+    from .models import PSAttention
+
+    return [m for m in model.modules() if isinstance(m, PSAttention)]
+
+
+def _attention_input_sizes(model: nn.Module, size: Size, in_chans: int) -> List[Tuple[nn.Module, int, int]]:
+    """``(layer, H, W)`` of the map each attention layer sees for an image of ``size``."""
+    seen: List[Tuple[nn.Module, int, int]] = []
+    hooks = [layer.register_forward_pre_hook(lambda m, a: seen.append((m, a[0].shape[1], a[0].shape[2])))
+             for layer in attention_layers(model)]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, in_chans, *size))
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _pads_everywhere(layer: nn.Module, h: int, w: int) -> bool:
+    """Whether every grouping ``layer`` does on an ``h x w`` map needs padding (group size 1 never pads)."""
+    s_r, s_c = layer.group_size
+    rows = s_r == 1 or h % s_r != 0
+    cols = s_c == 1 or w % s_c != 0
+    if layer.mode == "sequential":
+        return rows if layer.direction == "row" else cols
+    if layer.mode == "vanilla":
+        n = max(math.ceil(h / s_r), math.ceil(w / s_c))
+        return n * s_r != h and n * s_c != w
+    return rows and cols
+
+
+def padding_trace_size(model: nn.Module, start: int = 64, stop: int = 512) -> Size:
+    """The smallest square image side in ``[start, stop)`` at which every attention layer pads."""
+    in_chans = getattr(model, "in_chans", 3)
+    for side in range(start, stop):
+        if all(_pads_everywhere(layer, h, w) for layer, h, w in _attention_input_sizes(model, (side, side), in_chans)):
+            return side, side
+    raise ValueError(f"no image size in [{start}, {stop}) makes every attention layer pad; "
+                     f"pass a trace size explicitly")
+
+
+def _check_dynamic_export_supported(model: nn.Module) -> None:
+    modes = {layer.mode for layer in attention_layers(model)}
+    if "vanilla" in modes:
+        # pale_attention picks the pale count with max(ceil(h/s_r), ceil(w/s_c)): a Python choice
+        # on sizes that a trace freezes, so one graph cannot serve every size.
+        raise ValueError("ONNX export with dynamic height and width does not support attn_mode='vanilla' "
+                         "(its pale count is a size-dependent Python choice); use --static")
+
+
+def export_onnx(model: nn.Module, path: pio.PathLike, *, exporter: str = "legacy", opset: int = 17,
+                trace_size: Optional[Size] = None, dynamic: bool = True, batch: int = 2,
+                check_sizes: Sequence[Size] = (), rtol: float = 1e-4,
+                metadata: Optional[Mapping[str, Any]] = None) -> Tuple[Size, List[OnnxCheck]]:
+    """Export ``model`` (eval mode) to ONNX at ``path``, verify it, then move it into place.
+
+    Args:
+        exporter: ``'legacy'`` (TorchScript trace, ``dynamo=False``) or ``'dynamo'`` (torch.export).
+        trace_size: example image size; default :func:`padding_trace_size` when ``dynamic``.
+        dynamic: batch, height and width as dynamic axes; otherwise every size is fixed.
+        check_sizes: image sizes at which onnxruntime must match PyTorch (the trace size is always checked).
+        rtol: largest allowed ``max|onnx - torch| / max|torch|``.
+        metadata: stored as ONNX ``metadata_props`` (values JSON-encoded).
+    Returns:
+        The trace size and the checks. The target is untouched when export or a check fails.
+    """
+    import onnx
+
+    if exporter not in EXPORTERS:
+        raise ValueError(f"unknown exporter {exporter!r}; expected one of {EXPORTERS}")
+    model = model.eval()
+    in_chans = getattr(model, "in_chans", 3)
+    if dynamic:
+        _check_dynamic_export_supported(model)
+    if trace_size is None:
+        trace_size = padding_trace_size(model) if dynamic else tuple(model.pretrained_cfg["input_size"][1:])
+    example = torch.randn(batch, in_chans, *trace_size)
+    sizes = [tuple(trace_size)] + [tuple(s) for s in check_sizes if tuple(s) != tuple(trace_size)]
+    if not dynamic:
+        sizes = [tuple(trace_size)]
+    with pio.atomic_path(path) as tmp:
+        onnx_tmp = tmp.with_name(tmp.name + ".onnx")  # the dynamo exporter wants an .onnx suffix
+        try:
+            with onnx_safe_padding(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # TracerWarnings about the size checks: expected, see above
+                if exporter == "legacy":
+                    axes = {"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}} if dynamic else None
+                    torch.onnx.export(model, (example,), str(onnx_tmp), dynamo=False, opset_version=opset,
+                                      input_names=["image"], output_names=["logits"], dynamic_axes=axes)
+                else:
+                    from torch.export import Dim
+                    shapes = {"x": {0: Dim.DYNAMIC, 2: Dim.DYNAMIC, 3: Dim.DYNAMIC}} if dynamic else None
+                    program = torch.onnx.export(model, (example,), dynamo=True, opset_version=max(opset, 18),
+                                                input_names=["image"], output_names=["logits"],
+                                                dynamic_shapes=shapes, verbose=False)
+                    program.save(str(onnx_tmp), external_data=False)
+            proto = onnx.load(str(onnx_tmp))
+            for key, value in (metadata or {}).items():
+                entry = proto.metadata_props.add()
+                entry.key, entry.value = key, json.dumps(value)
+            onnx.save(proto, str(tmp))
+        finally:
+            if onnx_tmp.exists():
+                onnx_tmp.unlink()
+        checks = check_onnx(tmp, model, sizes, batch=batch)
+        worst = max(checks, key=lambda c: c.max_rel_err)
+        if not worst.max_rel_err <= rtol:
+            raise ValueError(f"ONNX export ({exporter}) does not match PyTorch: relative error "
+                             f"{worst.max_rel_err:.3g} > {rtol:g} at input {worst.shape}; {path} was not written")
+    return tuple(trace_size), checks
+
+
+def check_onnx(path: pio.PathLike, model: nn.Module, sizes: Sequence[Size], batch: int = 2,
+               seed: int = 0) -> List[OnnxCheck]:
+    """Run the ONNX file with onnxruntime and ``model`` with PyTorch on the same random images."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    gen = torch.Generator().manual_seed(seed)
+    in_chans = getattr(model, "in_chans", 3)
+    checks = []
+    for h, w in sizes:
+        x = torch.randn(batch, in_chans, h, w, generator=gen)
+        with torch.no_grad():
+            ref = model(x).double()
+        out = torch.from_numpy(session.run(None, {name: x.numpy()})[0]).double()
+        if out.shape != ref.shape:
+            raise ValueError(f"ONNX output shape {tuple(out.shape)} != PyTorch {tuple(ref.shape)} at input {tuple(x.shape)}")
+        abs_err = float((out - ref).abs().max())
+        checks.append(OnnxCheck(tuple(x.shape), abs_err, abs_err / max(float(ref.abs().max()), 1e-12)))
+    return checks
+
+
+def load_model_for_export(model_name: str, checkpoint: Optional[pio.PathLike]) -> Tuple[nn.Module, Dict[str, Any]]:
+    """The model a checkpoint holds (checked against ``model_name``), or a freshly initialised one."""
+    import timm
+
+    import pale  # noqa: F401  (registers the models)
+
+    if checkpoint is None:
+        return timm.create_model(model_name).eval(), dict(model_name=model_name, model_kwargs={}, class_names=None)
+    state, info = pio.read_model_file(checkpoint)
+    stored = info.get("model_name")
+    if stored and stored != model_name:
+        raise ValueError(f"{checkpoint} holds a {stored}, not a {model_name}")
+    if stored:
+        model, info = pio.create_model_from_file(checkpoint)
+        return model, info
+    # A bare state dict: build MODEL with the checkpoint's class count.
+    kwargs: Dict[str, Any] = {}
+    if "head.fc.weight" in state:
+        kwargs["num_classes"] = int(state["head.fc.weight"].shape[0])
+    model = timm.create_model(model_name, **kwargs)
+    pio.load_weights(model, state, source=str(checkpoint))
+    return model.eval(), dict(info, model_name=model_name, model_kwargs=kwargs)
+
+
+def export_safetensors(model: nn.Module, info: Mapping[str, Any], path: pio.PathLike) -> None:
+    """Weights alone, with ``model_name``, ``model_kwargs``, ``class_names`` and, when known,
+    ``data_config`` as metadata; loadable by :func:`pale.io.create_model_from_file` and by timm's
+    ``pretrained_cfg_overlay=dict(file=...)``."""
+    meta = {k: info.get(k) for k in ("model_name", "model_kwargs", "class_names")}
+    if info.get("data_config") is not None:
+        meta["data_config"] = info["data_config"]
+    pio.save_safetensors(model.state_dict(), path, metadata=meta)

@@ -1,0 +1,208 @@
+"""Classify images with a trained checkpoint: top-k class names and probabilities.
+
+Preprocessing is the checkpoint's own when it stores one, else the model's pretrained config
+(:func:`resolve_preprocessing` says in which order it looks), applied with timm's eval transform
+(resize, centre crop, normalise).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from . import io as pio
+
+__all__ = ["IMAGE_EXTENSIONS", "Classifier", "resolve_preprocessing", "load_classifier", "find_images",
+           "load_image", "predict", "format_table"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+_PREPROC_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+
+
+@dataclass
+class Classifier:
+    """A model in eval mode with its class names and preprocessing."""
+
+    model: nn.Module
+    class_names: List[str]
+    data_config: Dict[str, Any]
+    transform: Callable[[Any], torch.Tensor]
+    source: str
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.data_config["input_size"][0])
+
+
+def _from_recipe(config: Any) -> Dict[str, Any]:
+    """Preprocessing keys of a training recipe's ``data`` section (``img_size`` int or pair)."""
+    data = config.get("data") if isinstance(config, Mapping) else None
+    if not isinstance(data, Mapping):
+        return {}
+    out: Dict[str, Any] = {k: data[k] for k in ("interpolation", "mean", "std", "crop_pct", "crop_mode")
+                           if data.get(k) is not None}
+    size = data.get("img_size")
+    if isinstance(size, int):
+        out["input_size"] = (3, size, size)
+    elif isinstance(size, (list, tuple)) and len(size) == 2:
+        out["input_size"] = (3, int(size[0]), int(size[1]))
+    return out
+
+
+def resolve_preprocessing(info: Mapping[str, Any], model: nn.Module) -> Dict[str, Any]:
+    """Eval preprocessing for ``model``: input size, interpolation, mean, std, crop.
+
+    Looked up key by key, first found wins: the checkpoint's ``data_config`` (what ``pale train``
+    resolved), the ``data`` section of its recipe (``config``), then the model's ``pretrained_cfg``
+    through ``timm.data.resolve_data_config``. Entries of the wrong type are ignored. The channel
+    count is always the model's ``in_chans``; mean and std of another length are an error.
+    """
+    from timm.data import resolve_data_config
+
+    base = resolve_data_config({}, model=model)
+    layers = [info.get("data_config") if isinstance(info.get("data_config"), Mapping) else {},
+              _from_recipe(info.get("config"))]
+    cfg: Dict[str, Any] = {}
+    for key in _PREPROC_KEYS:
+        for layer in layers:
+            if layer.get(key) is not None:
+                cfg[key] = layer[key]
+                break
+        else:
+            if key in base:
+                cfg[key] = base[key]
+    in_chans = int(getattr(model, "in_chans", 3))
+    size = cfg["input_size"]
+    try:
+        h, w = int(size[-2]), int(size[-1])
+    except (TypeError, ValueError, IndexError):
+        raise ValueError(f"stored input_size {size!r} is not (C, H, W)") from None
+    cfg["input_size"] = (in_chans, h, w)
+    for key in ("mean", "std"):
+        value = cfg[key]
+        value = (float(value),) if isinstance(value, (int, float)) else tuple(float(v) for v in value)
+        if len(value) == 1:
+            value = value * in_chans
+        if len(value) != in_chans:
+            raise ValueError(f"stored {key} {value} has {len(value)} entries, the model takes {in_chans} channels")
+        cfg[key] = value
+    cfg["crop_pct"] = float(cfg.get("crop_pct") or 1.0)
+    cfg.setdefault("crop_mode", "center")
+    return cfg
+
+
+def load_classifier(checkpoint: pio.PathLike, device: str = "cpu") -> Classifier:
+    """Rebuild the classifier a checkpoint (``.pth``) or export (``.safetensors``) describes."""
+    from timm.data import create_transform
+
+    model, info = pio.create_model_from_file(checkpoint)
+    names = info.get("class_names")
+    if not names:
+        raise ValueError(f"{checkpoint} stores no class names: save it with "
+                         f"pale.io.save_checkpoint(..., class_names=[...]) (pale train does)")
+    num_classes = getattr(model, "num_classes", len(names))
+    if len(names) != num_classes:
+        raise ValueError(f"{checkpoint} stores {len(names)} class names for a model with {num_classes} classes")
+    cfg = resolve_preprocessing(info, model)
+    transform = create_transform(cfg["input_size"], is_training=False, interpolation=cfg["interpolation"],
+                                 mean=cfg["mean"], std=cfg["std"], crop_pct=cfg["crop_pct"],
+                                 crop_mode=cfg["crop_mode"])
+    return Classifier(model.to(device).eval(), [str(n) for n in names], cfg, transform, str(checkpoint))
+
+
+def find_images(inputs: Iterable[pio.PathLike]) -> List[Path]:
+    """The image files named: files as given, folders searched recursively for image extensions
+    (sorted). A path that does not exist, or a folder without images, is an error naming it."""
+    found: List[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if not p.exists():
+            raise FileNotFoundError(f"image or folder not found: {p}")
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            if not files:
+                raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {p}")
+            found += files
+        else:
+            found.append(p)
+    if not found:
+        raise ValueError("no images given")
+    return found
+
+
+def load_image(path: pio.PathLike, channels: int = 3):
+    """Open an image as a PIL image with ``channels`` channels (RGB, or L for 1); a clear error otherwise."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("L" if channels == 1 else "RGB")
+    except UnidentifiedImageError:
+        raise ValueError(f"not an image (or an unsupported format): {path}") from None
+    except (OSError, SyntaxError) as err:
+        raise ValueError(f"cannot read image {path}: {err}") from None
+
+
+@torch.no_grad()
+def predict(classifier: Classifier, paths: Sequence[pio.PathLike], topk: int = 5, batch_size: int = 16,
+            progress: bool = True, skip_bad: bool = False) -> Dict[str, Any]:
+    """Top-k predictions for every image.
+
+    Returns:
+        ``{"predictions": [{"path", "top": [{"class", "index", "prob"}, ...]}, ...],
+        "skipped": [{"path", "error"}, ...]}`` in the order of ``paths``; probabilities are softmax
+        outputs, sorted, largest first. Unreadable images raise unless ``skip_bad``.
+    """
+    from tqdm import tqdm
+
+    if topk < 1:
+        raise ValueError(f"topk must be >= 1, got {topk}")
+    k = min(topk, len(classifier.class_names))
+    device = next(classifier.model.parameters()).device
+    predictions: List[Dict[str, Any]] = []
+    skipped: List[Dict[str, str]] = []
+    bar = tqdm(total=len(paths), unit="img", desc="predict", disable=not progress or len(paths) <= 1)
+    try:
+        for start in range(0, len(paths), batch_size):
+            chunk, tensors = [], []
+            for p in paths[start:start + batch_size]:
+                try:
+                    tensors.append(classifier.transform(load_image(p, classifier.in_chans)))
+                    chunk.append(p)
+                except ValueError as err:
+                    if not skip_bad:
+                        raise
+                    skipped.append(dict(path=str(p), error=str(err)))
+            if tensors:
+                probs = classifier.model(torch.stack(tensors).to(device)).float().softmax(dim=-1)
+                values, indices = probs.topk(k, dim=-1)
+                for p, vs, ix in zip(chunk, values.tolist(), indices.tolist()):
+                    predictions.append(dict(path=str(p), top=[
+                        dict(**{"class": classifier.class_names[i]}, index=i, prob=v) for v, i in zip(vs, ix)]))
+            bar.update(len(paths[start:start + batch_size]))
+    finally:
+        bar.close()
+    return dict(checkpoint=classifier.source, data_config=_jsonable(classifier.data_config),
+                predictions=predictions, skipped=skipped)
+
+
+def _jsonable(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+
+
+def format_table(result: Mapping[str, Any]) -> str:
+    """One block per image: rank, probability and class name."""
+    lines = []
+    for pred in result["predictions"]:
+        lines.append(pred["path"])
+        for rank, entry in enumerate(pred["top"], 1):
+            lines.append(f"  {rank:>2}  {100 * entry['prob']:6.2f}%  {entry['class']}")
+    for bad in result["skipped"]:
+        lines.append(f"skipped {bad['path']}: {bad['error']}")
+    if result["skipped"]:
+        lines.append(f"{len(result['skipped'])} unreadable image(s) skipped")
+    return "\n".join(lines)
