@@ -1,0 +1,95 @@
+"""Pale as a dense-prediction backbone: ImageNet weights in, per-stage normed NCHW maps out.
+
+* :func:`load_backbone_weights` -- copy a classifier checkpoint (``pale train`` ``.pth`` or a
+  ``.safetensors`` export, read through :mod:`pale.io`) into the Pale trunk of a dense model; the
+  classifier's ``head.*`` and final ``norm.*`` are not part of a backbone and are dropped, anything
+  else that does not fit is an error listing the keys.
+* :class:`PaleFPNBackbone` -- Pale (timm ``features_only``: NCHW maps at strides 4/8/16/32), a
+  LayerNorm on each map (as Swin/CSWin's detection backbones add), then torchvision's
+  :class:`~torchvision.ops.FeaturePyramidNetwork` with a max-pooled extra level: the
+  ``OrderedDict`` of 256-channel maps ``'0'..'3', 'pool'`` and ``.out_channels`` that torchvision's
+  Mask R-CNN expects.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from typing import Any, Dict, Mapping, Sequence, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .. import io as pio
+
+__all__ = ["create_pale_features", "load_backbone_weights", "LayerNorm2d", "PaleFPNBackbone"]
+
+#: classifier parts a backbone does not have
+CLASSIFIER_ONLY = ("head.", "norm.")
+
+
+def create_pale_features(name: str, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(name, features_only=True)``: Pale's four stage outputs as NCHW maps."""
+    import timm
+
+    import pale  # noqa: F401  (registers the Pale models)
+
+    try:
+        return timm.create_model(name, features_only=True, **kwargs)
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise ValueError(f"unknown backbone {name!r} (expected pale_tiny, pale_small or pale_base)") from None
+        raise
+
+
+def load_backbone_weights(trunk: nn.Module, path: Union[str, os.PathLike]) -> pio.LoadReport:
+    """Load an ImageNet-trained Pale checkpoint into ``trunk`` (a ``PaleTransformer``, possibly pruned).
+
+    EMA weights are used when the checkpoint has them. Keys of the classifier head and final norm
+    are ignored; a missing, extra or mis-shaped backbone key raises
+    :class:`pale.io.WeightsMismatchError` naming it.
+    """
+    state, _ = pio.read_model_file(path)
+    own = trunk.state_dict()
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not (k.startswith(CLASSIFIER_ONLY) and k not in own)}
+    return pio.load_weights(trunk, state, strict=True, source=f"backbone checkpoint {path}")
+
+
+def pale_trunk(features: nn.Module) -> nn.Module:
+    """The ``PaleTransformer`` inside timm's feature wrapper."""
+    return getattr(features, "model", features)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW map."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class PaleFPNBackbone(nn.Module):
+    """Pale + per-stage LayerNorm + FPN (256 channels, extra max-pooled level) for torchvision detectors.
+
+    ``forward(images (B, 3, H, W))`` -> ``OrderedDict('0': (B, 256, H/4, W/4), ..., '3': H/32,
+    'pool': H/64)``; H and W need not be multiples of 32 (torchvision's transform pads to 32 anyway).
+    """
+
+    def __init__(self, name: str = "pale_tiny", fpn_channels: int = 256, **pale_kwargs: Any):
+        super().__init__()
+        from torchvision.ops import FeaturePyramidNetwork
+        from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+        self.body = create_pale_features(name, **pale_kwargs)
+        channels: Sequence[int] = self.body.feature_info.channels()
+        self.norms = nn.ModuleList(LayerNorm2d(c) for c in channels)
+        self.fpn = FeaturePyramidNetwork(list(channels), fpn_channels, extra_blocks=LastLevelMaxPool())
+        self.out_channels = fpn_channels
+
+    def load_pretrained(self, path: Union[str, os.PathLike]) -> pio.LoadReport:
+        return load_backbone_weights(pale_trunk(self.body), path)
+
+    def forward(self, x: Tensor) -> Dict[str, Tensor]:
+        maps = self.body(x)
+        named = OrderedDict((str(i), norm(m)) for i, (norm, m) in enumerate(zip(self.norms, maps)))
+        return self.fpn(named)

@@ -1,0 +1,207 @@
+"""Semantic segmentation with UperNet + Pale as a :class:`pale.train.Task`.
+
+Defaults are the Swin/CSWin ADE20K recipe the design notes adopt: AdamW, lr 6e-5, weight decay
+0.01 (none on norms and biases), poly decay (power 1) to 0 after 1500 linear warm-up iterations,
+batch 16 of 512x512 crops, 160k iterations (320 "epochs" of 500 iterations), stochastic depth 0.3,
+auxiliary FCN loss weight 0.4, evaluation every 16k iterations, single-scale whole-image inference
+at the (2048, 512) test scale.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..train import Runtime, Task
+from ..train.data import BadImageError
+from .engine import dense_defaults
+from .seg_data import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, SegmentationFolder, SegTrainTransform, list_collate
+from .seg_eval import confusion_matrix, segment, segmentation_metrics
+from .upernet import PaleUperNet, build_upernet
+
+__all__ = ["SEG_DEFAULTS", "SegmentationTask", "seg_loss"]
+
+SEG_DEFAULTS: Dict[str, Any] = dense_defaults(
+    {"task": "segmentation", "epochs": 320, "batch_size": 16,
+     "optim": {"opt": "adamw", "lr": 6.0e-5, "weight_decay": 0.01},
+     "sched": {"sched": "poly", "warmup_epochs": 0, "warmup_updates": 1500, "warmup_lr": 6.0e-11, "min_lr": 0.0,
+               "decay_rate": 1.0},
+     "ema": {"enabled": False},
+     "train": {"eval_every": 32, "eval_batch_size": 1, "workers": 4}},
+    {"model": {
+        "name": "pale_tiny",       # backbone: pale_tiny | pale_small | pale_base
+        "kwargs": {},              # passed to the Pale constructor (embed_dims, depths, pale_size, ...)
+        "drop_path_rate": 0.3,
+        "pretrained": None,        # ImageNet Pale checkpoint (.pth of `pale train` or .safetensors) for the backbone
+        "decoder_channels": 512,
+        "aux_weight": 0.4,         # auxiliary FCN head on stage 3; 0: no auxiliary head
+    },
+     "data": {
+        "root": None,              # images/<split>/*.jpg + annotations/<split>/*.png
+        "train_split": "training",
+        "val_split": "validation",  # null: no validation
+        "num_classes": 150,
+        "class_names": None,
+        "reduce_zero_label": True,  # ADE20K: 0 = ignore, labels 1..150 -> 0..149
+        "iters_per_epoch": 500,     # iteration-based schedule: one "epoch" = this many updates; null: one pass
+        "scale": [2048, 512],       # training rescale base (long, short side), times a random ratio
+        "ratio_range": [0.5, 2.0],
+        "crop_size": [512, 512],
+        "cat_max_ratio": 0.75,
+        "flip": 0.5,
+        "photometric": True,
+        "skip_bad_images": False,
+    },
+     "test": {
+        "mode": "whole",            # whole | slide
+        "scale": [2048, 512],       # images are rescaled to this (keeping the aspect ratio); null: own size
+        "crop_size": [512, 512],    # slide mode window
+        "stride": [341, 341],
+        "scales": [1.0],            # multi-scale: [0.75, 1.0, 1.25, 1.5, 1.75]
+        "flip": False,
+    }})
+
+
+def seg_loss(outputs: Tuple[torch.Tensor, Optional[torch.Tensor]], labels: torch.Tensor, aux_weight: float) -> torch.Tensor:
+    """Cross-entropy of the main logits plus ``aux_weight`` times that of the auxiliary logits."""
+    logits, aux = outputs
+    loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+    if aux is not None and aux_weight > 0:
+        loss = loss + aux_weight * F.cross_entropy(aux.float(), labels, ignore_index=IGNORE_INDEX)
+    return loss
+
+
+def test_settings(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    t = cfg["test"]
+    return dict(mode=t["mode"], test_scale=t["scale"], crop=tuple(t["crop_size"]), stride=tuple(t["stride"]),
+                scales=tuple(t["scales"]), flip=bool(t["flip"]))
+
+
+@torch.no_grad()
+def evaluate_segmenter(model: nn.Module, batches: Iterable[Any], rt: Runtime, num_classes: int,
+                       settings: Dict[str, Any]) -> Dict[str, Any]:
+    """mIoU / mAcc / aAcc (percent) over ``batches`` of ``(images, labels, paths)`` lists, summed over ranks."""
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    for images, labels, _ in batches:
+        for image, label in zip(images, labels):
+            probs = segment(model, rt.to_device(image[None]), num_classes, **settings)
+            conf += confusion_matrix(probs[0].argmax(0), label.to(probs.device), num_classes)
+    conf = rt.all_reduce_sum(conf.to(rt.device)).cpu()
+    out = segmentation_metrics(conf)
+    out["pixels"] = int(conf.sum())
+    return out
+
+
+class SegmentationTask(Task):
+    """UperNet + Pale on an ADE20K-layout folder."""
+
+    defaults = SEG_DEFAULTS
+    best_metric, best_mode = "miou", "max"
+    curve_metrics = ("miou", "macc", "aacc")
+
+    def __init__(self, cfg: Dict[str, Any]):
+        super().__init__(cfg)
+        d = cfg["data"]
+        if not d["root"]:
+            raise ValueError("data.root is not set: pass --data FOLDER (with images/<split>/ and annotations/<split>/)")
+        self.root = Path(d["root"])
+        self.num_classes = int(d["num_classes"])
+        if self.num_classes < 1:
+            raise ValueError(f"data.num_classes must be >= 1, got {self.num_classes}")
+        names = d["class_names"]
+        if names is not None and len(names) != self.num_classes:
+            raise ValueError(f"data.class_names has {len(names)} names for {self.num_classes} classes")
+        self.class_names = list(names) if names else [str(i) for i in range(self.num_classes)]
+        # fail early (before the model is built) on a missing folder, empty list or missing annotation
+        self.train_set = self._folder(d["train_split"], train=True)
+        self.val_set = self._folder(d["val_split"], train=False) if d["val_split"] is not None else None
+
+    def spec(self) -> Dict[str, Any]:
+        m = self.cfg["model"]
+        return dict(backbone=m["name"], num_classes=self.num_classes, decoder_channels=int(m["decoder_channels"]),
+                    aux=float(m["aux_weight"]) > 0,
+                    pale_kwargs=dict(m["kwargs"], drop_path_rate=float(m["drop_path_rate"])))
+
+    def build_model(self) -> nn.Module:
+        model = build_upernet(self.spec())
+        if self.cfg["model"]["pretrained"]:
+            model.load_pretrained(self.cfg["model"]["pretrained"])
+        rt = getattr(self, "runtime", None)
+        if rt is not None and rt.distributed and rt.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over all GPUs, as mmseg
+        return model
+
+    def model_info(self) -> Dict[str, Any]:
+        spec = self.spec()
+        spec["pale_kwargs"].pop("drop_path_rate")  # training-only
+        return dict(task="segmentation", model_name=f"upernet_{spec['backbone']}", model_kwargs=spec,
+                    class_names=self.class_names,
+                    data_config=dict(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
+                                     reduce_zero_label=bool(self.cfg["data"]["reduce_zero_label"]),
+                                     test=dict(self.cfg["test"])))
+
+    # -- data --
+
+    def _folder(self, split: str, train: bool) -> SegmentationFolder:
+        d = self.cfg["data"]
+        transform = length = None
+        if train:
+            transform = SegTrainTransform(d["scale"], d["ratio_range"], d["crop_size"], float(d["cat_max_ratio"]),
+                                          float(d["flip"]), bool(d["photometric"]))
+            if d["iters_per_epoch"]:
+                length = int(d["iters_per_epoch"]) * int(self.cfg["batch_size"])
+        return _SkippingFolder(self.root, split or "", self.num_classes, bool(d["reduce_zero_label"]), transform,
+                               length=length, skip_bad=bool(d["skip_bad_images"]))
+
+    def train_dataset(self) -> SegmentationFolder:
+        return self.train_set
+
+    def val_dataset(self) -> Optional[SegmentationFolder]:
+        return self.val_set
+
+    def collate_fn(self, train: bool):
+        return None if train else list_collate
+
+    # -- loss and evaluation --
+
+    def training_loss(self, model: nn.Module, batch: Any, rt: Runtime) -> Tuple[torch.Tensor, int]:
+        images, labels = batch
+        images, labels = rt.to_device(images), labels.to(rt.device)
+        outputs = model(images, with_aux=True)
+        return seg_loss(outputs, labels, float(self.cfg["model"]["aux_weight"])), len(images)
+
+    def evaluate(self, model: nn.Module, batches: Iterable[Any], rt: Runtime) -> Dict[str, float]:
+        out = evaluate_segmenter(model, batches, rt, self.num_classes, test_settings(self.cfg))
+        return {k: out[k] for k in ("miou", "macc", "aacc")}
+
+
+class _SkippingFolder(SegmentationFolder):
+    """Returns ``None`` for an unreadable image when ``skip_bad`` (the engine drops and counts it)."""
+
+    def __init__(self, *args: Any, skip_bad: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.skip_bad = skip_bad
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return super().__getitem__(index)
+        except BadImageError:
+            if self.skip_bad:
+                return None
+            raise
+
+
+def load_segmenter(path: str, device: str = "cpu") -> Tuple[PaleUperNet, Dict[str, Any]]:
+    """A trained segmenter (EMA weights when present) and its description, from a ``.pth`` or ``.safetensors``."""
+    from .. import io as pio
+
+    state, info = pio.read_model_file(path)
+    if info.get("task") != "segmentation":
+        raise pio.CheckpointError(f"{path} is not a segmentation checkpoint of `pale seg train` "
+                                  f"(task: {info.get('task', 'classification')!r})")
+    model = build_upernet(info["model_kwargs"])
+    pio.load_weights(model, state, source=str(path))
+    return model.to(device).eval(), info
