@@ -285,8 +285,9 @@ def render_attention_overlay(image: np.ndarray, maps: Sequence[StageAttention], 
                              path: pio.PathLike, title: Optional[str] = None, panel_inches: float = 3.0,
                              dpi: int = 100) -> Tuple[int, int]:
     """The image, then per stage the head-averaged weights (nearest upsampled, normalised to the
-    stage's maximum) over the image, with the token marked. Written atomically; returns the PNG's
-    (height, width): ``(round((panel_inches + 0.5) * dpi), round(panel_inches * dpi * (1 + len(maps))))``."""
+    stage's maximum) over the image, with the token marked. Written atomically; returns the PNG's (height, width):
+    panels ``panel_inches`` wide and as tall as the image's aspect makes them, plus 0.6 inch for the
+    titles: about ``((panel_inches * H / W + 0.6) * dpi, panel_inches * dpi * (1 + len(maps)))`` pixels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -294,7 +295,9 @@ def render_attention_overlay(image: np.ndarray, maps: Sequence[StageAttention], 
 
     ih, iw = image.shape[:2]
     n = 1 + len(maps)
-    fig, axes = plt.subplots(1, n, figsize=(panel_inches * n, panel_inches + 0.5), dpi=dpi, squeeze=False)
+    fig_h = panel_inches * ih / iw + 0.6
+    fig, axes = plt.subplots(1, n, figsize=(panel_inches * n, fig_h), dpi=dpi, squeeze=False)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=1 - 0.55 / fig_h, wspace=0.04)
     try:
         panels = axes[0]
         panels[0].imshow(image, cmap="gray" if image.ndim == 2 else None)
@@ -314,6 +317,7 @@ def render_attention_overlay(image: np.ndarray, maps: Sequence[StageAttention], 
         if title:
             fig.suptitle(title, fontsize=9)
         pio.atomic_savefig(fig, path, dpi=dpi)
+        width, height = fig.canvas.get_width_height()
     finally:
         plt.close(fig)
-    return round((panel_inches + 0.5) * dpi), round(panel_inches * dpi * n)
+    return height, width

@@ -1,0 +1,121 @@
+"""ONNX export with dynamic batch/height/width (onnxruntime vs PyTorch) and safetensors export."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+import pale  # noqa: F401
+from pale import export as ex
+from pale import io as pio
+from pale.cli import main
+
+TINY = dict(embed_dims=(16, 32, 32, 64), depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 2), num_classes=5)
+CLASSES = ["cat", "coffee", "person", "rocket", "tree"]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = timm.create_model("pale_tiny", **TINY)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
+    pio.save_checkpoint(path, model, "pale_tiny", TINY, class_names=CLASSES)
+    return path
+
+
+@pytest.fixture(scope="module")
+def onnx_file(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    assert main(["export", "pale_tiny", "--checkpoint", str(tiny_checkpoint), "--output", str(out)]) == 0
+    return out
+
+
+def _pads(model, size):
+    """Whether any attention layer pads at this image size."""
+    return any(h % l.group_size[0] or w % l.group_size[1] for l, h, w in ex._attention_input_sizes(model, size, 3))
+
+
+def test_onnx_equals_pytorch_at_three_sizes_from_one_file(onnx_file, tiny_checkpoint):
+    import onnxruntime as ort
+
+    model, _ = pio.create_model_from_file(tiny_checkpoint)
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    # 224: no layer pads (56/28/14/7 with pale size 7); 97x131 and 33x47: odd, layers pad.
+    shapes = [(1, 3, 224, 224), (3, 3, 97, 131), (2, 3, 33, 47)]
+    assert not _pads(model, (224, 224)) and _pads(model, (97, 131)) and _pads(model, (33, 47))
+    for shape in shapes:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            ref = model(x).numpy()
+        out = session.run(None, {"image": x.numpy()})[0]
+        assert out.shape == ref.shape == (shape[0], 5)
+        rel = np.abs(out - ref).max() / np.abs(ref).max()
+        assert rel <= 1e-4, (shape, rel)
+
+
+def test_onnx_metadata_holds_class_names_and_preprocessing(onnx_file):
+    import onnx
+
+    props = {p.key: json.loads(p.value) for p in onnx.load(str(onnx_file)).metadata_props}
+    assert props["model_name"] == "pale_tiny"
+    assert props["class_names"] == CLASSES
+    assert props["data_config"]["input_size"] == [3, 224, 224]
+
+
+def test_trace_size_makes_every_layer_pad(tiny_checkpoint):
+    model, _ = pio.create_model_from_file(tiny_checkpoint)
+    side = ex.padding_trace_size(model)
+    for layer, h, w in ex._attention_input_sizes(model, side, 3):
+        s_r, s_c = layer.group_size
+        assert h % s_r and w % s_c, (side, h, w)
+
+
+def test_failed_check_leaves_existing_output_untouched(tiny_checkpoint, tmp_path):
+    model, _ = pio.create_model_from_file(tiny_checkpoint)
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"previous export")
+    with pytest.raises(ValueError, match="does not match PyTorch"):
+        ex.export_onnx(model, out, trace_size=(64, 64), rtol=1e-12)
+    assert out.read_bytes() == b"previous export"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+def test_vanilla_dynamic_export_is_refused(tmp_path):
+    model = timm.create_model("pale_tiny", **dict(TINY, attn_mode="vanilla"))
+    with pytest.raises(ValueError, match="vanilla"):
+        ex.export_onnx(model, tmp_path / "v.onnx")
+    assert not (tmp_path / "v.onnx").exists()
+
+
+def test_export_checkpoint_of_other_model_is_an_error(tiny_checkpoint, tmp_path, capsys):
+    assert main(["export", "pale_small", "-c", str(tiny_checkpoint), "-o", str(tmp_path / "x.onnx")]) == 1
+    assert "holds a pale_tiny, not a pale_small" in capsys.readouterr().err
+
+
+def test_safetensors_export_loads_back(tiny_checkpoint, tmp_path):
+    out = tmp_path / "tiny.safetensors"
+    assert main(["export", "pale_tiny", "-c", str(tiny_checkpoint), "--format", "safetensors", "-o", str(out)]) == 0
+    model, _ = pio.create_model_from_file(tiny_checkpoint)
+    x = torch.randn(2, 3, 45, 61)
+    with torch.no_grad():
+        ref = model(x)
+        again, info = pio.create_model_from_file(out)
+        assert info["class_names"] == CLASSES and info["model_name"] == "pale_tiny"
+        assert torch.equal(again(x), ref)
+        # timm drops a checkpoint's classifier when num_classes differs from the pretrained
+        # config's (1000), so the overlay states the class count too (docs/deploy.md).
+        kwargs = info["model_kwargs"]
+        overlay = dict(file=str(out), num_classes=kwargs["num_classes"])
+        via_timm = timm.create_model("pale_tiny", pretrained=True, pretrained_cfg_overlay=overlay, **kwargs).eval()
+        assert torch.equal(via_timm(x), ref)
+
+
+@pytest.mark.slow
+def test_dynamo_exporter_also_matches(tiny_checkpoint, tmp_path):
+    model, _ = pio.create_model_from_file(tiny_checkpoint)
+    _, checks = ex.export_onnx(model, tmp_path / "d.onnx", exporter="dynamo",
+                               check_sizes=[(224, 224), (97, 131), (33, 47)])
+    assert len(checks) == 4 and all(c.max_rel_err <= 1e-4 for c in checks)
