@@ -1,37 +1,68 @@
-"""Parameter and multiply-add counts of Pale models, measured by running them.
+"""Parameters and multiply-adds of Pale models: analytic (from the paper's equations) and measured.
 
-Multiply-adds ("FLOPs" in the paper) are counted by ``torch.utils.flop_counter.FlopCounterMode``
-(which reports 2 FLOPs per multiply-add) with scaled-dot-product attention forced onto its math
-backend: the fused CPU kernels are invisible to the counter. Counted: convolutions, linear layers
-and attention matmuls; not counted: norms, activations, softmax, additions (as in the paper).
+Two independent counts of the same thing:
+
+* **Analytic** (:func:`analytic_cost`): closed-form multiply-adds per layer, from the paper's Eq. 4
+  (global attention), Eq. 5 / 13-16 (parallel PS-attention), generalised to every attention mode,
+  to padding and to non-square inputs, plus the rest of the network (stem and patch-merging convs,
+  CPE, MLP, head). Each attention layer has two numbers: ``macs``, what our code computes (padded
+  group sizes; for ``vanilla`` every query scores ``s_r*Wp + s_c*Hp`` keys, the ``s_r*s_c`` tokens
+  shared by its row and column groups masked, see ``pale_attention``), and ``paper_macs``, the
+  paper's formula on the real ``h x w`` map with no padding (for ``vanilla``, which the paper gives
+  no formula for, ``2hwc(s_r w + s_c h - s_r s_c)``: each token against the tokens of its pale).
+* **Measured** (:func:`measure_cost`): ``torch.utils.flop_counter.FlopCounterMode`` while the model
+  runs a forward pass (it reports 2 FLOPs per multiply-add). Scaled-dot-product attention is forced
+  onto its math backend: the fused CPU kernels are invisible to the counter. A model moved to the
+  ``meta`` device runs the same code on shapes only: the same counts, no memory, no arithmetic.
+
+Counted: convolutions, linear layers and both attention matmuls (q·k and attention·v, one
+multiply-add per product). Not counted, in either count (as in the paper): biases, norms,
+activations, softmax, the attention scale, additions, pooling and the resizing of a learned
+position embedding.
 """
 from __future__ import annotations
 
+import inspect
+import math
 from dataclasses import dataclass, field
-from typing import Dict, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+__all__ = [
+    "ModelCost", "measure_cost", "measured_cost",
+    "LayerMacs", "AnalyticCost", "PaleConfig", "analytic_cost",
+    "global_attention_macs", "pale_attention_macs", "attention_matmul_macs",
+]
+
+Pair = Tuple[int, int]
+
+
+# ============================================================================================
+# Measured
+# ============================================================================================
 
 @dataclass
 class ModelCost:
-    """Parameters and multiply-adds of a model at one input size, in total and per part."""
+    """Parameters and multiply-adds of a model at one input size: in total, per top-level part
+    (``stem``, ``pos_embed``, ``stages.0`` ... ``norm``, ``head``) and per module path."""
 
-    img_size: Tuple[int, int]
+    img_size: Pair
     params: int
     macs: int
     params_by_part: Dict[str, int] = field(default_factory=dict)
     macs_by_part: Dict[str, int] = field(default_factory=dict)
+    macs_by_module: Dict[str, int] = field(default_factory=dict)
 
 
 def _part_of(name: str, parts: Sequence[str]) -> str:
     for part in parts:
         if name == part or name.startswith(part + "."):
             return part
-    return "other"
+    return name.split(".")[0]  # a top-level parameter such as pos_embed
 
 
 def model_parts(model: nn.Module) -> Tuple[str, ...]:
@@ -45,26 +76,370 @@ def model_parts(model: nn.Module) -> Tuple[str, ...]:
     return tuple(parts)
 
 
+def _param_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
 @torch.no_grad()
-def measure_cost(model: nn.Module, img_size: Tuple[int, int], in_chans: int = 3) -> ModelCost:
-    """Count parameters and multiply-adds of one forward pass of a ``(1, in_chans, H, W)`` input."""
+def measure_cost(model: nn.Module, img_size: Pair, in_chans: int = 3,
+                 make_input: Optional[Callable[[Pair, torch.device], Any]] = None) -> ModelCost:
+    """Count parameters and the multiply-adds of one forward pass, in eval mode.
+
+    Args:
+        model: runs on the device of its parameters; on ``meta`` only shapes are computed.
+        img_size: ``(H, W)``.
+        in_chans: channels of the default input, a ``(1, in_chans, H, W)`` zero tensor.
+        make_input: ``(img_size, device) -> input`` for models that take something else
+            (a detector's list of images, say).
+    """
     parts = model_parts(model)
     params_by_part: Dict[str, int] = {}
     for name, p in model.named_parameters():
         key = _part_of(name, parts)
         params_by_part[key] = params_by_part.get(key, 0) + p.numel()
+    device = _param_device(model)
+    x = make_input(tuple(img_size), device) if make_input else torch.zeros(1, in_chans, *img_size, device=device)
     was_training = model.training
     model.eval()
-    x = torch.zeros(1, in_chans, *img_size)
     try:
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             model(x)
     finally:
         model.train(was_training)
-    root = type(model).__name__
-    macs_by_part = {}
-    for part in parts:
-        counts = counter.get_flop_counts().get(f"{root}.{part}", {})
-        macs_by_part[part] = sum(counts.values()) // 2
+    root = type(model).__name__ + "."
+    macs_by_module = {name[len(root):]: sum(counts.values()) // 2
+                      for name, counts in counter.get_flop_counts().items() if name.startswith(root)}
+    macs_by_part = {part: macs_by_module.get(part, 0) for part in parts}
     total = counter.get_total_flops() // 2
-    return ModelCost(tuple(img_size), sum(params_by_part.values()), total, params_by_part, macs_by_part)
+    return ModelCost(tuple(img_size), sum(params_by_part.values()), total, params_by_part, macs_by_part,
+                     macs_by_module)
+
+
+def measured_cost(model_name: str, img_size: Pair, shapes_only: bool = True, **kwargs: Any) -> ModelCost:
+    """Build ``timm.create_model(model_name, **kwargs)`` and :func:`measure_cost` it; with
+    ``shapes_only`` the model runs on the ``meta`` device (same counts, no memory or arithmetic)."""
+    import timm
+
+    import pale  # noqa: F401  (registers the models)
+
+    model = timm.create_model(model_name, **kwargs)
+    if shapes_only:
+        model = model.to("meta")
+    return measure_cost(model, img_size, in_chans=kwargs.get("in_chans", 3))
+
+
+# ============================================================================================
+# Analytic: one attention layer
+# ============================================================================================
+
+def _ceil_to(length: int, multiple: int) -> int:
+    return -(-length // multiple) * multiple
+
+
+def global_attention_macs(h: int, w: int, c: int) -> int:
+    """Eq. 4: global self-attention with linear q/k/v and output projections, ``4hwc² + 2c(hw)²``."""
+    return 4 * h * w * c * c + 2 * c * (h * w) ** 2
+
+
+def pale_attention_macs(h: int, w: int, c: int, pale_size: Pair) -> int:
+    """Eq. 5 / 16: parallel PS-attention, ``4hwc² + hwc(s_c h + s_r w + 27)``, as printed (no padding)."""
+    s_r, s_c = pale_size
+    return 4 * h * w * c * c + h * w * c * (s_c * h + s_r * w + 27)
+
+
+def _row_groups_macs(h: int, w: int, c: int, group_size: int, padded: bool) -> int:
+    """Both matmuls of attention inside groups of ``group_size`` rows spanning all ``w`` columns,
+    on ``c`` channels: ``Hp / s`` groups of ``s w`` tokens, ``2 (Hp/s) (s w)² c``. Eq. 14 per branch."""
+    hp = _ceil_to(h, group_size) if padded else h
+    return 2 * hp * group_size * w * w * c
+
+
+def attention_matmul_macs(mode: str, h: int, w: int, c: int, group_size: Pair,
+                          direction: Optional[str] = None, formula: str = "code") -> int:
+    """Multiply-adds of the attention matmuls (q·k and attention·v) of one layer on an ``h x w x c`` map.
+
+    Args:
+        mode: an attention mode (see :data:`pale.ATTN_MODES`).
+        group_size: ``(s_r, s_c)``: the pale size, ``(1, 1)`` for axial, the stripe width for cross_shaped.
+        direction: ``'row'`` or ``'column'``, for ``sequential``.
+        formula: ``'code'``, what our implementation computes (padded groups); ``'paper'``, the
+            paper's formula on the real map (Eq. 14, and for vanilla ``2hwc(s_r w + s_c h - s_r s_c)``).
+    """
+    if formula not in ("code", "paper"):
+        raise ValueError(f"formula must be 'code' or 'paper', got {formula!r}")
+    padded = formula == "code"
+    s_r, s_c = group_size
+    if mode in ("parallel", "axial", "cross_shaped"):
+        # Half the channels in each branch: Eq. 14, hw²c s_r + h²wc s_c without padding.
+        return (_row_groups_macs(h, w, c // 2, s_r, padded)
+                + _row_groups_macs(w, h, c - c // 2, s_c, padded))
+    if mode == "sequential":
+        if direction == "column":
+            return _row_groups_macs(w, h, c, s_c, padded)
+        return _row_groups_macs(h, w, c, s_r, padded)
+    if mode == "vanilla":
+        if not padded:
+            return 2 * h * w * c * (s_r * w + s_c * h - s_r * s_c)
+        n = vanilla_pale_count(h, w, group_size)
+        hp, wp = n * s_r, n * s_c
+        # Row block: n groups of s_r*Wp tokens; column block: n groups of s_c*Hp tokens; all channels.
+        return 2 * c * n * ((s_r * wp) ** 2 + (s_c * hp) ** 2)
+    raise ValueError(f"unknown attention mode {mode!r}")
+
+
+def vanilla_pale_count(h: int, w: int, pale_size: Pair) -> int:
+    """Pales of vanilla PS-attention, ``N = max(ceil(h/s_r), ceil(w/s_c))``; the map is padded to
+    ``(N s_r, N s_c)``. Raises ValueError where a pale would have no real row or column."""
+    s_r, s_c = pale_size
+    n = max(-(-h // s_r), -(-w // s_c))
+    if n > h or n > w:
+        raise ValueError(f"vanilla PS-attention on a {h}x{w} map with pale size {pale_size} needs {n} pales "
+                         f"(h/s_r = w/s_c after padding), more than the map has rows or columns")
+    return n
+
+
+# ============================================================================================
+# Analytic: the network
+# ============================================================================================
+
+def _as_pair(value: Any, name: str) -> Pair:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < 1:
+        raise ValueError(f"{name} must be >= 1, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def _per_stage_pairs(value: Any, num_stages: int, name: str) -> Tuple[Pair, ...]:
+    """An int, a pair, or one of those per stage -> one ``(s_r, s_c)`` per stage (as the model reads it)."""
+    if isinstance(value, int) or (isinstance(value, (tuple, list)) and len(value) == 2 and num_stages != 2
+                                  and all(isinstance(v, int) for v in value)):
+        return (_as_pair(value, name),) * num_stages
+    if isinstance(value, (tuple, list)) and len(value) == num_stages:
+        return tuple(_as_pair(v, name) for v in value)
+    raise ValueError(f"{name} must be an int, a pair, or one entry per stage ({num_stages}), got {value!r}")
+
+
+@dataclass(frozen=True)
+class PaleConfig:
+    """The constructor arguments of :class:`pale.PaleTransformer` that its cost depends on."""
+
+    embed_dims: Tuple[int, ...]
+    depths: Tuple[int, ...]
+    num_heads: Tuple[int, ...]
+    pale_size: Tuple[Pair, ...]
+    attn_mode: str
+    stripe_width: Tuple[Pair, ...]
+    mlp_ratio: float
+    pos_embed: str
+    num_classes: int
+    in_chans: int
+    img_size: Pair
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "PaleConfig":
+        """From ``PaleTransformer(**kwargs)`` arguments; missing ones take the constructor's defaults."""
+        from .models.pale_transformer import ATTN_MODES, POS_EMBEDS, PaleTransformer
+
+        params = inspect.signature(PaleTransformer.__init__).parameters
+        args = {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
+        args.update(kwargs)
+        if args["attn_mode"] not in ATTN_MODES:
+            raise ValueError(f"unknown attention mode {args['attn_mode']!r}; expected one of {ATTN_MODES}")
+        if args["pos_embed"] not in POS_EMBEDS:
+            raise ValueError(f"unknown position encoding {args['pos_embed']!r}; expected one of {POS_EMBEDS}")
+        n = len(args["depths"])
+        if not (len(args["embed_dims"]) == len(args["num_heads"]) == n):
+            raise ValueError("embed_dims, depths and num_heads must have one entry per stage")
+        return cls(tuple(args["embed_dims"]), tuple(args["depths"]), tuple(args["num_heads"]),
+                   _per_stage_pairs(args["pale_size"], n, "pale_size"), args["attn_mode"],
+                   _per_stage_pairs(args["stripe_width"], n, "stripe_width"), float(args["mlp_ratio"]),
+                   args["pos_embed"], int(args["num_classes"]), int(args["in_chans"]),
+                   _as_pair(args["img_size"], "img_size"))
+
+    @classmethod
+    def from_model_name(cls, model_name: str, **overrides: Any) -> "PaleConfig":
+        """A registered variant (``pale_tiny`` ...) with optional constructor overrides."""
+        from .models.pale_transformer import MODEL_ARGS
+
+        if model_name not in MODEL_ARGS:
+            raise ValueError(f"no analytic cost model for {model_name!r}; known: {sorted(MODEL_ARGS)}")
+        return cls.from_kwargs(**dict(MODEL_ARGS[model_name], **overrides))
+
+    def group_size(self, stage: int) -> Pair:
+        """Group size the attention of ``stage`` uses: pale size, (1, 1) for axial, stripe width for CSWin."""
+        if self.attn_mode == "axial":
+            return (1, 1)
+        if self.attn_mode == "cross_shaped":
+            return self.stripe_width[stage]
+        return self.pale_size[stage]
+
+
+@dataclass(frozen=True)
+class LayerMacs:
+    """One counted operation. ``name`` is the module path (``stages.0.blocks.1.attn.q``); the
+    attention matmuls, which belong to no sub-module, are ``<block>.attn.matmul``."""
+
+    name: str
+    size: Pair          # (h, w) of the layer's output map
+    dim: int            # output channels
+    macs: int           # what our code computes
+    paper_macs: int     # the paper's formula (differs from macs only for attention matmuls)
+
+
+@dataclass
+class AnalyticCost:
+    """Analytic parameters and multiply-adds of a Pale model at one input size."""
+
+    config: PaleConfig
+    img_size: Pair
+    params: int
+    params_by_part: Dict[str, int]
+    layers: List[LayerMacs]
+
+    @property
+    def macs(self) -> int:
+        return sum(layer.macs for layer in self.layers)
+
+    @property
+    def paper_macs(self) -> int:
+        return sum(layer.paper_macs for layer in self.layers)
+
+    def macs_under(self, prefix: str) -> int:
+        """Multiply-adds of the module at ``prefix`` and everything inside it."""
+        return sum(layer.macs for layer in self.layers
+                   if layer.name == prefix or layer.name.startswith(prefix + "."))
+
+    @property
+    def macs_by_part(self) -> Dict[str, int]:
+        return {part: self.macs_under(part) for part in self.params_by_part}
+
+    def attention_macs(self, formula: str = "code") -> int:
+        """Multiply-adds of all attention matmuls."""
+        return sum(layer.macs if formula == "code" else layer.paper_macs
+                   for layer in self.layers if layer.name.endswith(".attn.matmul"))
+
+
+def _conv_out(size: int, kernel: int, stride: int) -> int:
+    padding = (kernel - stride + 1) // 2  # ConvPatchMerging's padding
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def _conv_layer(name: str, h: int, w: int, c_in: int, c_out: int, kernel: int, groups: int = 1) -> LayerMacs:
+    macs = h * w * c_out * (c_in // groups) * kernel * kernel
+    return LayerMacs(name, (h, w), c_out, macs, macs)
+
+
+def _linear_layer(name: str, h: int, w: int, c_in: int, c_out: int) -> LayerMacs:
+    macs = h * w * c_in * c_out
+    return LayerMacs(name, (h, w), c_out, macs, macs)
+
+
+def _block_layers(prefix: str, cfg: PaleConfig, stage: int, block: int, h: int, w: int) -> List[LayerMacs]:
+    """The counted operations of one block on an ``h x w`` map (Eq. 6-8, 13-16)."""
+    c = cfg.embed_dims[stage]
+    hidden = int(c * cfg.mlp_ratio)
+    group = cfg.group_size(stage)
+    mode = cfg.attn_mode
+    direction = ("row" if block % 2 == 0 else "column") if mode == "sequential" else None
+    if mode == "vanilla":
+        vanilla_pale_count(h, w, group)
+    layers = []
+    if cfg.pos_embed == "cpe":
+        layers.append(_conv_layer(f"{prefix}.cpe.proj", h, w, c, c, 3, groups=c))
+    for proj in ("q", "k", "v"):  # Eq. 13: 3 (9hwc + hwc²)
+        layers.append(_conv_layer(f"{prefix}.attn.{proj}.dw", h, w, c, c, 3, groups=c))
+        layers.append(_linear_layer(f"{prefix}.attn.{proj}.pw", h, w, c, c))
+    layers.append(LayerMacs(f"{prefix}.attn.matmul", (h, w), c,
+                            attention_matmul_macs(mode, h, w, c, group, direction, "code"),
+                            attention_matmul_macs(mode, h, w, c, group, direction, "paper")))
+    layers.append(_linear_layer(f"{prefix}.attn.proj", h, w, c, c))  # Eq. 15
+    layers.append(_linear_layer(f"{prefix}.mlp.fc1", h, w, c, hidden))
+    layers.append(_linear_layer(f"{prefix}.mlp.fc2", h, w, hidden, c))
+    return layers
+
+
+def _block_params(c: int, hidden: int, cpe: bool) -> int:
+    cpe_params = 9 * c + c if cpe else 0
+    projection = 9 * c + 2 * c + c * c + c           # depthwise (no bias), BatchNorm, pointwise
+    attn = 3 * projection + c * c + c
+    mlp = c * hidden + hidden + hidden * c + c
+    return cpe_params + 2 * c + attn + 2 * c + mlp    # + norm1, norm2
+
+
+def analytic_cost(cfg: PaleConfig, img_size: Pair) -> AnalyticCost:
+    """Analytic parameters and per-layer multiply-adds of a ``PaleTransformer`` on one
+    ``(1, in_chans, H, W)`` image. Layer names follow the model's module paths."""
+    h_img, w_img = _as_pair(tuple(img_size), "img_size")
+    if h_img < 3 or w_img < 3:
+        raise ValueError(f"images must be at least 3x3 for the 7x7/stride-4 stem, got {(h_img, w_img)}")
+    dims = cfg.embed_dims
+    layers: List[LayerMacs] = []
+    params: Dict[str, int] = {}
+
+    h, w = _conv_out(h_img, 7, 4), _conv_out(w_img, 7, 4)
+    layers.append(_conv_layer("stem.proj", h, w, cfg.in_chans, dims[0], 7))
+    params["stem"] = cfg.in_chans * dims[0] * 49 + dims[0] + 2 * dims[0]
+    if cfg.pos_embed == "ape":
+        # Learned at the pretraining size's stem grid; resized (not counted) for other inputs.
+        params["pos_embed"] = _conv_out(cfg.img_size[0], 7, 4) * _conv_out(cfg.img_size[1], 7, 4) * dims[0]
+
+    in_dim = dims[0]
+    for i, (c, depth) in enumerate(zip(dims, cfg.depths)):
+        stage = f"stages.{i}"
+        stage_params = 0
+        if i > 0:
+            h, w = _conv_out(h, 3, 2), _conv_out(w, 3, 2)
+            layers.append(_conv_layer(f"{stage}.downsample.proj", h, w, in_dim, c, 3))
+            stage_params += in_dim * c * 9 + c + 2 * c
+        hidden = int(c * cfg.mlp_ratio)
+        for j in range(depth):
+            layers.extend(_block_layers(f"{stage}.blocks.{j}", cfg, i, j, h, w))
+            stage_params += _block_params(c, hidden, cfg.pos_embed == "cpe")
+        params[stage] = stage_params
+        in_dim = c
+
+    params["norm"] = 2 * dims[-1]
+    if cfg.num_classes > 0:
+        layers.append(LayerMacs("head.fc", (1, 1), cfg.num_classes, dims[-1] * cfg.num_classes,
+                                dims[-1] * cfg.num_classes))
+        params["head"] = dims[-1] * cfg.num_classes + cfg.num_classes
+    else:
+        params["head"] = 0
+    return AnalyticCost(cfg, (h_img, w_img), sum(params.values()), params, layers)
+
+
+def stage_sizes(img_size: Pair, num_stages: int = 4) -> List[Pair]:
+    """``(h, w)`` of each stage's token map for an ``(H, W)`` image (stem /4, then /2 per stage)."""
+    h, w = _conv_out(img_size[0], 7, 4), _conv_out(img_size[1], 7, 4)
+    sizes = [(h, w)]
+    for _ in range(num_stages - 1):
+        h, w = _conv_out(h, 3, 2), _conv_out(w, 3, 2)
+        sizes.append((h, w))
+    return sizes
+
+
+def global_model_macs(cfg: PaleConfig, img_size: Pair) -> int:
+    """The network with every attention layer replaced by global attention (Eq. 4, linear q/k/v):
+    the analytic total minus each layer's q/k/v, matmuls and projection, plus Eq. 4."""
+    cost = analytic_cost(cfg, img_size)
+    total = cost.macs
+    for layer in cost.layers:
+        if layer.name.endswith(".attn.matmul"):
+            h, w = layer.size
+            block = layer.name[: -len(".attn.matmul")]
+            total += global_attention_macs(h, w, layer.dim) - cost.macs_under(f"{block}.attn")
+    return total
+
+
+def per_layer_table(cost: AnalyticCost, prefixes: Iterable[str]) -> Dict[str, int]:
+    """Analytic multiply-adds under each module path in ``prefixes``."""
+    return {prefix: cost.macs_under(prefix) for prefix in prefixes}
+
+
+def relative_difference(a: float, b: float) -> float:
+    """``|a - b| / b`` (0 when both are 0)."""
+    return 0.0 if a == b else abs(a - b) / abs(b) if b else math.inf
