@@ -1,0 +1,65 @@
+"""Mask R-CNN (torchvision) on Pale: :class:`~pale.dense.backbone.PaleFPNBackbone` (Pale, per-stage
+LayerNorm, 256-channel FPN with a max-pooled 5th level) under torchvision's RPN (3 aspect ratios,
+anchor sizes 32-512 over the five levels), box head (two 1024-wide FC layers on 7x7 RoIAlign) and
+mask head (four 3x3 convs, a deconvolution, 28x28 masks on 14x14 RoIAlign) -- the heads of the
+mmdetection Mask R-CNN used by Swin / CSWin / Pale.
+
+Input: a list of ``(3, H, W)`` images in [0, 1] of any sizes; torchvision's transform normalises them
+(ImageNet mean / std), resizes the short side to ``min_size`` (a random choice of ``min_size`` when
+training: multi-scale training) with the long side at most ``max_size``, and pads the batch to a
+multiple of 32. Boxes and masks come back in each input image's own coordinates and size.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Sequence, Union
+
+import torch.nn as nn
+
+from .. import io as pio
+from .backbone import PaleFPNBackbone
+
+__all__ = ["build_mask_rcnn", "load_backbone"]
+
+
+def _mask_rcnn_class():
+    from torchvision.models.detection import MaskRCNN
+
+    class PaleMaskRCNN(MaskRCNN):
+        """torchvision's MaskRCNN that resizes to a random one of ``train_min_size`` when training
+        (multi-scale training) and to ``test_min_size`` in evaluation."""
+
+        def __init__(self, backbone: nn.Module, num_classes: int, train_min_size: Sequence[int],
+                     test_min_size: int, max_size: int, roi_samples: int = 512):
+            super().__init__(backbone, num_classes=num_classes, min_size=tuple(train_min_size), max_size=max_size,
+                             box_batch_size_per_image=roi_samples)
+            self.train_min_size = tuple(int(s) for s in train_min_size)
+            self.test_min_size = int(test_min_size)
+            self.train(self.training)
+
+        def train(self, mode: bool = True) -> "PaleMaskRCNN":
+            super().train(mode)
+            self.transform.min_size = self.train_min_size if mode else (self.test_min_size,)
+            return self
+
+    return PaleMaskRCNN
+
+
+def build_mask_rcnn(spec: Dict[str, Any]) -> nn.Module:
+    """torchvision ``MaskRCNN`` on Pale from a description: ``backbone``, ``num_classes`` (object
+    classes, without background), ``min_size`` (int or list: training sizes), ``max_size``,
+    ``test_min_size``, ``fpn_channels``, ``roi_samples`` (RoIs sampled per image for the box head in
+    training, 512 as in mmdetection), ``pale_kwargs``."""
+    num_classes = int(spec["num_classes"])
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    backbone = PaleFPNBackbone(spec["backbone"], int(spec.get("fpn_channels", 256)), **dict(spec.get("pale_kwargs") or {}))
+    min_size = spec.get("min_size", 800)
+    train_sizes = tuple(min_size) if isinstance(min_size, (list, tuple)) else (int(min_size),)
+    return _mask_rcnn_class()(backbone, num_classes + 1, train_sizes, int(spec.get("test_min_size") or max(train_sizes)),
+                              int(spec.get("max_size", 1333)), int(spec.get("roi_samples", 512)))
+
+
+def load_backbone(model: nn.Module, path: Union[str, os.PathLike]) -> pio.LoadReport:
+    """Initialise a Mask R-CNN's Pale from an ImageNet-trained checkpoint."""
+    return model.backbone.load_pretrained(path)
