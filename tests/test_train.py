@@ -1,0 +1,260 @@
+"""The training engine on a tiny generated image folder: every augmentation and the EMA run, resume
+is exact (at an epoch boundary and after SIGTERM mid-epoch), bad input gets errors naming it,
+non-finite losses stop or are skipped, and `pale eval` reloads a checkpoint to the same top-1."""
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+import pale  # noqa: F401
+from pale.cli import main
+from pale.io import create_model_from_file, load_torch
+from pale.train import NonFiniteLossError, TrainingInterrupted, train
+from pale.train.classification import ClassificationTask
+from pale.train.data import write_image_folder
+
+CLASSES = ["ant", "bee", "cat"]
+TINY_MODEL = {"embed_dims": [16, 32, 32, 64], "depths": [1, 1, 1, 1], "num_heads": [2, 2, 4, 4]}
+
+
+def make_folder(root, n_train=24, n_val=12, size=40, seed=0):
+    """3 classes told apart by the red channel's level, plus noise."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        labels = np.arange(n) % len(CLASSES)
+        images = rng.integers(0, 255, (n, size, size, 3), dtype=np.uint8)
+        images[..., 0] = (labels[:, None, None] * 100 + rng.integers(0, 40, (n, size, size))).astype(np.uint8)
+        write_image_folder(root / split, images, labels, CLASSES)
+    return root
+
+
+def tiny_recipe(**changes):
+    """The ImageNet recipe's pipeline (RandAugment, erasing, Mixup/CutMix, smoothing, drop path, EMA) on a
+    tiny model and 32x32 inputs."""
+    cfg = {
+        "epochs": 2, "batch_size": 8, "seed": 0,
+        "model": {"name": "pale_tiny", "kwargs": dict(TINY_MODEL), "drop_path_rate": 0.1},
+        "data": {"img_size": 32},
+        "optim": {"lr": 1e-3},
+        "sched": {"warmup_epochs": 1},
+        "ema": {"decay": 0.9},
+        "train": {"workers": 0, "amp": "none", "progress": False},
+    }
+    for key, value in changes.items():
+        node = cfg
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return cfg
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models gain nothing from threads, and on a shared machine spinning OpenMP threads stall
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("tiny"))
+
+
+def weights(path):
+    ckpt = load_torch(path)
+    return ckpt["model"], ckpt["model_ema"], ckpt
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+class Spy:
+    """Counts calls of a method (and records what it returns)."""
+
+    def __init__(self, monkeypatch, cls, name):
+        self.calls, self.results = 0, []
+        original = getattr(cls, name)
+
+        def wrapper(obj, *args, **kwargs):
+            self.calls += 1
+            out = original(obj, *args, **kwargs)
+            self.results.append(out)
+            return out
+        monkeypatch.setattr(cls, name, wrapper)
+
+
+def test_dry_run_exercises_every_augmentation_and_the_ema(folder, tmp_path, monkeypatch):
+    from timm.data.auto_augment import RandAugment
+    from timm.data.mixup import Mixup
+    from timm.data.random_erasing import RandomErasing
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+    from timm.layers import DropPath
+    from torchvision.transforms import RandomHorizontalFlip
+
+    spies = {name: Spy(monkeypatch, cls, meth) for name, (cls, meth) in {
+        "crop": (RandomResizedCropAndInterpolation, "__call__"), "flip": (RandomHorizontalFlip, "forward"),
+        "randaugment": (RandAugment, "__call__"),
+        "erasing": (RandomErasing, "__call__"), "mix": (Mixup, "_params_per_batch"),
+        "drop_path": (DropPath, "forward")}.items()}
+    # (timm drops colour jitter when RandAugment is on, as the recipe has it)
+    cfg = tiny_recipe(**{"aug.reprob": 1.0, "train.amp": "bf16", "epochs": 2, "batch_size": 4})
+    summary = train(cfg, [f"data.root={folder}"], tmp_path / "run")
+    for name, spy in spies.items():
+        assert spy.calls > 0, f"{name} never ran"
+    assert spies["randaugment"].calls == spies["crop"].calls == 48
+    # Mixup and CutMix (switch prob 0.5) both drawn, with mixing weights strictly inside (0, 1)
+    kinds = {cutmix for lam, cutmix in spies["mix"].results}
+    assert kinds == {True, False}
+    assert all(0 < lam < 1 for lam, _ in spies["mix"].results)
+    model, ema, ckpt = weights(tmp_path / "run" / "last.pth")
+    init = ClassificationTask(ckpt["config"]).build_model  # noqa: F841  (the config round-trips)
+    # EMA (decay 0.9, 6 updates) lies strictly between the start and the trained weights
+    moved = [k for k in model if model[k].is_floating_point() and not torch.equal(model[k], ema[k])]
+    assert len(moved) > 0.9 * len([k for k in model if model[k].is_floating_point()])
+    assert summary["last"]["ema_val_n"] == 12 and 0 <= summary["last"]["ema_val_top1"] <= 100
+    assert ckpt["config"]["aug"]["auto_augment"] == "rand-m9-mstd0.5-inc1"
+
+
+def test_outputs_and_eval_reload_give_the_same_top1(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = train(tiny_recipe(), [f"data.root={folder}"], out)
+    for name in ("last.pth", "best.pth", "best.safetensors", "last.safetensors", "metrics.jsonl", "curves.png",
+                 "summary.json", "config.yaml"):
+        assert (out / name).is_file(), name
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert {"train_loss", "lr", "val_top1", "val_top5", "val_loss", "ema_val_top1"} <= set(history[0])
+    best = summary["best"]
+    assert best["metric"] == "ema_val_top1"
+    assert best["value"] == max(h["ema_val_top1"] for h in history)
+    assert main(["eval", str(out / "best.pth"), "--data", str(folder / "val"), "--output",
+                 str(tmp_path / "eval.json")]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["top1"] == best["value"] and result["n"] == 12
+    best_record = history[best["epoch"] - 1]
+    assert result["loss"] == pytest.approx(best_record["ema_val_loss"], rel=1e-5)
+    assert result["top5"] == best_record["ema_val_top5"]
+    assert "top1" in capsys.readouterr().out
+    # the safetensors export loads through timm's own pretrained path and gives the same logits
+    import timm
+    model_pth, info = create_model_from_file(out / "best.pth")
+    model_st = timm.create_model("pale_tiny", pretrained=True, num_classes=3, **TINY_MODEL,
+                                 pretrained_cfg_overlay=dict(file=str(out / "best.safetensors"), num_classes=3)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model_st(x), model_pth(x), rtol=0, atol=0)
+    assert info["class_names"] == CLASSES
+
+
+def test_resume_is_exact(folder, tmp_path, monkeypatch):
+    """2 epochs straight == 1 epoch, stop (SIGTERM during its validation), resume, 1 more epoch."""
+    straight = tmp_path / "straight"
+    train(tiny_recipe(), [f"data.root={folder}"], straight)
+    original = ClassificationTask.evaluate
+
+    def evaluate_then_sigterm(self, model, batches, rt):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, model, batches, rt)
+    monkeypatch.setattr(ClassificationTask, "evaluate", evaluate_then_sigterm)
+    run = tmp_path / "resumed"
+    with pytest.raises(TrainingInterrupted):
+        train(tiny_recipe(), [f"data.root={folder}"], run)
+    ckpt = load_torch(run / "last.pth")
+    assert (ckpt["epoch"], ckpt["step"], len(ckpt["history"])) == (1, 0, 1)
+    monkeypatch.setattr(ClassificationTask, "evaluate", original)
+    train(None, [], resume=run / "last.pth")
+    a_model, a_ema, a = weights(straight / "last.pth")
+    b_model, b_ema, b = weights(run / "last.pth")
+    assert b["epoch"] == 2
+    assert_same_state(a_model, b_model)
+    assert_same_state(a_ema, b_ema)
+    for key in ("train_loss", "val_top1", "val_loss", "ema_val_loss", "lr"):
+        assert [h[key] for h in a["history"]] == [h[key] for h in b["history"]], key
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_sigterm_mid_epoch_saves_and_resume_is_exact(folder, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    train(tiny_recipe(), [f"data.root={folder}"], straight)
+    calls = {"n": 0}
+    original = ClassificationTask.training_loss
+
+    def loss_then_sigterm(self, model, batch, rt):
+        calls["n"] += 1
+        if calls["n"] == 5:  # second epoch, second update
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, model, batch, rt)
+    monkeypatch.setattr(ClassificationTask, "training_loss", loss_then_sigterm)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted) as info:
+        train(tiny_recipe(), [f"data.root={folder}"], run)
+    assert info.value.code == 128 + signal.SIGTERM
+    ckpt = load_torch(run / "last.pth")
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 2)
+    monkeypatch.setattr(ClassificationTask, "training_loss", original)
+    assert main(["train", "--resume", str(run / "last.pth")]) == 0
+    a_model, a_ema, a = weights(straight / "last.pth")
+    b_model, b_ema, b = weights(run / "last.pth")
+    assert_same_state(a_model, b_model)
+    assert_same_state(a_ema, b_ema)
+    assert a["history"] == [dict(h, train_images_per_s=a["history"][i]["train_images_per_s"])
+                            for i, h in enumerate(b["history"])]
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = ClassificationTask.training_loss
+
+    def nan_in_epoch_two(self, model, batch, rt):
+        calls["n"] += 1
+        loss, n = original(self, model, batch, rt)
+        return (loss * float("nan") if calls["n"] == 4 else loss), n
+    monkeypatch.setattr(ClassificationTask, "training_loss", nan_in_epoch_two)
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 2, update 1 .*last good checkpoint"):
+        train(tiny_recipe(), [f"data.root={folder}"], run)
+    assert load_torch(run / "last.pth")["epoch"] == 1
+    calls["n"] = 0
+    summary = train(tiny_recipe(), [f"data.root={folder}", "train.on_nonfinite=skip"], tmp_path / "skip")
+    assert summary["skipped_nonfinite_batches"] == 1
+    ckpt = load_torch(tmp_path / "skip" / "last.pth")
+    assert ckpt["num_updates"] == 5 and all(torch.isfinite(v).all() for v in ckpt["model"].values()
+                                             if v.is_floating_point())
+
+
+def test_bad_input_errors_name_the_problem(folder, tmp_path, capsys):
+    def fails(args, *needles):
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        for needle in needles:
+            assert needle in err, err
+        assert "Traceback" not in err
+
+    recipe = tmp_path / "tiny.yaml"
+    import yaml
+    recipe.write_text(yaml.safe_dump(tiny_recipe()))
+    base = ["train", "--recipe", str(recipe), "-o", str(tmp_path / "out")]
+    fails(base + ["--data", str(tmp_path / "missing")], "data folder not found", str(tmp_path / "missing"))
+    fails(base + ["--data", str(folder), "--set", "aug.mixup_alpha=0.2"], "unknown recipe key 'aug.mixup_alpha'")
+    empty = make_folder(tmp_path / "empty", n_train=6, n_val=3)
+    (empty / "train" / "dog").mkdir()
+    fails(base + ["--data", str(empty)], "class folder", str(empty / "train" / "dog"), "has no images")
+    broken = make_folder(tmp_path / "broken", n_train=12, n_val=6)
+    bad = broken / "train" / "bee" / "corrupt.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)
+    fails(base + ["--data", str(broken)], "cannot read image", str(bad))
+    # skipped and counted when asked
+    summary = train(tiny_recipe(**{"epochs": 1}), [f"data.root={broken}", "data.skip_bad_images=true"],
+                    tmp_path / "skip")
+    assert summary["skipped_images"] == 1
+    fails(["eval", str(tmp_path / "skip" / "best.pth"), "--data", str(tmp_path / "nothing")],
+          "evaluation folder not found")
