@@ -300,17 +300,19 @@ def render_attention_overlay(image: np.ndarray, maps: Sequence[StageAttention], 
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=1 - 0.55 / fig_h, wspace=0.04)
     try:
         panels = axes[0]
-        panels[0].imshow(image, cmap="gray" if image.ndim == 2 else None)
+        # Pixel (y, x) covers [x, x+1) x [y, y+1); the stage grids cover the same extent.
+        extent = (0, iw, ih, 0)
+        panels[0].imshow(image, cmap="gray" if image.ndim == 2 else None, extent=extent)
         panels[0].set_title("input", fontsize=9)
         for ax, m in zip(panels[1:], maps):
-            ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
+            ax.imshow(image, cmap="gray" if image.ndim == 2 else None, extent=extent)
             weights = m.weights / max(float(m.weights.max()), 1e-12)
-            ax.imshow(weights, extent=(0, iw, ih, 0), cmap="inferno", alpha=0.6, interpolation="nearest",
+            ax.imshow(weights, extent=extent, cmap="inferno", alpha=0.6, interpolation="nearest",
                       vmin=0.0, vmax=1.0)
             gh, gw = m.weights.shape
             ax.set_title(f"stage {m.stage + 1} block {m.block + 1} ({gh}x{gw}, {m.mode})", fontsize=8)
         for ax in panels:
-            ax.plot([token[1]], [token[0]], marker="o", color="red", markersize=5, markeredgecolor="white")
+            ax.plot([token[1] + 0.5], [token[0] + 0.5], marker="o", color="red", markersize=5, markeredgecolor="white")
             ax.set_xlim(0, iw)
             ax.set_ylim(ih, 0)
             ax.axis("off")

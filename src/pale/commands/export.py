@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
                               dynamic=not args.static, checks=[c.as_dict() for c in checks]), indent=2))
         return 0
     axes = "dynamic batch, height and width" if not args.static else f"fixed size {trace_size[0]}x{trace_size[1]}"
-    print(f"wrote {out} ({args.exporter} exporter, opset {args.opset}, {axes}; traced at "
+    opset = args.opset if args.exporter == "legacy" else max(args.opset, 18)
+    print(f"wrote {out} ({args.exporter} exporter, opset {opset}, {axes}; traced at "
           f"{trace_size[0]}x{trace_size[1]})")
     print("onnxruntime vs PyTorch:")
     print(f"  {'input':<20}{'max abs err':>14}{'max rel err':>14}")
