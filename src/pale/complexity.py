@@ -35,7 +35,8 @@ from torch.utils.flop_counter import FlopCounterMode
 __all__ = [
     "ModelCost", "measure_cost", "measured_cost",
     "LayerMacs", "AnalyticCost", "PaleConfig", "analytic_cost",
-    "global_attention_macs", "pale_attention_macs", "attention_matmul_macs",
+    "global_attention_macs", "pale_attention_macs", "attention_matmul_macs", "vanilla_pale_count",
+    "global_model_macs", "stage_sizes", "PAPER_TABLES", "PaperRow", "ComparisonRow", "compare_paper",
 ]
 
 Pair = Tuple[int, int]
@@ -435,11 +436,82 @@ def global_model_macs(cfg: PaleConfig, img_size: Pair) -> int:
     return total
 
 
-def per_layer_table(cost: AnalyticCost, prefixes: Iterable[str]) -> Dict[str, int]:
-    """Analytic multiply-adds under each module path in ``prefixes``."""
-    return {prefix: cost.macs_under(prefix) for prefix in prefixes}
-
-
 def relative_difference(a: float, b: float) -> float:
     """``|a - b| / b`` (0 when both are 0)."""
     return 0.0 if a == b else abs(a - b) / abs(b) if b else math.inf
+
+
+# ============================================================================================
+# The paper's ablation tables (Pale-T, ImageNet-1K at 224x224, Tables 7-9 of the appendix)
+# ============================================================================================
+
+@dataclass(frozen=True)
+class PaperRow:
+    """One row of the paper's Tables 7-9: a Pale-T variant and its reported params and FLOPs."""
+
+    table: str
+    label: str
+    overrides: Tuple[Tuple[str, Any], ...]   # PaleTransformer arguments changed from Pale-T
+    params: float
+    macs: float
+
+
+def _rows(table: str, rows: Sequence[Tuple[str, Dict[str, Any], float, float]]) -> Tuple[PaperRow, ...]:
+    return tuple(PaperRow(table, label, tuple(kw.items()), params, macs) for label, kw, params, macs in rows)
+
+
+PAPER_TABLES: Dict[str, Tuple[str, Tuple[PaperRow, ...]]] = {
+    "7": ("Table 7: pale size in all four stages", _rows("7", [
+        ("1 1 1 1", dict(pale_size=1), 22e6, 3.8e9),
+        ("3 3 3 3", dict(pale_size=3), 22e6, 4.1e9),
+        ("5 5 5 5", dict(pale_size=5), 22e6, 4.4e9),
+        ("7 7 7 7", dict(pale_size=7), 22e6, 4.2e9),
+        ("9 9 9 9", dict(pale_size=9), 22e6, 5.4e9),
+    ])),
+    "8": ("Table 8: attention mode", _rows("8", [
+        ("Axial", dict(attn_mode="axial"), 22e6, 3.8e9),
+        ("Cross-Shaped", dict(attn_mode="cross_shaped"), 22e6, 4.2e9),
+        ("Pale (vanilla)", dict(attn_mode="vanilla"), 22e6, 5.4e9),
+        ("Pale (sequential)", dict(attn_mode="sequential"), 22e6, 4.2e9),
+        ("Pale (parallel)", dict(attn_mode="parallel"), 22e6, 4.2e9),
+    ])),
+    "9": ("Table 9: position encoding", _rows("9", [
+        ("no pos.", dict(pos_embed="none"), 22e6, 4.2e9),
+        ("APE", dict(pos_embed="ape"), 22e6, 4.2e9),
+        ("CPE", dict(pos_embed="cpe"), 22e6, 4.2e9),
+    ])),
+}
+
+
+@dataclass
+class ComparisonRow:
+    """A paper row next to our analytic and measured counts (``measured_*`` None when not measured)."""
+
+    paper: PaperRow
+    analytic_params: int
+    analytic_macs: int
+    formula_macs: int           # the paper's equations on the unpadded maps (see module docstring)
+    measured_params: Optional[int] = None
+    measured_macs: Optional[int] = None
+
+
+def compare_paper(tables: Sequence[str] = ("7", "8", "9"), measure: bool = True, shapes_only: bool = True,
+                  img_size: Pair = (224, 224), model_name: str = "pale_tiny") -> List[ComparisonRow]:
+    """The rows of the paper's Tables 7-9 with our analytic and (if ``measure``) measured counts.
+    Identical configurations (size 7 = parallel = CPE) are measured once."""
+    unknown = [t for t in tables if t not in PAPER_TABLES]
+    if unknown:
+        raise ValueError(f"unknown paper table(s) {unknown}; expected some of {sorted(PAPER_TABLES)}")
+    measured: Dict[PaleConfig, ModelCost] = {}
+    out = []
+    for table in tables:
+        for row in PAPER_TABLES[table][1]:
+            analytic = analytic_cost(PaleConfig.from_model_name(model_name, **dict(row.overrides)), img_size)
+            result = ComparisonRow(row, analytic.params, analytic.macs, analytic.paper_macs)
+            if measure:
+                key = analytic.config
+                if key not in measured:
+                    measured[key] = measured_cost(model_name, img_size, shapes_only, **dict(row.overrides))
+                result.measured_params, result.measured_macs = measured[key].params, measured[key].macs
+            out.append(result)
+    return out

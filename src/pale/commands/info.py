@@ -1,27 +1,105 @@
-"""``pale info MODEL``: parameters and multiply-adds per stage and in total."""
+"""``pale info MODEL``: parameters and multiply-adds per part and in total, measured and analytic;
+``pale info --compare-paper``: the paper's Tables 7-9 (Pale-T) next to our counts.
+
+What is counted is chosen by ``--kind`` from :data:`MODEL_KINDS` (name -> :class:`ModelKind`). To add
+a full model (a segmenter, a detector), add one entry: how to build it from a backbone name and
+constructor overrides, its default input size, and, if it takes something other than one
+``(1, 3, H, W)`` tensor, how to make its input.
+"""
 from __future__ import annotations
 
 import argparse
 import json
-from typing import Any, Dict
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..complexity import ModelCost, measure_cost
+import torch.nn as nn
+
+from ..complexity import (PAPER_TABLES, AnalyticCost, ComparisonRow, ModelCost, PaleConfig, analytic_cost,
+                          compare_paper, measure_cost)
+
+Pair = Tuple[int, int]
 
 
-def _human(n: float) -> str:
+@dataclass(frozen=True)
+class ModelKind:
+    """How ``pale info`` builds and counts one kind of model."""
+
+    build: Callable[[str, Dict[str, Any]], nn.Module]           # (backbone name, overrides) -> model
+    default_img_size: Pair
+    help: str
+    # (backbone name, overrides, img_size) -> analytic cost; None if the kind has no analytic model.
+    analytic: Optional[Callable[[str, Dict[str, Any], Pair], AnalyticCost]] = None
+    # (img_size, device) -> model input; None for one (1, 3, H, W) zero tensor.
+    make_input: Optional[Callable[[Pair, Any], Any]] = None
+
+
+def _build_classifier(name: str, overrides: Dict[str, Any]) -> nn.Module:
+    import timm
+
+    import pale  # noqa: F401  (registers the models)
+
+    return timm.create_model(name, **overrides)
+
+
+def _classifier_analytic(name: str, overrides: Dict[str, Any], img_size: Pair) -> AnalyticCost:
+    return analytic_cost(PaleConfig.from_model_name(name, **overrides), img_size)
+
+
+MODEL_KINDS: Dict[str, ModelKind] = {
+    "classifier": ModelKind(_build_classifier, (224, 224), "the ImageNet classifier (backbone + head)",
+                            analytic=_classifier_analytic),
+}
+
+
+def _human(n: Optional[float], digits: int = 2) -> str:
+    if n is None:
+        return "-"
     for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
+            return f"{n / scale:.{digits}f}{unit}"
     return f"{n:.0f}"
 
 
-def format_cost(name: str, cost: ModelCost, settings: Dict[str, Any]) -> str:
+def format_cost(name: str, cost: ModelCost, settings: Dict[str, Any],
+                analytic: Optional[AnalyticCost] = None) -> str:
+    """Per-part table: parameters, measured multiply-adds, and analytic ones when available."""
     h, w = cost.img_size
-    lines = [f"{name}  input 3x{h}x{w}  " + "  ".join(f"{k}={v}" for k, v in settings.items()),
-             f"{'part':<12}{'params':>12}{'MACs':>12}"]
+    header = f"{'part':<12}{'params':>12}{'MACs':>12}"
+    if analytic is not None:
+        header += f"{'analytic':>12}"
+    lines = [f"{name}  input 3x{h}x{w}  " + "  ".join(f"{k}={v}" for k, v in settings.items()), header]
+    analytic_parts = analytic.macs_by_part if analytic is not None else {}
     for part, params in cost.params_by_part.items():
-        lines.append(f"{part:<12}{_human(params):>12}{_human(cost.macs_by_part.get(part, 0)):>12}")
-    lines.append(f"{'total':<12}{_human(cost.params):>12}{_human(cost.macs):>12}")
+        line = f"{part:<12}{_human(params):>12}{_human(cost.macs_by_part.get(part, 0)):>12}"
+        if analytic is not None:
+            line += f"{_human(analytic_parts.get(part, 0)):>12}"
+        lines.append(line)
+    total = f"{'total':<12}{_human(cost.params):>12}{_human(cost.macs):>12}"
+    if analytic is not None:
+        total += f"{_human(analytic.macs):>12}"
+    lines.append(total)
+    return "\n".join(lines)
+
+
+def format_comparison(rows: Sequence[ComparisonRow], img_size: Pair = (224, 224)) -> str:
+    """The paper's rows with analytic and measured params and multiply-adds, one block per table."""
+    lines: List[str] = []
+    head = (f"{'':<20}{'params: paper':>14}{'analytic':>10}{'measured':>10}"
+            f"{'MACs: paper':>13}{'analytic':>10}{'Eq. form':>10}{'measured':>10}")
+    table = None
+    for row in rows:
+        if row.paper.table != table:
+            table = row.paper.table
+            if lines:
+                lines.append("")
+            lines += [f"{PAPER_TABLES[table][0]} (Pale-T, {img_size[0]}x{img_size[1]})", head]
+        lines.append(f"{row.paper.label:<20}{_human(row.paper.params, 0):>14}{_human(row.analytic_params):>10}"
+                     f"{_human(row.measured_params):>10}{_human(row.paper.macs, 1):>13}"
+                     f"{_human(row.analytic_macs):>10}{_human(row.formula_macs):>10}"
+                     f"{_human(row.measured_macs):>10}")
+    lines += ["", "analytic: our equations for what the code computes (padded groups); Eq. form: the paper's",
+              "equations on unpadded maps; measured: FlopCounterMode over a forward pass. MACs = multiply-adds."]
     return "\n".join(lines)
 
 
@@ -36,29 +114,60 @@ def model_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import timm
-
-    import pale  # noqa: F401  (registers the models)
-
+    if args.compare_paper:
+        if args.model not in (None, "pale_tiny"):
+            raise ValueError(f"--compare-paper compares the paper's Pale-T ablations (Tables 7-9): "
+                             f"use pale_tiny, not {args.model!r}")
+        rows = compare_paper(args.table or ("7", "8", "9"), measure=not args.no_measure, shapes_only=args.meta)
+        if args.json:
+            print(json.dumps([dict(asdict(r), paper=asdict(r.paper)) for r in rows], indent=2, default=list))
+        else:
+            print(format_comparison(rows))
+        return 0
+    if args.model is None:
+        raise ValueError("pale info needs a MODEL (e.g. pale_tiny), or --compare-paper")
+    kind = MODEL_KINDS[args.kind]
     kwargs = model_kwargs(args)
-    img_size = tuple(args.img_size) if args.img_size else (224, 224)
-    model = timm.create_model(args.model, **kwargs)
-    cost = measure_cost(model, img_size)
+    img_size = tuple(args.img_size) if args.img_size else kind.default_img_size
+    if min(img_size) < 1:
+        raise ValueError(f"--img-size must be positive, got {img_size}")
+    analytic = kind.analytic(args.model, kwargs, img_size) if kind.analytic else None
+    model = kind.build(args.model, kwargs)
+    if args.meta:
+        model = model.to("meta")
+    cost = measure_cost(model, img_size, make_input=kind.make_input)
     if args.json:
-        print(json.dumps(dict(model=args.model, settings=kwargs, img_size=list(img_size), params=cost.params,
-                              macs=cost.macs, params_by_part=cost.params_by_part,
-                              macs_by_part=cost.macs_by_part), indent=2))
+        out = dict(model=args.model, kind=args.kind, settings=kwargs, img_size=list(img_size),
+                   params=cost.params, macs=cost.macs, params_by_part=cost.params_by_part,
+                   macs_by_part=cost.macs_by_part)
+        if analytic is not None:
+            out.update(analytic_params=analytic.params, analytic_macs=analytic.macs,
+                       analytic_macs_by_part=analytic.macs_by_part, paper_formula_macs=analytic.paper_macs)
+        print(json.dumps(out, indent=2))
     else:
-        print(format_cost(args.model, cost, kwargs))
+        print(format_cost(args.model, cost, kwargs, analytic))
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("info", help="parameters and multiply-adds of a model, per stage and in total")
-    p.add_argument("model", help="a timm model name, e.g. pale_tiny")
-    p.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default 224 224)")
+    p = subparsers.add_parser(
+        "info", help="parameters and multiply-adds of a model (measured and analytic), or the paper's tables",
+        description="Parameters and multiply-adds per part and in total: measured by counting a forward pass, "
+                    "and from the analytic model of pale.complexity. --compare-paper prints the paper's "
+                    "Tables 7-9 for Pale-T next to both.")
+    p.add_argument("model", nargs="?", help="a timm model name, e.g. pale_tiny")
+    p.add_argument("--kind", default="classifier", choices=sorted(MODEL_KINDS),
+                   help="which model around the backbone to count (default: classifier)")
+    p.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the kind's)")
     p.add_argument("--attn-mode", help="attention mode (parallel, sequential, vanilla, axial, cross_shaped)")
     p.add_argument("--pos-embed", help="position encoding (cpe, ape, none)")
     p.add_argument("--pale-size", type=int, help="pale size for every stage")
+    p.add_argument("--compare-paper", action="store_true",
+                   help="print the paper's Tables 7-9 (Pale-T): params and FLOPs, paper / analytic / measured")
+    p.add_argument("--table", action="append", choices=sorted(PAPER_TABLES),
+                   help="with --compare-paper: only this table (repeatable)")
+    p.add_argument("--no-measure", action="store_true", help="with --compare-paper: analytic counts only")
+    p.add_argument("--meta", action="store_true",
+                   help="run the model on the meta device: the same counts from shapes alone, no memory")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
