@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def _test_settings(args: argparse.Namespace, info: dict) -> dict:
-    from ..dense.seg_task import test_settings
+    from ..dense.seg_task import inference_settings
 
     test = dict(info.get("data_config", {}).get("test") or {})
     cfg = {"test": dict(dict(mode="whole", scale=[2048, 512], crop_size=[512, 512], stride=[341, 341],
@@ -22,7 +22,7 @@ def _test_settings(args: argparse.Namespace, info: dict) -> dict:
         t["flip"] = True
     if args.test_scale:
         t["scale"] = None if args.test_scale == [0, 0] else list(args.test_scale)
-    return test_settings(cfg)
+    return inference_settings(cfg)
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -74,7 +74,7 @@ def seg_loss(outputs: Tuple[torch.Tensor, Optional[torch.Tensor]], labels: torch
     return loss
 
 
-def test_settings(cfg: Dict[str, Any]) -> Dict[str, Any]:
+def inference_settings(cfg: Dict[str, Any]) -> Dict[str, Any]:
     t = cfg["test"]
     return dict(mode=t["mode"], test_scale=t["scale"], crop=tuple(t["crop_size"]), stride=tuple(t["stride"]),
                 scales=tuple(t["scales"]), flip=bool(t["flip"]))
@@ -174,7 +174,7 @@ class SegmentationTask(Task):
         return seg_loss(outputs, labels, float(self.cfg["model"]["aux_weight"])), len(images)
 
     def evaluate(self, model: nn.Module, batches: Iterable[Any], rt: Runtime) -> Dict[str, float]:
-        out = evaluate_segmenter(model, batches, rt, self.num_classes, test_settings(self.cfg))
+        out = evaluate_segmenter(model, batches, rt, self.num_classes, inference_settings(self.cfg))
         return {k: out[k] for k in ("miou", "macc", "aacc")}
 
 
