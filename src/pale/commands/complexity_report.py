@@ -231,9 +231,10 @@ def build_report(sides: Sequence[int], repeats: int, threads: int, count_device:
         f"{', '.join(_g(v) for v in two_way.values())} (the notes' 3.73/3.92/4.14/4.20/4.88G): still not the "
         "paper's 4.1/4.4/5.4G. The paper's size-9 value equals its vanilla value (5.4G); we cannot reproduce "
         "either the trend break or that value, and report our counts.",
-        f"- **Axial / pale size 1: {_g(t8['Axial'].analytic_macs)} vs 3.8G** (1.9% apart): no padding at size 1 "
-        "and Eq. 16 agrees with our count exactly; the paper's rounding or counter may include something "
-        "(e.g. norms or softmax) that we and Eq. 16 leave out.",
+        f"- **Axial / pale size 1: {_g(t8['Axial'].analytic_macs)} vs 3.8G** "
+        f"({100 * relative_difference(t8['Axial'].analytic_macs, 3.8e9):.1f}% apart; Table 7's size-1 row is "
+        "the same model): size 1 needs no padding and Eq. 16 gives exactly our count, so the paper's tool "
+        "counted something Eq. 16 leaves out (norms, softmax?); the paper does not say what.",
         f"- **Vanilla: {_g(t8['Pale (vanilla)'].analytic_macs)} vs 5.4G.** The paper gives no formula for "
         "vanilla. Ours attends each token once to the union of its row group and its column group "
         f"(`docs/design.md`); the per-token Eq. form is {_g(t8['Pale (vanilla)'].formula_macs)}. If instead each "
