@@ -317,6 +317,8 @@ class Trainer:
         tcfg = cfg["train"]
         if tcfg["on_nonfinite"] not in ("stop", "skip"):
             raise RecipeError(f"train.on_nonfinite must be 'stop' or 'skip', got {tcfg['on_nonfinite']!r}")
+        if tcfg["dist_bn"] not in ("reduce", "broadcast", "none"):
+            raise RecipeError(f"train.dist_bn must be reduce, broadcast or none, got {tcfg['dist_bn']!r}")
         if int(tcfg["accum_steps"]) < 1:
             raise RecipeError(f"train.accum_steps must be >= 1, got {tcfg['accum_steps']}")
         if not self.resume_path and not dry_run and (self.out_dir / "last.pth").exists():
@@ -426,6 +428,8 @@ class Trainer:
         if self.resume_path:
             self._load_resume(self.resume_path)
         if rt.distributed:
+            if tcfg["sync_bn"]:
+                self.model = model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             self.model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None, **self.task.ddp_kwargs)
 
@@ -537,6 +541,7 @@ class Trainer:
         with self._signal_handlers():
             for epoch in range(self.start_epoch, epochs):
                 record = self._train_epoch(epoch)
+                self._sync_norm_stats()
                 last = epoch + 1 == epochs
                 if self.val_loader is not None and (last or (epoch + 1) % int(tcfg["eval_every"]) == 0):
                     record.update(self._validate())
@@ -656,6 +661,18 @@ class Trainer:
             self.scheduler.step(epoch + 1)
         return dict(epoch=epoch + 1, lr=opt.param_groups[0]["lr"], train_loss=loss_sum / max(loss_count, 1),
                     train_images_per_s=round(images / max(train_time, 1e-9), 2))
+
+    def _sync_norm_stats(self) -> None:
+        """BatchNorm running statistics are per process; average (or take rank 0's) so every rank
+        validates and saves the same model."""
+        mode = self.cfg["train"]["dist_bn"]
+        if not self.rt.distributed or mode == "none":
+            return
+        from timm.utils import distribute_bn
+
+        distribute_bn(_unwrap(self.model), self.rt.world_size, reduce=mode == "reduce")
+        if self.ema is not None:
+            distribute_bn(self.ema.module, self.rt.world_size, reduce=mode == "reduce")
 
     def _validate(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {}
