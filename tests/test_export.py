@@ -79,8 +79,8 @@ def test_failed_check_leaves_existing_output_untouched(tiny_checkpoint, tmp_path
     model, _ = pio.create_model_from_file(tiny_checkpoint)
     out = tmp_path / "model.onnx"
     out.write_bytes(b"previous export")
-    with pytest.raises(ValueError, match="does not match PyTorch"):
-        ex.export_onnx(model, out, trace_size=(64, 64), rtol=1e-12)
+    with pytest.raises(ValueError, match="legacy ONNX export does not match PyTorch"):
+        ex.export_onnx(model, out, exporter="legacy", trace_size=(64, 64), rtol=1e-12)
     assert out.read_bytes() == b"previous export"
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
 
@@ -118,6 +118,16 @@ def test_safetensors_export_loads_back(tiny_checkpoint, tmp_path):
 @pytest.mark.slow
 def test_dynamo_exporter_also_matches(tiny_checkpoint, tmp_path):
     model, _ = pio.create_model_from_file(tiny_checkpoint)
-    _, checks = ex.export_onnx(model, tmp_path / "d.onnx", exporter="dynamo",
-                               check_sizes=[(224, 224), (97, 131), (33, 47)])
-    assert len(checks) == 4 and all(c.max_rel_err <= 1e-4 for c in checks)
+    result = ex.export_onnx(model, tmp_path / "d.onnx", exporter="dynamo",
+                            check_sizes=[(224, 224), (97, 131), (33, 47)])
+    assert result.exporter == "dynamo" and result.opset == 18
+    assert len(result.checks) == 4 and all(c.max_rel_err <= 1e-4 for c in result.checks)
+
+
+@pytest.mark.slow
+def test_auto_falls_back_to_dynamo_for_static_vanilla(tmp_path):
+    # The legacy exporter has no symbolic for aten::logaddexp (vanilla's joint softmax).
+    model = timm.create_model("pale_tiny", **dict(TINY, attn_mode="vanilla"))
+    result = ex.export_onnx(model, tmp_path / "v.onnx", dynamic=False)
+    assert result.exporter == "dynamo" and "logaddexp" in result.failed["legacy"]
+    assert result.checks[0].max_rel_err <= 1e-4

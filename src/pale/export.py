@@ -14,7 +14,9 @@ graph to be right at every size (docs/deploy.md has the details):
   exporting, :func:`onnx_safe_padding` swaps in ``(n + s - 1) // s * s`` (same value, no negative
   operands).
 
-Every export is verified against PyTorch with onnxruntime before it replaces the target file.
+Every export is verified against PyTorch with onnxruntime before it replaces the target file. The
+default exporter is the legacy TorchScript one (seconds); torch.export ("dynamo", a minute) is the
+fallback when it cannot translate an operator or its graph does not match (docs/deploy.md).
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import torch.nn as nn
 
 from . import io as pio
 
-__all__ = ["EXPORTERS", "OnnxCheck", "onnx_safe_padding", "attention_layers", "padding_trace_size",
+__all__ = ["EXPORTERS", "OnnxCheck", "OnnxExport", "onnx_safe_padding", "attention_layers", "padding_trace_size",
            "export_onnx", "check_onnx", "export_safetensors", "load_model_for_export"]
 
 EXPORTERS = ("legacy", "dynamo")
@@ -124,40 +126,67 @@ def _check_dynamic_export_supported(model: nn.Module) -> None:
                          "(its pale count is a size-dependent Python choice); use --static")
 
 
-def export_onnx(model: nn.Module, path: pio.PathLike, *, exporter: str = "legacy", opset: int = 17,
+@dataclass
+class OnnxExport:
+    """What :func:`export_onnx` wrote: the exporter that worked, its opset, the trace size, the checks,
+    and why any exporter tried before it failed."""
+
+    exporter: str
+    opset: int
+    trace_size: Size
+    checks: List[OnnxCheck]
+    failed: Dict[str, str]
+
+
+def export_onnx(model: nn.Module, path: pio.PathLike, *, exporter: str = "auto", opset: int = 17,
                 trace_size: Optional[Size] = None, dynamic: bool = True, batch: int = 2,
                 check_sizes: Sequence[Size] = (), rtol: float = 1e-4,
-                metadata: Optional[Mapping[str, Any]] = None) -> Tuple[Size, List[OnnxCheck]]:
+                metadata: Optional[Mapping[str, Any]] = None) -> OnnxExport:
     """Export ``model`` (eval mode) to ONNX at ``path``, verify it, then move it into place.
 
     Args:
-        exporter: ``'legacy'`` (TorchScript trace, ``dynamo=False``) or ``'dynamo'`` (torch.export).
+        exporter: ``'legacy'`` (TorchScript trace, ``dynamo=False``), ``'dynamo'`` (torch.export,
+            opset >= 18), or ``'auto'``: legacy, and dynamo if legacy fails to export or to match.
         trace_size: example image size; default :func:`padding_trace_size` when ``dynamic``.
         dynamic: batch, height and width as dynamic axes; otherwise every size is fixed.
         check_sizes: image sizes at which onnxruntime must match PyTorch (the trace size is always checked).
         rtol: largest allowed ``max|onnx - torch| / max|torch|``.
         metadata: stored as ONNX ``metadata_props`` (values JSON-encoded).
-    Returns:
-        The trace size and the checks. The target is untouched when export or a check fails.
+    Raises:
+        ValueError: no exporter gave a graph that matches; the target is then untouched.
     """
-    import onnx
-
-    if exporter not in EXPORTERS:
-        raise ValueError(f"unknown exporter {exporter!r}; expected one of {EXPORTERS}")
+    if exporter not in EXPORTERS + ("auto",):
+        raise ValueError(f"unknown exporter {exporter!r}; expected auto or one of {EXPORTERS}")
     model = model.eval()
-    in_chans = getattr(model, "in_chans", 3)
     if dynamic:
         _check_dynamic_export_supported(model)
     if trace_size is None:
         trace_size = padding_trace_size(model) if dynamic else tuple(model.pretrained_cfg["input_size"][1:])
-    example = torch.randn(batch, in_chans, *trace_size)
-    sizes = [tuple(trace_size)] + [tuple(s) for s in check_sizes if tuple(s) != tuple(trace_size)]
-    if not dynamic:
-        sizes = [tuple(trace_size)]
+    trace_size = tuple(trace_size)
+    sizes = [trace_size] + ([tuple(s) for s in check_sizes if tuple(s) != trace_size] if dynamic else [])
+    failed: Dict[str, str] = {}
+    for name in (EXPORTERS if exporter == "auto" else (exporter,)):
+        used_opset = opset if name == "legacy" else max(opset, 18)
+        try:
+            checks = _export_checked(model, path, name, used_opset, trace_size, dynamic, batch, sizes, rtol, metadata)
+        except ValueError as err:
+            failed[name] = str(err)
+            continue
+        return OnnxExport(name, used_opset, trace_size, checks, failed)
+    raise ValueError("; ".join(f"{msg}" for msg in failed.values()) + f"; {path} was not written")
+
+
+def _export_checked(model: nn.Module, path: pio.PathLike, exporter: str, opset: int, trace_size: Size,
+                    dynamic: bool, batch: int, sizes: Sequence[Size], rtol: float,
+                    metadata: Optional[Mapping[str, Any]]) -> List[OnnxCheck]:
+    """One exporter: export to a temporary file, add metadata, check, rename into place."""
+    import onnx
+
+    example = torch.randn(batch, getattr(model, "in_chans", 3), *trace_size)
     with pio.atomic_path(path) as tmp:
         onnx_tmp = tmp.with_name(tmp.name + ".onnx")  # the dynamo exporter wants an .onnx suffix
         try:
-            with onnx_safe_padding(), warnings.catch_warnings():
+            with onnx_safe_padding(), warnings.catch_warnings(), _clear_exporter_errors(exporter):
                 warnings.simplefilter("ignore")  # TracerWarnings about the size checks: expected, see above
                 if exporter == "legacy":
                     axes = {"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}} if dynamic else None
@@ -166,7 +195,7 @@ def export_onnx(model: nn.Module, path: pio.PathLike, *, exporter: str = "legacy
                 else:
                     from torch.export import Dim
                     shapes = {"x": {0: Dim.DYNAMIC, 2: Dim.DYNAMIC, 3: Dim.DYNAMIC}} if dynamic else None
-                    program = torch.onnx.export(model, (example,), dynamo=True, opset_version=max(opset, 18),
+                    program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset,
                                                 input_names=["image"], output_names=["logits"],
                                                 dynamic_shapes=shapes, verbose=False)
                     program.save(str(onnx_tmp), external_data=False)
@@ -181,9 +210,19 @@ def export_onnx(model: nn.Module, path: pio.PathLike, *, exporter: str = "legacy
         checks = check_onnx(tmp, model, sizes, batch=batch)
         worst = max(checks, key=lambda c: c.max_rel_err)
         if not worst.max_rel_err <= rtol:
-            raise ValueError(f"ONNX export ({exporter}) does not match PyTorch: relative error "
-                             f"{worst.max_rel_err:.3g} > {rtol:g} at input {worst.shape}; {path} was not written")
-    return tuple(trace_size), checks
+            raise ValueError(f"the {exporter} ONNX export does not match PyTorch: relative error "
+                             f"{worst.max_rel_err:.3g} > {rtol:g} at input {worst.shape}")
+    return checks
+
+
+@contextlib.contextmanager
+def _clear_exporter_errors(exporter: str) -> Iterator[None]:
+    """An operator the exporter cannot translate becomes one ValueError line, not a graph dump."""
+    try:
+        yield
+    except torch.onnx.errors.OnnxExporterError as err:
+        first = str(err).strip().splitlines()[-1 if exporter == "legacy" else 0]
+        raise ValueError(f"the {exporter} ONNX exporter cannot export this model: {first}") from None
 
 
 def check_onnx(path: pio.PathLike, model: nn.Module, sizes: Sequence[Size], batch: int = 2,

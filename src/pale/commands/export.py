@@ -25,17 +25,20 @@ def run(args: argparse.Namespace) -> int:
     meta = dict(model_name=info.get("model_name", args.model), model_kwargs=info.get("model_kwargs") or {},
                 class_names=info.get("class_names"),
                 data_config={k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()})
-    trace_size, checks = ex.export_onnx(
+    result = ex.export_onnx(
         model, out, exporter=args.exporter, opset=args.opset,
         trace_size=tuple(args.trace_size) if args.trace_size else (None if not args.static else default_size),
         dynamic=not args.static, check_sizes=check_sizes, rtol=args.rtol, metadata=meta)
+    trace_size, checks = result.trace_size, result.checks
     if args.json:
-        print(json.dumps(dict(output=str(out), exporter=args.exporter, trace_size=list(trace_size),
-                              dynamic=not args.static, checks=[c.as_dict() for c in checks]), indent=2))
+        print(json.dumps(dict(output=str(out), exporter=result.exporter, opset=result.opset,
+                              trace_size=list(trace_size), dynamic=not args.static,
+                              checks=[c.as_dict() for c in checks], failed=result.failed), indent=2))
         return 0
+    for name, why in result.failed.items():
+        print(f"{name} exporter failed: {why}")
     axes = "dynamic batch, height and width" if not args.static else f"fixed size {trace_size[0]}x{trace_size[1]}"
-    opset = args.opset if args.exporter == "legacy" else max(args.opset, 18)
-    print(f"wrote {out} ({args.exporter} exporter, opset {opset}, {axes}; traced at "
+    print(f"wrote {out} ({result.exporter} exporter, opset {result.opset}, {axes}; traced at "
           f"{trace_size[0]}x{trace_size[1]})")
     print("onnxruntime vs PyTorch:")
     print(f"  {'input':<20}{'max abs err':>14}{'max rel err':>14}")
@@ -50,8 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", "-c", help="a .pth checkpoint or .safetensors export (default: fresh weights)")
     p.add_argument("--format", "-f", choices=["onnx", "safetensors"], default="onnx")
     p.add_argument("--output", "-o", help="output file (default MODEL.FORMAT)")
-    p.add_argument("--exporter", choices=["legacy", "dynamo"], default="legacy",
-                   help="ONNX exporter: legacy TorchScript trace (default) or torch.export (docs/deploy.md)")
+    p.add_argument("--exporter", choices=["auto", "legacy", "dynamo"], default="auto",
+                   help="ONNX exporter: legacy TorchScript trace, torch.export, or auto (default: legacy, "
+                        "then dynamo if legacy fails; docs/deploy.md)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17; dynamo uses at least 18)")
     p.add_argument("--static", action="store_true", help="fixed input size instead of dynamic batch/height/width")
     p.add_argument("--trace-size", type=int, nargs=2, metavar=("H", "W"),
