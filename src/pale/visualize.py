@@ -259,6 +259,9 @@ def stage_attention(model: nn.Module, image: Tensor, token: Tuple[float, float],
         raise ValueError(f"expected one preprocessed image of shape (1, C, H, W), got {tuple(image.shape)}")
     size = tuple(image.shape[-2:])
     _check_token(token, *size, what="image")
+    stages = getattr(model, "stages", None)
+    if stages is None or not all(hasattr(getattr(st, "blocks", [None])[0], "attn") for st in stages):
+        raise ValueError(f"{type(model).__name__} is not a Pale Transformer (no stages[i].blocks[j].attn)")
     captured: Dict[int, Tuple[nn.Module, int, Tensor]] = {}
     hooks = []
     for i, stage in enumerate(model.stages):
