@@ -22,10 +22,11 @@ position embedding.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -33,7 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = [
-    "ModelCost", "measure_cost", "measured_cost",
+    "ModelCost", "measure_cost", "measured_cost", "parameters_on_meta",
     "LayerMacs", "AnalyticCost", "PaleConfig", "analytic_cost",
     "global_attention_macs", "pale_attention_macs", "attention_matmul_macs", "vanilla_pale_count",
     "global_model_macs", "stage_sizes", "PAPER_TABLES", "PaperRow", "ComparisonRow", "compare_paper",
@@ -118,16 +119,38 @@ def measure_cost(model: nn.Module, img_size: Pair, in_chans: int = 3,
                      macs_by_module)
 
 
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters and buffers on the ``meta`` device as they are
+    registered (the pattern of accelerate's ``init_empty_weights``), so weight initialisation costs
+    nothing. For models that are only counted, never run on data."""
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def on_meta_parameter(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
+        register_parameter(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    def on_meta_buffer(module: nn.Module, name: str, tensor: Optional[torch.Tensor], persistent: bool = True) -> None:
+        register_buffer(module, name, tensor if tensor is None else tensor.to("meta"), persistent)
+
+    nn.Module.register_parameter, nn.Module.register_buffer = on_meta_parameter, on_meta_buffer  # type: ignore
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer  # type: ignore
+
+
 def measured_cost(model_name: str, img_size: Pair, shapes_only: bool = True, **kwargs: Any) -> ModelCost:
     """Build ``timm.create_model(model_name, **kwargs)`` and :func:`measure_cost` it; with
-    ``shapes_only`` the model runs on the ``meta`` device (same counts, no memory or arithmetic)."""
+    ``shapes_only`` the model is built and run on the ``meta`` device (same counts, no memory,
+    no arithmetic)."""
     import timm
 
     import pale  # noqa: F401  (registers the models)
 
-    model = timm.create_model(model_name, **kwargs)
-    if shapes_only:
-        model = model.to("meta")
+    with parameters_on_meta() if shapes_only else contextlib.nullcontext():
+        model = timm.create_model(model_name, **kwargs)
     return measure_cost(model, img_size, in_chans=kwargs.get("in_chans", 3))
 
 

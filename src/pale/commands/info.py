@@ -9,6 +9,7 @@ constructor overrides, its default input size, and, if it takes something other 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -16,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch.nn as nn
 
 from ..complexity import (PAPER_TABLES, AnalyticCost, ComparisonRow, ModelCost, PaleConfig, analytic_cost,
-                          compare_paper, measure_cost)
+                          compare_paper, measure_cost, parameters_on_meta)
 
 Pair = Tuple[int, int]
 
@@ -132,9 +133,8 @@ def run(args: argparse.Namespace) -> int:
     if min(img_size) < 1:
         raise ValueError(f"--img-size must be positive, got {img_size}")
     analytic = kind.analytic(args.model, kwargs, img_size) if kind.analytic else None
-    model = kind.build(args.model, kwargs)
-    if args.meta:
-        model = model.to("meta")
+    with parameters_on_meta() if args.meta else contextlib.nullcontext():
+        model = kind.build(args.model, kwargs)
     cost = measure_cost(model, img_size, make_input=kind.make_input)
     if args.json:
         out = dict(model=args.model, kind=args.kind, settings=kwargs, img_size=list(img_size),
