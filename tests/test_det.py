@@ -216,11 +216,11 @@ def test_short_training_lowers_loss_and_eval_reproduces_it(toy, tmp_path):
 @pytest.mark.slow
 def test_training_beats_untrained_model(tmp_path):
     """A few hundred CPU steps on real photos with pasted objects: AP well above the untrained model's."""
-    root = make_coco_dataset(tmp_path / "coco", {"train": 40, "val": 10}, size_range=(96, 128), obj_size=(16, 40))
+    root = make_coco_dataset(tmp_path / "coco", {"train": 32, "val": 10}, size_range=(96, 128), obj_size=(16, 40))
     overrides = tiny_overrides(root, **{"data.min_size": "[96, 112, 128]", "data.test_min_size": 128,
-                                        "data.max_size": 256, "batch_size": 2, "epochs": 15, "train.eval_every": 5,
-                                        "optim.lr": 4e-4, "sched.warmup_updates": 20, "sched.decay_milestones": "[12]",
-                                        "model.fpn_channels": 64, "model.roi_samples": 128})
+                                        "data.max_size": 256, "batch_size": 2, "epochs": 8, "train.eval_every": 8,
+                                        "optim.lr": 6e-4, "sched.warmup_updates": 20, "sched.decay_milestones": "[7]",
+                                        "model.fpn_channels": 64, "model.roi_samples": 64})
     cfg = resolve_recipe({}, overrides, DetectionTask.defaults)
     task = DetectionTask(cfg)
     seed_everything(cfg["seed"])

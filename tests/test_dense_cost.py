@@ -1,0 +1,70 @@
+"""Full dense models' parameter and multiply-add counts against hand-worked formulas."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pale.dense.cost import PAPER, dense_cost, format_dense_cost, paper_note
+
+TINY = dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 2))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def upernet_decoder_params(chans, d=512):
+    bn = 2 * d
+    return (2 * sum(chans)                                   # LayerNorm on each stage map
+            + 4 * (chans[-1] * d + bn)                        # pyramid pooling 1x1 convs (bins 1, 2, 3, 6)
+            + (chans[-1] + 4 * d) * d * 9 + bn                # PPM bottleneck 3x3
+            + sum(c * d + bn for c in chans[:-1])             # FPN laterals
+            + 3 * (d * d * 9 + bn)                            # FPN 3x3 convs
+            + 4 * d * d * 9 + bn)                             # fusion 3x3
+
+
+def test_upernet_parameters_by_hand():
+    cost = dense_cost("upernet_pale_tiny", (64, 64), **TINY)
+    p = cost.params_by_part
+    assert p["decoder"] == upernet_decoder_params((16, 32, 64, 128))
+    assert p["head"] == 512 * 150 + 150
+    assert p["aux_head"] == 64 * 256 * 9 + 2 * 256 + 256 * 150 + 150
+    import timm
+
+    import pale  # noqa: F401
+    cls = timm.create_model("pale_tiny", **TINY)
+    no_head = sum(v.numel() for k, v in cls.named_parameters() if not k.startswith(("head.", "norm.")))
+    assert p["backbone"] == no_head
+
+
+def test_maskrcnn_head_macs_by_hand():
+    from pale.complexity import measure_cost
+    from pale.dense.cost import MaskRCNNCostView
+    from pale.dense.maskrcnn import build_mask_rcnn
+
+    # mmdetection counts 1000 box RoIs and 100 mask RoIs; fewer here keep the test quick
+    view = MaskRCNNCostView(build_mask_rcnn(dict(backbone="pale_tiny", num_classes=80, pale_kwargs=TINY)),
+                            box_rois=20, mask_rois=3)
+    cost = measure_cost(view, (64, 96))
+    m, p = cost.macs_by_part, cost.params_by_part
+    # box head: fc 256*7*7 -> 1024 -> 1024, then 81 scores and 81*4 deltas, per RoI
+    assert m["box_head"] == 20 * (256 * 49 * 1024 + 1024 * 1024 + 1024 * 81 + 1024 * 324)
+    # mask head: four 3x3 convs at 14x14, 2x2 stride-2 deconv, 1x1 to 81 classes at 28x28, per RoI
+    assert m["mask_head"] == 3 * (4 * 256 * 256 * 9 * 196 + 256 * 256 * 4 * 196 + 256 * 81 * 784)
+    assert p["box_head"] == 256 * 49 * 1024 + 1024 + 1024 * 1024 + 1024 + 1024 * 81 + 81 + 1024 * 324 + 324
+    assert cost.macs == sum(m.values()) and cost.params == sum(p.values())
+
+
+def test_report_lines():
+    cost = dense_cost("upernet_pale_tiny", (64, 64), **TINY)
+    text = format_dense_cost(cost)
+    assert "paper" in text and "52.00M" in text
+    assert "996G" in paper_note("upernet", "pale_tiny", cost.params, cost.macs)
+    assert paper_note("upernet", "resnet", 1, 1) is None
+    assert set(PAPER) == {f"{k}_pale_{v}" for k in ("upernet", "maskrcnn") for v in ("tiny", "small", "base")}
+    with pytest.raises(ValueError, match="unknown dense model"):
+        dense_cost("fcn_pale_tiny")
