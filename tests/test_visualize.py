@@ -93,7 +93,15 @@ def test_single_mode_picture(tmp_path):
     out = tmp_path / "axial.png"
     assert main(["visualize", "receptive-field", "--mode", "axial", "--size", "5", "7", "-o", str(out)]) == 0
     img = np.asarray(Image.open(out).convert("RGB"))
-    assert img.shape[:2] == _layout_size(1, 5, 7)
+    # One narrow panel: the picture is widened (not the panel) so that the legend fits.
+    height, width = _layout_size(1, 5, 7)
+    assert img.shape[0] == height and img.shape[1] > width
+    expected = _expected(_layer("axial", (1, 1)), (5, 7), (2, 3))
+    for y in range(5):
+        for x in range(7):
+            hit = {n for n, m in expected.items() if m[y, x]}
+            name = "empty" if not hit else "both" if len(hit) == 2 else hit.pop()
+            np.testing.assert_array_equal(img[28 + y * 16 + 2, 10 + x * 16 + 2], RF_COLORS[name])
 
 
 @pytest.mark.parametrize("mode", MODES)

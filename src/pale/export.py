@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,15 +94,13 @@ def _attention_input_sizes(model: nn.Module, size: Size, in_chans: int) -> List[
 
 
 def _pads_everywhere(layer: nn.Module, h: int, w: int) -> bool:
-    """Whether every grouping ``layer`` does on an ``h x w`` map needs padding (group size 1 never pads)."""
+    """Whether every grouping ``layer`` does on an ``h x w`` map needs padding (group size 1 never
+    pads; ``vanilla`` cannot be exported with dynamic sizes at all)."""
     s_r, s_c = layer.group_size
     rows = s_r == 1 or h % s_r != 0
     cols = s_c == 1 or w % s_c != 0
     if layer.mode == "sequential":
         return rows if layer.direction == "row" else cols
-    if layer.mode == "vanilla":
-        n = max(math.ceil(h / s_r), math.ceil(w / s_c))
-        return n * s_r != h and n * s_c != w
     return rows and cols
 
 

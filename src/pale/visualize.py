@@ -118,7 +118,8 @@ def receptive_field(layer: nn.Module, size: Tuple[int, int], token: Tuple[int, i
 @dataclass(frozen=True)
 class RFLayout:
     """Pixel geometry of :func:`render_receptive_fields`: panels of ``h x w`` cells, ``cell`` pixels
-    each (the last row and column of a cell are a grid line), side by side under a title strip."""
+    each (the last row and column of a cell are a grid line), side by side under a title strip,
+    and a legend line below; the image is widened to ``min_width`` when the legend needs it."""
 
     panels: int
     h: int
@@ -128,6 +129,7 @@ class RFLayout:
     gap: int = 20
     title: int = 18
     legend: int = 22
+    min_width: int = 0
 
     @property
     def panel_size(self) -> Tuple[int, int]:
@@ -138,7 +140,7 @@ class RFLayout:
         """Image (height, width) in pixels."""
         ph, pw = self.panel_size
         return (2 * self.margin + self.title + ph + self.legend,
-                2 * self.margin + self.panels * pw + (self.panels - 1) * self.gap)
+                max(2 * self.margin + self.panels * pw + (self.panels - 1) * self.gap, self.min_width))
 
     def panel_origin(self, panel: int) -> Tuple[int, int]:
         return self.margin + self.title, self.margin + panel * (self.panel_size[1] + self.gap)
@@ -147,11 +149,6 @@ class RFLayout:
         """Top-left pixel inside cell ``(y, x)`` of ``panel`` (after the grid line)."""
         py, px = self.panel_origin(panel)
         return py + y * self.cell + 1, px + x * self.cell + 1
-
-    def probe(self, panel: int, y: int, x: int) -> Tuple[int, int]:
-        """A pixel of the cell's fill colour (the reference token's dot sits in the cell centre)."""
-        oy, ox = self.cell_origin(panel, y, x)
-        return oy + 1, ox + 1
 
 
 def _cell_color(branches: Dict[str, np.ndarray], y: int, x: int) -> Tuple[int, int, int]:
@@ -171,7 +168,14 @@ def render_receptive_fields(fields: Dict[str, Dict[str, np.ndarray]], token: Tup
 
     names = list(fields)
     h, w = next(iter(fields[names[0]].values())).shape
+    branches = {b for f in fields.values() for b in f}
+    legend = [(k, label) for k, label in (("row", "row branch"), ("column", "column branch"),
+                                          ("both", "both branches")) if "row" in branches]
+    legend += [("all", "all channels")] if "all" in branches else []
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    steps = [14 + int(measure.textlength(label)) + 16 for _, label in legend]
     layout = RFLayout(len(names), h, w, cell)
+    layout = RFLayout(len(names), h, w, cell, min_width=2 * layout.margin + sum(steps) - 16)
     img = Image.new("RGB", layout.size[::-1], RF_COLORS["background"])
     draw = ImageDraw.Draw(img)
     ty, tx = token
@@ -190,11 +194,10 @@ def render_receptive_fields(fields: Dict[str, Dict[str, np.ndarray]], token: Tup
         draw.text((px, layout.margin), name, fill=RF_COLORS["text"])
     legend_y = layout.size[0] - layout.margin - layout.legend + 6
     x0 = layout.margin
-    for key, label in (("row", "row branch"), ("column", "column branch"), ("both", "both branches"),
-                       ("all", "all channels (sequential, vanilla)")):
+    for (key, label), step in zip(legend, steps):
         draw.rectangle([x0, legend_y, x0 + 10, legend_y + 10], fill=RF_COLORS[key])
         draw.text((x0 + 14, legend_y), label, fill=RF_COLORS["text"])
-        x0 += 14 + int(draw.textlength(label)) + 16
+        x0 += step
     return np.asarray(img)
 
 
