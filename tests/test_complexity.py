@@ -183,3 +183,30 @@ def test_unknown_model_and_formula():
         attention_matmul_macs("parallel", 7, 7, 4, (7, 7), formula="fvcore")
     with pytest.raises(ValueError, match="unknown paper table"):
         compare_paper(tables=("6",), measure=False)
+
+
+# ---- the full tables (slow: `make test-slow`) ---------------------------------------------------
+
+@pytest.mark.slow
+def test_every_table_row_and_report_size_agrees_within_one_percent():
+    from pale.commands.complexity_report import COST_SIZES, MODES
+    for row in compare_paper(measure=True):
+        assert row.measured_params == row.analytic_params, row.paper.label
+        assert abs(row.measured_macs / row.analytic_macs - 1) < 0.01, row.paper.label
+    for mode in MODES:
+        with parameters_on_meta():
+            model = PaleTransformer(attn_mode=mode)
+        for size in COST_SIZES:
+            analytic = analytic_cost(PaleConfig.from_kwargs(attn_mode=mode), size)
+            assert abs(measure_cost(model, size).macs / analytic.macs - 1) < 0.01, (mode, size)
+
+
+@pytest.mark.slow
+def test_complexity_report_writes_doc_and_plot(tmp_path):
+    out = tmp_path / "complexity.md"
+    assert pale_main(["complexity-report", "--out", str(out), "--sides", "64", "96", "--repeats", "1"]) == 0
+    text = out.read_text()
+    for heading in ("Table 7", "Table 8", "Table 9", "512x2048", "global (Eq. 4)", "complexity.png"):
+        assert heading in text
+    png = (tmp_path / "complexity.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
