@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
                              f"use pale_tiny, not {args.model!r}")
         rows = compare_paper(args.table or ("7", "8", "9"), measure=not args.no_measure, shapes_only=args.meta)
         if args.json:
-            print(json.dumps([dict(asdict(r), paper=asdict(r.paper)) for r in rows], indent=2, default=list))
+            print(json.dumps([asdict(r) for r in rows], indent=2))
         else:
             print(format_comparison(rows))
         return 0
