@@ -52,7 +52,7 @@ def tiny_recipe(**changes):
     return cfg
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     # tiny models gain nothing from threads, and on a shared machine spinning OpenMP threads stall
     threads = torch.get_num_threads()
@@ -62,8 +62,15 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
+def folder(tmp_path_factory, _one_thread):
     return make_folder(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def straight(folder, tmp_path_factory):
+    """An uninterrupted 2-epoch run of tiny_recipe(): (run folder, summary)."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    return out, train(tiny_recipe(), [f"data.root={folder}"], out)
 
 
 def weights(path):
@@ -106,7 +113,9 @@ def test_dry_run_exercises_every_augmentation_and_the_ema(folder, tmp_path, monk
         "erasing": (RandomErasing, "__call__"), "mix": (Mixup, "_params_per_batch"),
         "drop_path": (DropPath, "forward")}.items()}
     # (timm drops colour jitter when RandAugment is on, as the recipe has it)
-    cfg = tiny_recipe(**{"aug.reprob": 1.0, "train.amp": "bf16", "epochs": 2, "batch_size": 4})
+    # with bf16 autocast, gradient accumulation, clipping and checkpointing switched on as well
+    cfg = tiny_recipe(**{"aug.reprob": 1.0, "train.amp": "bf16", "epochs": 2, "batch_size": 4,
+                         "train.accum_steps": 2, "train.clip_grad": 1.0, "train.grad_checkpointing": True})
     summary = train(cfg, [f"data.root={folder}"], tmp_path / "run")
     for name, spy in spies.items():
         assert spy.calls > 0, f"{name} never ran"
@@ -116,7 +125,7 @@ def test_dry_run_exercises_every_augmentation_and_the_ema(folder, tmp_path, monk
     assert kinds == {True, False}
     assert all(0 < lam < 1 for lam, _ in spies["mix"].results)
     model, ema, ckpt = weights(tmp_path / "run" / "last.pth")
-    init = ClassificationTask(ckpt["config"]).build_model  # noqa: F841  (the config round-trips)
+    assert ckpt["num_updates"] == 12  # 2 epochs x 24 images / (2 per micro-batch x 2 micro-batches per update)
     # EMA (decay 0.9, 6 updates) lies strictly between the start and the trained weights
     moved = [k for k in model if model[k].is_floating_point() and not torch.equal(model[k], ema[k])]
     assert len(moved) > 0.9 * len([k for k in model if model[k].is_floating_point()])
@@ -124,9 +133,8 @@ def test_dry_run_exercises_every_augmentation_and_the_ema(folder, tmp_path, monk
     assert ckpt["config"]["aug"]["auto_augment"] == "rand-m9-mstd0.5-inc1"
 
 
-def test_outputs_and_eval_reload_give_the_same_top1(folder, tmp_path, capsys):
-    out = tmp_path / "run"
-    summary = train(tiny_recipe(), [f"data.root={folder}"], out)
+def test_outputs_and_eval_reload_give_the_same_top1(folder, straight, tmp_path, capsys):
+    out, summary = straight
     for name in ("last.pth", "best.pth", "best.safetensors", "last.safetensors", "metrics.jsonl", "curves.png",
                  "summary.json", "config.yaml"):
         assert (out / name).is_file(), name
@@ -155,10 +163,9 @@ def test_outputs_and_eval_reload_give_the_same_top1(folder, tmp_path, capsys):
     assert info["class_names"] == CLASSES
 
 
-def test_resume_is_exact(folder, tmp_path, monkeypatch):
+def test_resume_is_exact(folder, straight, tmp_path, monkeypatch):
     """2 epochs straight == 1 epoch, stop (SIGTERM during its validation), resume, 1 more epoch."""
-    straight = tmp_path / "straight"
-    train(tiny_recipe(), [f"data.root={folder}"], straight)
+    straight = straight[0]
     original = ClassificationTask.evaluate
 
     def evaluate_then_sigterm(self, model, batches, rt):
@@ -182,9 +189,8 @@ def test_resume_is_exact(folder, tmp_path, monkeypatch):
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
 
 
-def test_sigterm_mid_epoch_saves_and_resume_is_exact(folder, tmp_path, monkeypatch):
-    straight = tmp_path / "straight"
-    train(tiny_recipe(), [f"data.root={folder}"], straight)
+def test_sigterm_mid_epoch_saves_and_resume_is_exact(folder, straight, tmp_path, monkeypatch):
+    straight = straight[0]
     calls = {"n": 0}
     original = ClassificationTask.training_loss
 
@@ -258,3 +264,17 @@ def test_bad_input_errors_name_the_problem(folder, tmp_path, capsys):
     assert summary["skipped_images"] == 1
     fails(["eval", str(tmp_path / "skip" / "best.pth"), "--data", str(tmp_path / "nothing")],
           "evaluation folder not found")
+
+
+def test_resume_can_extend_the_schedule(folder, straight, tmp_path):
+    import shutil
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(straight[0] / "last.pth", run / "last.pth")
+    assert main(["train", "--resume", str(run / "last.pth"), "--epochs", "3"]) == 0
+    ckpt = load_torch(run / "last.pth")
+    assert ckpt["epoch"] == 3 and ckpt["config"]["epochs"] == 3
+    assert [h["epoch"] for h in ckpt["history"]] == [1, 2, 3]
+    assert ckpt["scheduler"]["t_initial"] == 3 * 3  # the cosine now spans 3 epochs of 3 updates
+    assert ckpt["history"][2]["lr"] == pytest.approx(1e-5)  # and reaches min_lr at the new end
+    assert ckpt["history"][:2] == load_torch(straight[0] / "last.pth")["history"]

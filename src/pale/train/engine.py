@@ -237,6 +237,7 @@ class Task:
         self.cfg = cfg
 
     def build_model(self) -> nn.Module:
+        """The model, on the CPU (the Trainer moves it; ``self.runtime`` is already set)."""
         raise NotImplementedError
 
     def model_info(self) -> Dict[str, Any]:
@@ -444,13 +445,17 @@ class Trainer:
                 raise pio.CheckpointError(f"{path} has no EMA weights but ema.enabled is true")
             pio.load_weights(self.ema.module, ckpt["model_ema"], source=f"{path} (EMA)")
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        if self.scheduler is not None and ckpt.get("scheduler"):
+        old_cfg = ckpt.get("config") or {}
+        same_schedule = (old_cfg.get("epochs"), old_cfg.get("sched")) == (self.cfg["epochs"], self.cfg["sched"])
+        if self.scheduler is not None and ckpt.get("scheduler") and same_schedule:
             self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.start_epoch, self.start_step = int(ckpt["epoch"]), int(ckpt.get("step", 0))
         self.num_updates = int(ckpt.get("num_updates", 0))
         self.epoch_state = dict(ckpt.get("epoch_state") or {})
+        if self.scheduler is not None:  # the lr of the next update (on the new schedule if epochs changed)
+            self.scheduler.step_update(num_updates=self.num_updates)
         self.history = [h for h in ckpt.get("history", []) if h["epoch"] <= self.start_epoch]
         self.best = dict(ckpt.get("best") or {})
         self.skipped_images = int(ckpt.get("skipped_images", 0))
