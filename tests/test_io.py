@@ -78,3 +78,11 @@ def test_model_file_round_trip(tmp_path, suffix):
     x = torch.randn(1, 3, 40, 40)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+def test_atomic_write_has_ordinary_permissions(tmp_path):
+    target = tmp_path / "out.json"
+    atomic_write_text(target, "{}")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (target.stat().st_mode & 0o777) == (0o666 & ~umask)
