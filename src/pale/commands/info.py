@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-from dataclasses import asdict, dataclass
+import functools
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
@@ -33,6 +34,8 @@ class ModelKind:
     analytic: Optional[Callable[[str, Dict[str, Any], Pair], AnalyticCost]] = None
     # (img_size, device) -> model input; None for one (1, 3, H, W) zero tensor.
     make_input: Optional[Callable[[Pair, Any], Any]] = None
+    # (backbone name, params, macs) -> a line comparing with the paper's numbers, or None.
+    paper_note: Optional[Callable[[str, int, int], Optional[str]]] = None
 
 
 def _build_classifier(name: str, overrides: Dict[str, Any]) -> nn.Module:
@@ -51,6 +54,17 @@ MODEL_KINDS: Dict[str, ModelKind] = {
     "classifier": ModelKind(_build_classifier, (224, 224), "the ImageNet classifier (backbone + head)",
                             analytic=_classifier_analytic),
 }
+
+
+def _add_dense_kinds() -> None:
+    """UperNet and Mask R-CNN (pale.dense.cost builds them lazily, so this imports no dense libraries)."""
+    from ..dense.cost import dense_model_kinds, paper_note
+
+    for name, kind in dense_model_kinds(ModelKind).items():
+        MODEL_KINDS[name] = replace(kind, paper_note=functools.partial(paper_note, name))
+
+
+_add_dense_kinds()
 
 
 def _human(n: Optional[float], digits: int = 2) -> str:
@@ -146,6 +160,11 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
     else:
         print(format_cost(args.model, cost, kwargs, analytic))
+        # The paper's full-model numbers are for the kind's default size only.
+        at_paper_size = img_size == kind.default_img_size and not kwargs
+        note = kind.paper_note(args.model, cost.params, cost.macs) if kind.paper_note and at_paper_size else None
+        if note:
+            print(note)
     return 0
 
 
@@ -157,7 +176,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "Tables 7-9 for Pale-T next to both.")
     p.add_argument("model", nargs="?", help="a timm model name, e.g. pale_tiny")
     p.add_argument("--kind", default="classifier", choices=sorted(MODEL_KINDS),
-                   help="which model around the backbone to count (default: classifier)")
+                   help="which model around the backbone to count: " + "; ".join(
+                       f"{name}: {kind.help}" for name, kind in sorted(MODEL_KINDS.items())))
     p.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the kind's)")
     p.add_argument("--attn-mode", help="attention mode (parallel, sequential, vanilla, axial, cross_shaped)")
     p.add_argument("--pos-embed", help="position encoding (cpe, ape, none)")
