@@ -270,7 +270,6 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: Path, metrics: Seque
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
     for key in sorted({k for h in history for k in h if k.endswith("loss")}):
         pts = [(h["epoch"], h[key]) for h in history if h.get(key) is not None]
@@ -280,14 +279,15 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: Path, metrics: Seque
         pts = [(h["epoch"], h[key]) for h in history if h.get(key) is not None]
         if pts:
             ax_metric.plot(*zip(*pts), marker="o", label=key)
+    from matplotlib.ticker import MaxNLocator
     for ax, title in ((ax_loss, "loss"), (ax_metric, "validation")):
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
-    if epochs:
-        ax_loss.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+    ax_metric.set_ylabel("accuracy (%)" if any(m.startswith("top") for m in metrics) else "")
     fig.tight_layout()
     pio.atomic_savefig(fig, path, dpi=100)
     plt.close(fig)
@@ -338,6 +338,7 @@ class Trainer:
     def _save(self, name: str, epoch: int, step: int, epoch_state: Optional[Mapping[str, Any]] = None) -> Path:
         """Checkpoint after ``epoch`` complete epochs and ``step`` updates of the next (all ranks call this)."""
         rngs = self.rt.all_gather_object(rng_state())
+        skipped = self._total_skipped()
         path = self.out_dir / name
         if self.rt.is_main and not self.dry_run:
             info = self.task.model_info()
@@ -349,7 +350,7 @@ class Trainer:
                 scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
                 scaler=self.scaler.state_dict() if self.scaler is not None else None,
                 epoch=epoch, step=step, num_updates=self.num_updates, epoch_state=dict(epoch_state or {}),
-                rng=rngs, history=self.history, best=self.best, skipped_images=self.skipped_images,
+                rng=rngs, history=self.history, best=self.best, skipped_images=skipped,
                 config=self.cfg)
         return path
 
@@ -458,7 +459,7 @@ class Trainer:
             self.scheduler.step_update(num_updates=self.num_updates)
         self.history = [h for h in ckpt.get("history", []) if h["epoch"] <= self.start_epoch]
         self.best = dict(ckpt.get("best") or {})
-        self.skipped_images = int(ckpt.get("skipped_images", 0))
+        self.skipped_images = int(ckpt.get("skipped_images", 0)) if self.rt.is_main else 0  # a total over ranks
         rngs = ckpt.get("rng") or []
         if len(rngs) == self.rt.world_size:
             set_rng_state(rngs[self.rt.rank])
