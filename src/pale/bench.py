@@ -1,0 +1,351 @@
+"""Speed and memory of Pale models next to timm peers, measured in one process.
+
+What ``pale bench`` measures, per model, input size, batch size, dtype and compile setting:
+
+* **inference**: images/s and the median latency of one batch, in ``eval`` mode under
+  ``torch.inference_mode``;
+* **training step**: images/s of forward, cross-entropy, backward and one AdamW step;
+* **achieved GFLOP/s**: ``2 x`` the measured multiply-adds of one forward
+  (:func:`pale.complexity.measure_cost`: FlopCounterMode with SDPA's math backend, on the ``meta``
+  device) times images/s, and its fraction of the machine's measured matmul peak;
+* **peak memory**: the growth of the resident set size (``ru_maxrss``) over a freshly built model, in a
+  separate process per model and mode, for one warm-up and one timed pass. CPU tensors come from
+  ``malloc``, which tracemalloc cannot see; the RSS high-water mark sees everything, including what
+  the allocator keeps, so it is an upper bound on what the tensors need.
+
+Timing is round-robin: after warm-up, every model runs one pass in turn, ``repeats`` times, and each
+model's median is reported. A machine shared with other work slows all models in a round alike, so
+the ratios are steadier than the absolute numbers.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+Pair = Tuple[int, int]
+DTYPES = ("fp32", "bf16")
+MODES = ("infer", "train")
+
+#: timm peers and how to build them for a given input size.
+PEERS: Dict[str, Callable[[Pair], Dict[str, Any]]] = {
+    "swin_tiny_patch4_window7_224": lambda size: dict(img_size=size),
+    "convnext_tiny": lambda size: {},
+    "deit_small_patch16_224": lambda size: dict(img_size=size),
+}
+
+
+def create_model(name: str, img_size: Pair) -> nn.Module:
+    """A randomly initialised model that takes ``(B, 3, *img_size)`` images."""
+    import timm
+
+    import pale  # noqa: F401  (registers the Pale models)
+
+    if name not in timm.list_models() and name not in PEERS:
+        raise ValueError(f"unknown model {name!r}; try pale_tiny, pale_small, pale_base or one of {sorted(PEERS)}")
+    kwargs = PEERS[name](img_size) if name in PEERS else {}
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def forward_macs(name: str, img_size: Pair) -> int:
+    """Multiply-adds of one forward of one image (FlopCounterMode, SDPA math backend, meta device)."""
+    from .complexity import measure_cost
+
+    model = create_model(name, img_size)
+    try:
+        return measure_cost(model.to("meta"), img_size).macs
+    except (NotImplementedError, RuntimeError):  # an op without a meta kernel: count on CPU
+        return measure_cost(create_model(name, img_size), img_size).macs
+
+
+# --------------------------------------------------------------------------------------------
+# Machine peak
+# --------------------------------------------------------------------------------------------
+
+def _median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _grow_until(make: Callable[[int], Callable[[], Any]], sizes: Sequence[int], budget_s: float) -> Tuple[int, Callable[[], Any]]:
+    """The largest size whose single call stays under ``budget_s`` (so that a slow dtype, such as
+    bf16 on a CPU without native bf16 instructions, does not take minutes), and its callable."""
+    chosen = None
+    for size in sizes:
+        fn = make(size)
+        fn()
+        start = time.perf_counter()
+        fn()
+        chosen = (size, fn)
+        if time.perf_counter() - start > budget_s:
+            break
+    assert chosen is not None
+    return chosen
+
+
+@torch.inference_mode()
+def matmul_peak(dtype: torch.dtype = torch.float32, repeats: int = 5, budget_s: float = 0.5) -> float:
+    """GFLOP/s of a square matrix product (``torch.mm``) in ``dtype``, ``n`` up to 2048."""
+    def make(n: int) -> Callable[[], Any]:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        return lambda: torch.mm(a, b)
+
+    n, fn = _grow_until(make, (256, 512, 1024, 2048), budget_s)
+    return 2 * n ** 3 / _median_seconds(fn, repeats) / 1e9
+
+
+@torch.inference_mode()
+def conv_peak(dtype: torch.dtype = torch.float32, repeats: int = 5, budget_s: float = 0.5) -> float:
+    """GFLOP/s of a 1x1 convolution (oneDNN), ``c -> c`` channels on a channels-last 8x28x28 map, ``c`` up to 1024."""
+    def make(c: int) -> Callable[[], Any]:
+        x = torch.randn(8, c, 28, 28).to(dtype).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(c, c, 1, 1).to(dtype)
+        return lambda: torch.nn.functional.conv2d(x, w)
+
+    c, fn = _grow_until(make, (128, 256, 512, 1024), budget_s)
+    return 2 * 8 * 28 * 28 * c * c / _median_seconds(fn, repeats) / 1e9
+
+
+def machine_peaks(repeats: int = 5) -> Dict[str, float]:
+    """Measured GFLOP/s: fp32 and bf16 matmul, fp32 and bf16 1x1 convolution."""
+    return {
+        "matmul_fp32": matmul_peak(torch.float32, repeats=repeats),
+        "matmul_bf16": matmul_peak(torch.bfloat16, repeats=repeats),
+        "conv1x1_fp32": conv_peak(torch.float32, repeats=repeats),
+        "conv1x1_bf16": conv_peak(torch.bfloat16, repeats=repeats),
+    }
+
+
+def machine_info() -> Dict[str, Any]:
+    """CPU model, cores, torch version and load average at the time of the run."""
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "loadavg": list(os.getloadavg())}
+
+
+# --------------------------------------------------------------------------------------------
+# One model, one setting
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Setting:
+    """What one measurement runs: a model at an input size, batch size, dtype, compiled or not."""
+
+    model: str
+    img_size: Pair
+    batch_size: int
+    dtype: str = "fp32"
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.batch_size < 1 or min(self.img_size) < 1:
+            raise ValueError(f"batch size and image size must be positive, got {self.batch_size}, {self.img_size}")
+
+
+class Runner:
+    """Builds the model of a :class:`Setting` and runs one inference batch or one training step."""
+
+    def __init__(self, setting: Setting, mode: str, seed: int = 0):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        torch.manual_seed(seed)
+        self.setting, self.mode = setting, mode
+        self.model = create_model(setting.model, setting.img_size)
+        self.model.train(mode == "train")
+        self.forward = torch.compile(self.model) if setting.compile else self.model
+        self.x = torch.randn(setting.batch_size, 3, *setting.img_size)
+        self.y = torch.randint(0, 1000, (setting.batch_size,))
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4) if mode == "train" else None
+        self.autocast = dict(device_type="cpu", dtype=torch.bfloat16, enabled=setting.dtype == "bf16")
+
+    def __call__(self) -> None:
+        if self.mode == "infer":
+            with torch.inference_mode(), torch.autocast(**self.autocast):
+                self.forward(self.x)
+            return
+        with torch.autocast(**self.autocast):
+            loss = nn.functional.cross_entropy(self.forward(self.x), self.y)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def _maxrss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def peak_memory_mib(setting: Setting, mode: str) -> float:
+    """RSS high-water mark growth (MiB) over the built model, during one warm-up and one timed
+    pass, measured in a fresh process so that other models' memory does not hide it."""
+    code = ("import json, sys; from pale.bench import _memory_probe; "
+            "print(json.dumps(_memory_probe(json.loads(sys.argv[1]), sys.argv[2])))")
+    arg = json.dumps(asdict(setting))
+    out = subprocess.run([sys.executable, "-c", code, arg, mode], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory probe of {setting.model} ({mode}) failed:\n{out.stderr[-2000:]}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _memory_probe(setting: Dict[str, Any], mode: str) -> float:
+    setting["img_size"] = tuple(setting["img_size"])
+    torch.set_num_threads(torch.get_num_threads())
+    runner = Runner(Setting(**setting), mode)
+    before = _maxrss_mib()
+    runner()
+    runner()
+    return _maxrss_mib() - before
+
+
+# --------------------------------------------------------------------------------------------
+# The benchmark
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Result:
+    """Medians of one model in one setting; ``None`` where a mode was not measured."""
+
+    model: str
+    img_size: Pair
+    batch_size: int
+    dtype: str
+    compile: bool
+    gmacs_per_image: float
+    infer_images_per_s: Optional[float] = None
+    infer_latency_ms: Optional[float] = None
+    infer_gflops: Optional[float] = None
+    infer_fraction_of_peak: Optional[float] = None
+    train_images_per_s: Optional[float] = None
+    train_gflops: Optional[float] = None
+    infer_peak_mem_mib: Optional[float] = None
+    train_peak_mem_mib: Optional[float] = None
+    infer_times_s: List[float] = field(default_factory=list)
+    train_times_s: List[float] = field(default_factory=list)
+
+
+def run_benchmark(models: Sequence[str], img_sizes: Sequence[Pair], batch_sizes: Sequence[int],
+                  dtypes: Sequence[str] = ("fp32",), compile_modes: Sequence[bool] = (False,),
+                  modes: Sequence[str] = MODES, warmup: int = 2, repeats: int = 5, memory: bool = True,
+                  peaks: Optional[Dict[str, float]] = None,
+                  log: Callable[[str], None] = lambda s: None) -> List[Result]:
+    """Measure every model in every setting; the models of one setting are timed round-robin.
+
+    Returns one :class:`Result` per (setting, model), settings in the order size, batch, dtype,
+    compile.
+    """
+    results: List[Result] = []
+    macs_cache: Dict[Tuple[str, Pair], int] = {}
+    for size in img_sizes:
+        for model in models:
+            if (model, size) not in macs_cache:
+                macs_cache[(model, size)] = forward_macs(model, size)
+        for batch in batch_sizes:
+            for dtype in dtypes:
+                for compiled in compile_modes:
+                    settings = [Setting(m, size, batch, dtype, compiled) for m in models]
+                    group = {s.model: Result(s.model, size, batch, dtype, compiled, macs_cache[(s.model, size)] / 1e9)
+                             for s in settings}
+                    for mode in modes:
+                        runners = []
+                        for s in settings:
+                            log(f"building {s.model} ({mode}, {size[0]}x{size[1]}, batch {batch}, {dtype}"
+                                f"{', compiled' if compiled else ''}) and warming up")
+                            runner = Runner(s, mode)
+                            for _ in range(warmup):
+                                runner()
+                            runners.append(runner)
+                        for r in range(repeats):
+                            for runner in runners:
+                                start = time.perf_counter()
+                                runner()
+                                elapsed = time.perf_counter() - start
+                                getattr(group[runner.setting.model], f"{mode}_times_s").append(elapsed)
+                            log(f"{mode} round {r + 1}/{repeats} done")
+                        del runners
+                        if memory:
+                            for s in settings:
+                                log(f"peak memory of {s.model} ({mode}) in a subprocess")
+                                setattr(group[s.model], f"{mode}_peak_mem_mib", peak_memory_mib(s, mode))
+                    for res in group.values():
+                        _fill_rates(res, peaks)
+                    results.extend(group.values())
+    return results
+
+
+def _fill_rates(res: Result, peaks: Optional[Dict[str, float]]) -> None:
+    flops_per_image = 2 * res.gmacs_per_image
+    if res.infer_times_s:
+        t = statistics.median(res.infer_times_s)
+        res.infer_images_per_s = res.batch_size / t
+        res.infer_latency_ms = 1000 * t
+        res.infer_gflops = flops_per_image * res.infer_images_per_s
+        peak = (peaks or {}).get(f"matmul_{res.dtype}")
+        res.infer_fraction_of_peak = res.infer_gflops / peak if peak else None
+    if res.train_times_s:
+        # A training step costs about 3 forwards (forward, and backward for inputs and weights).
+        res.train_images_per_s = res.batch_size / statistics.median(res.train_times_s)
+        res.train_gflops = 3 * flops_per_image * res.train_images_per_s
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(results: Sequence[Result], baseline: Optional[str] = None) -> str:
+    """A console table; ``x base`` columns are ratios to ``baseline`` in the same setting."""
+    header = ["model", "size", "batch", "dtype", "compile", "GMACs/img", "infer img/s", "latency ms",
+              "GFLOP/s", "% peak", "train img/s", "infer MiB", "train MiB"]
+    if baseline:
+        header += ["infer x base", "train x base"]
+    rows = [header]
+    for r in results:
+        row = [r.model, f"{r.img_size[0]}x{r.img_size[1]}", str(r.batch_size), r.dtype, "yes" if r.compile else "no",
+               f"{r.gmacs_per_image:.2f}", _fmt(r.infer_images_per_s, ".1f"), _fmt(r.infer_latency_ms, ".0f"),
+               _fmt(r.infer_gflops, ".0f"),
+               _fmt(None if r.infer_fraction_of_peak is None else 100 * r.infer_fraction_of_peak, ".0f"),
+               _fmt(r.train_images_per_s, ".1f"), _fmt(r.infer_peak_mem_mib, ".0f"), _fmt(r.train_peak_mem_mib, ".0f")]
+        if baseline:
+            base = next((b for b in results if b.model == baseline and (b.img_size, b.batch_size, b.dtype, b.compile)
+                         == (r.img_size, r.batch_size, r.dtype, r.compile)), None)
+            for attr in ("infer_images_per_s", "train_images_per_s"):
+                mine, theirs = getattr(r, attr), getattr(base, attr) if base else None
+                row.append(_fmt(mine / theirs if mine and theirs else None, ".2f"))
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def to_json(results: Sequence[Result], peaks: Dict[str, float], info: Dict[str, Any],
+            argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    return {"machine": info, "peaks_gflops": peaks, "command": list(argv) if argv else None,
+            "results": [asdict(r) for r in results]}

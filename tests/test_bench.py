@@ -1,0 +1,78 @@
+"""pale bench on tiny settings: the table, the JSON, the rates derived from the timings, bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pale.bench import Result, Setting, _fill_rates, format_table, forward_macs, matmul_peak, run_benchmark
+from pale.cli import main
+
+
+def test_rates_follow_from_times_and_macs():
+    res = Result("m", (224, 224), 8, "fp32", False, gmacs_per_image=2.0, infer_times_s=[4.0, 1.0, 2.0],
+                 train_times_s=[8.0])
+    _fill_rates(res, {"matmul_fp32": 100.0})
+    assert res.infer_images_per_s == pytest.approx(4.0)          # median 2 s for 8 images
+    assert res.infer_latency_ms == pytest.approx(2000.0)
+    assert res.infer_gflops == pytest.approx(16.0)               # 2 x 2 GMACs x 4 img/s
+    assert res.infer_fraction_of_peak == pytest.approx(0.16)
+    assert res.train_images_per_s == pytest.approx(1.0)
+
+
+def test_table_ratio_to_baseline():
+    a = Result("a", (32, 32), 1, "fp32", False, 1.0, infer_images_per_s=6.0, train_images_per_s=2.0)
+    b = Result("b", (32, 32), 1, "fp32", False, 1.0, infer_images_per_s=3.0, train_images_per_s=4.0)
+    lines = format_table([a, b], baseline="b").splitlines()
+    assert lines[2].split()[-2:] == ["2.00", "0.50"]
+    assert lines[3].split()[-2:] == ["1.00", "1.00"]
+
+
+def test_forward_macs_counts_attention():
+    # Pale-T at 224: 4.2G multiply-adds in the paper; the measured count includes the attention matmuls.
+    assert forward_macs("pale_tiny", (224, 224)) / 1e9 == pytest.approx(4.2, rel=0.02)
+
+
+def test_matmul_peak_is_positive():
+    assert matmul_peak(repeats=1, budget_s=0.01) > 0
+
+
+def test_run_benchmark_tiny():
+    (r,) = run_benchmark(["pale_tiny"], [(32, 32)], [2], warmup=1, repeats=2, memory=False,
+                         peaks={"matmul_fp32": 1.0})
+    assert len(r.infer_times_s) == len(r.train_times_s) == 2
+    assert r.infer_images_per_s > 0 and r.train_images_per_s > 0 and r.infer_fraction_of_peak > 0
+    assert r.train_peak_mem_mib is None
+
+
+@pytest.mark.slow
+def test_run_benchmark_tiny_with_memory():
+    results = run_benchmark(["pale_tiny"], [(32, 32)], [2], warmup=1, repeats=2, memory=True,
+                            peaks={"matmul_fp32": 1.0})
+    (r,) = results
+    assert len(r.infer_times_s) == len(r.train_times_s) == 2
+    assert r.infer_images_per_s > 0 and r.train_images_per_s > 0 and r.infer_fraction_of_peak > 0
+    assert r.train_peak_mem_mib is not None and r.train_peak_mem_mib >= 0
+
+
+def test_cli_json(tmp_path, capsys, monkeypatch):
+    import pale.bench as bench
+    monkeypatch.setattr(bench, "machine_peaks", lambda repeats=5: {"matmul_fp32": 50.0, "matmul_bf16": 5.0})
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--models", "pale_tiny", "--img-size", "32", "--batch-size", "1", "--mode", "infer",
+               "--warmup", "1", "--repeats", "1", "--no-memory", "--quiet", "--json", str(out)])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert doc["results"][0]["model"] == "pale_tiny" and doc["results"][0]["img_size"] == [32, 32]
+    assert doc["results"][0]["train_images_per_s"] is None
+    assert "pale_tiny" in capsys.readouterr().out
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="dtype"):
+        Setting("pale_tiny", (32, 32), 1, dtype="fp8")
+    with pytest.raises(ValueError, match="unknown model"):
+        run_benchmark(["no_such_model"], [(32, 32)], [1], memory=False)
+    assert main(["bench", "--models", "pale_tiny", "--repeats", "0"]) == 1
+    with pytest.raises(SystemExit):
+        main(["bench", "--img-size", "12y3"])
