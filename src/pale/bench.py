@@ -8,8 +8,9 @@ What ``pale bench`` measures, per model, input size, batch size, dtype and compi
 * **achieved GFLOP/s**: ``2 x`` the measured multiply-adds of one forward
   (:func:`pale.complexity.measure_cost`: FlopCounterMode with SDPA's math backend, on the ``meta``
   device) times images/s, and its fraction of the machine's measured matmul peak;
-* **peak memory**: the growth of the resident set size (``ru_maxrss``) over a freshly built model, in a
-  separate process per model and mode, for one warm-up and one timed pass. CPU tensors come from
+* **peak memory**: the peak growth of the resident set size (Linux ``VmHWM``, reset after the model
+  is built) over a freshly built model, in a separate process per model and mode, for one warm-up
+  and one timed pass. CPU tensors come from
   ``malloc``, which tracemalloc cannot see; the RSS high-water mark sees everything, including what
   the allocator keeps, so it is an upper bound on what the tensors need.
 
@@ -20,7 +21,6 @@ the ratios are steadier than the absolute numbers.
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -194,13 +194,14 @@ class Runner:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def _maxrss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024  # kB
 
 
 def peak_memory_mib(setting: Setting, mode: str) -> float:
-    """RSS high-water mark growth (MiB) over the built model, during one warm-up and one timed
-    pass, measured in a fresh process so that other models' memory does not hide it."""
+    """Peak RSS growth (MiB) over the built model during one warm-up and one timed pass, measured in
+    a fresh process so that other models' memory does not hide it."""
     code = ("import json, sys; from pale.bench import _memory_probe; "
             "print(json.dumps(_memory_probe(json.loads(sys.argv[1]), sys.argv[2])))")
     arg = json.dumps(asdict(setting))
@@ -211,13 +212,16 @@ def peak_memory_mib(setting: Setting, mode: str) -> float:
 
 
 def _memory_probe(setting: Dict[str, Any], mode: str) -> float:
+    """Linux: writing 5 to /proc/self/clear_refs resets the RSS high-water mark (VmHWM), so the
+    peak of the passes is seen even when importing and building went higher."""
     setting["img_size"] = tuple(setting["img_size"])
-    torch.set_num_threads(torch.get_num_threads())
     runner = Runner(Setting(**setting), mode)
-    before = _maxrss_mib()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_mib("VmRSS")
     runner()
     runner()
-    return _maxrss_mib() - before
+    return _status_mib("VmHWM") - before
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,6 +318,14 @@ def _fill_rates(res: Result, peaks: Optional[Dict[str, float]]) -> None:
 # Report
 # --------------------------------------------------------------------------------------------
 
+def speed_ratio(result: Result, baseline: Result, mode: str) -> Optional[float]:
+    """Median over rounds of ``baseline time / result time`` (> 1: ``result`` is faster)."""
+    mine, theirs = getattr(result, f"{mode}_times_s"), getattr(baseline, f"{mode}_times_s")
+    if not mine or len(mine) != len(theirs):
+        return None
+    return statistics.median(t / m for m, t in zip(mine, theirs))
+
+
 def _fmt(value: Optional[float], spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -324,6 +336,7 @@ def format_table(results: Sequence[Result], baseline: Optional[str] = None) -> s
               "GFLOP/s", "% peak", "train img/s", "infer MiB", "train MiB"]
     if baseline:
         header += ["infer x base", "train x base"]
+    # Ratios are medians of per-round ratios: models of one round ran back to back under the same load.
     rows = [header]
     for r in results:
         row = [r.model, f"{r.img_size[0]}x{r.img_size[1]}", str(r.batch_size), r.dtype, "yes" if r.compile else "no",
@@ -334,9 +347,8 @@ def format_table(results: Sequence[Result], baseline: Optional[str] = None) -> s
         if baseline:
             base = next((b for b in results if b.model == baseline and (b.img_size, b.batch_size, b.dtype, b.compile)
                          == (r.img_size, r.batch_size, r.dtype, r.compile)), None)
-            for attr in ("infer_images_per_s", "train_images_per_s"):
-                mine, theirs = getattr(r, attr), getattr(base, attr) if base else None
-                row.append(_fmt(mine / theirs if mine and theirs else None, ".2f"))
+            for mode in MODES:
+                row.append(_fmt(speed_ratio(r, base, mode) if base else None, ".2f"))
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
