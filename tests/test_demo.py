@@ -37,7 +37,8 @@ def _check_run(out, expect_top1=None):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_test"] == 1000
     assert (out / "curves.png").stat().st_size > 1000
-    assert main(["eval", str(out / "best.pth"), "--data", str(out / "data" / "test"), "--batch-size", "250",
+    assert metrics["checkpoint"] == str(out / "last.pth")
+    assert main(["eval", metrics["checkpoint"], "--data", str(out / "data" / "test"), "--batch-size", "250",
                  "--output", str(out / "reload.json")]) == 0
     reloaded = json.loads((out / "reload.json").read_text())
     assert reloaded["top1"] == metrics["top1"] and reloaded["n"] == 1000
@@ -51,7 +52,7 @@ def test_demo_pipeline_one_epoch(tmp_path):
     counts = prepare_digits(tmp_path / "demo" / "data")
     assert counts == SPLITS
     # a narrower model than the demo's, to keep this test short
-    metrics = run_demo(tmp_path / "demo", ["epochs=1", "train.progress=false", "batch_size=32",
+    metrics = run_demo(tmp_path / "demo", ["epochs=1", "train.progress=false", "data.img_size=28",
                                            "model.kwargs.embed_dims=[16,32,32,32]", "model.kwargs.depths=[1,1,1,1]"])
     _check_run(tmp_path / "demo", expect_top1=50.0)  # one epoch already learns the digits
     assert metrics["best_val"]["metric"] == "ema_val_top1"
