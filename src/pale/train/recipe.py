@@ -213,4 +213,4 @@ def resolve_recipe(recipe: Union[str, Path, Mapping[str, Any], None], overrides:
 
 
 def dump_recipe(cfg: Mapping[str, Any]) -> str:
-    return yaml.safe_dump(dict(cfg), sort_keys=False, default_flow_style=None)
+    return yaml.safe_dump(dict(cfg), sort_keys=False, default_flow_style=False)
