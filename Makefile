@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 # pyproject.toml states ranges; the exact PyTorch build is pinned here.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+# OpenMP threads that spin while waiting starve each other on a small or shared machine.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: demo test test-slow clean
 
