@@ -278,3 +278,13 @@ def test_resume_can_extend_the_schedule(folder, straight, tmp_path):
     assert ckpt["scheduler"]["t_initial"] == 3 * 3  # the cosine now spans 3 epochs of 3 updates
     assert ckpt["history"][2]["lr"] == pytest.approx(1e-5)  # and reaches min_lr at the new end
     assert ckpt["history"][:2] == load_torch(straight[0] / "last.pth")["history"]
+
+
+def test_amp_auto_on_cpu_uses_bf16_only_where_native():
+    import torch
+
+    from pale.train.engine import setup_runtime
+    rt = setup_runtime("cpu", "auto")
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert rt.amp_dtype == (torch.bfloat16 if native else None)
+    assert setup_runtime("cpu", "bf16").amp_dtype == torch.bfloat16

@@ -65,7 +65,7 @@ ENGINE_DEFAULTS: Config = {
     },
     "train": {
         "device": "auto",        # auto | cpu | cuda | cuda:N
-        "amp": "auto",           # auto (bf16 on CPU, bf16/fp16 on CUDA) | bf16 | fp16 | none
+        "amp": "auto",           # auto (bf16 on CPUs with native bf16, else none; bf16/fp16 on CUDA) | bf16 | fp16 | none
         "channels_last": False,
         "sync_bn": False,        # SyncBatchNorm across processes (the separable q/k/v projections use BN)
         "dist_bn": "reduce",     # reduce | broadcast | none: make BN running stats equal on all ranks each epoch
