@@ -1,4 +1,5 @@
 """Atomic writes, safe loading and clear weight-mismatch errors (pale.io)."""
+import json
 import os
 import pickle
 
@@ -86,3 +87,22 @@ def test_atomic_write_has_ordinary_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (target.stat().st_mode & 0o777) == (0o666 & ~umask)
+
+
+def test_cli_refuses_mismatched_checkpoint_unless_non_strict(tmp_path, capsys):
+    import skimage.data
+    from PIL import Image
+
+    from pale.cli import main
+    model = PaleTransformer(**SMALL)
+    # The file claims 4 classes but holds a 3-class head: a checkpoint of another class count.
+    save_checkpoint(tmp_path / "c.pth", model, "pale_tiny", dict(SMALL, num_classes=4), class_names=list("abcd"))
+    Image.fromarray(skimage.data.coffee()).save(tmp_path / "coffee.png")
+    assert main(["predict", str(tmp_path / "coffee.png"), "-c", str(tmp_path / "c.pth"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "head.fc.weight: (3, 64) vs (4, 64)" in err and "--non-strict" in err
+    with pytest.warns(UserWarning, match="left out"):
+        assert main(["predict", str(tmp_path / "coffee.png"), "-c", str(tmp_path / "c.pth"), "--no-progress",
+                     "--non-strict", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["predictions"][0]["top"]) == 4

@@ -17,6 +17,7 @@ import json
 import os
 import pickle
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,7 +218,7 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], stric
     if strict and not report.ok:
         raise WeightsMismatchError(
             f"{source} does not fit {type(model).__name__}:\n{report.describe()}\n"
-            f"(pass strict=False, or --non-strict on the command line, to load the keys that fit)", report)
+            f"(pass strict=False, or --non-strict to pale eval / pale predict, to load the keys that fit)", report)
     bad = {k for k, _, _ in report.mismatched}
     fitting = {k: v for k, v in state_dict.items() if k in own and k not in bad}
     model.load_state_dict(fitting, strict=False)
@@ -248,5 +249,7 @@ def create_model_from_file(path: PathLike, strict: bool = True, **overrides: Any
                               f"build the model yourself and use pale.io.load_weights")
     kwargs = dict(info.get("model_kwargs") or {}, **overrides)
     model = timm.create_model(name, **kwargs)
-    load_weights(model, state_dict, strict=strict, source=str(path))
+    report = load_weights(model, state_dict, strict=strict, source=str(path))
+    if not report.ok:
+        warnings.warn(f"{path}: loaded the weights that fit; left out:\n{report.describe()}", stacklevel=2)
     return model.eval(), info

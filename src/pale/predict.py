@@ -94,11 +94,11 @@ def resolve_preprocessing(info: Mapping[str, Any], model: nn.Module) -> Dict[str
     return cfg
 
 
-def load_classifier(checkpoint: pio.PathLike, device: str = "cpu") -> Classifier:
+def load_classifier(checkpoint: pio.PathLike, device: str = "cpu", strict: bool = True) -> Classifier:
     """Rebuild the classifier a checkpoint (``.pth``) or export (``.safetensors``) describes."""
     from timm.data import create_transform
 
-    model, info = pio.create_model_from_file(checkpoint)
+    model, info = pio.create_model_from_file(checkpoint, strict=strict)
     names = info.get("class_names")
     if not names:
         raise ValueError(f"{checkpoint} stores no class names: save it with "

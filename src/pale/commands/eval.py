@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional
 
 def evaluate_checkpoint(checkpoint: str, data: str, batch_size: int = 64, workers: int = 0, amp: str = "none",
                         device: str = "auto", skip_bad_images: bool = False,
-                        data_config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                        data_config: Optional[Dict[str, Any]] = None, strict: bool = True) -> Dict[str, Any]:
     """Rebuild the model of ``checkpoint`` (EMA weights when present) and evaluate it on
     ``data/<class>/*`` with the preprocessing stored in the checkpoint."""
     import torch
@@ -20,7 +20,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, batch_size: int = 64, worker
     from ..train.data import ImageFolderDataset, SkipCollate
     from ..train.engine import setup_runtime
 
-    model, info = create_model_from_file(checkpoint)
+    model, info = create_model_from_file(checkpoint, strict=strict)
     class_names = info.get("class_names")
     if not class_names:
         raise ValueError(f"{checkpoint} has no class names; it cannot be matched to the folders of {data}")
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from ..io import atomic_write_json
 
     result = evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, args.workers, args.amp, args.device,
-                                 args.skip_bad_images)
+                                 args.skip_bad_images, strict=not args.non_strict)
     print(f"top1 {result['top1']:.3f}  top5 {result['top5']:.3f}  loss {result['loss']:.4f}  "
           f"({result['n']} images{', %d skipped' % result['skipped_images'] if result['skipped_images'] else ''})")
     out = Path(args.output) if args.output else Path(args.checkpoint).with_name(
@@ -77,6 +77,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="none")
     p.add_argument("--device", default="auto")
     p.add_argument("--skip-bad-images", action="store_true")
+    p.add_argument("--non-strict", action="store_true",
+                   help="load the weights that fit and report the rest, instead of refusing a mismatched checkpoint")
     p.add_argument("--output", "-o", help="JSON result (default: eval-<folder>.json next to the checkpoint)")
     p.add_argument("--json", action="store_true", help="also print the JSON")
     p.set_defaults(func=run)

@@ -9,7 +9,7 @@ def run(args: argparse.Namespace) -> int:
     from ..predict import find_images, format_table, load_classifier, predict
 
     paths = find_images(args.inputs)
-    classifier = load_classifier(args.checkpoint, device=args.device)
+    classifier = load_classifier(args.checkpoint, device=args.device, strict=not args.non_strict)
     result = predict(classifier, paths, topk=args.topk, batch_size=args.batch_size,
                      progress=not args.no_progress, skip_bad=args.skip_bad)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
@@ -26,4 +26,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (counted) instead of stopping")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--non-strict", action="store_true",
+                   help="load the weights that fit and report the rest, instead of refusing a mismatched checkpoint")
     p.set_defaults(func=run)
