@@ -10,12 +10,7 @@ from pale.cli import main
 from pale.train.demo import SPLITS, load_mnist_5k, prepare_digits, run_demo, split_digits
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_digits_are_real_and_the_test_split_is_held_out(tmp_path):

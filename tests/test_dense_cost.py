@@ -9,12 +9,7 @@ from pale.dense.cost import PAPER, dense_cost, format_dense_cost, paper_note
 TINY = dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 2))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def upernet_decoder_params(chans, d=512):

@@ -27,12 +27,7 @@ TINY = dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(2, 2, 
 TINY_YAML = "{embed_dims: [16, 32, 64, 128], depths: [1, 1, 1, 1], num_heads: [2, 2, 2, 2]}"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

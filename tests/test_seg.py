@@ -27,13 +27,7 @@ TINY = dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(2, 2, 
 TINY_YAML = "{embed_dims: [16, 32, 64, 128], depths: [1, 1, 1, 1], num_heads: [2, 2, 2, 2]}"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 2 shared cores: OpenMP spinning across busy cores makes small models ~50x slower with 2 threads
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

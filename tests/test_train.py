@@ -52,17 +52,11 @@ def tiny_recipe(**changes):
     return cfg
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models gain nothing from threads, and on a shared machine spinning OpenMP threads stall
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory, _one_thread):
+def folder(tmp_path_factory, one_thread):
     return make_folder(tmp_path_factory.mktemp("tiny"))
 
 

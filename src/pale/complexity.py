@@ -229,12 +229,9 @@ def vanilla_pale_count(h: int, w: int, pale_size: Pair) -> int:
 # ============================================================================================
 
 def _as_pair(value: Any, name: str) -> Pair:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if min(pair) < 1:
-        raise ValueError(f"{name} must be >= 1, got {value!r}")
-    return pair  # type: ignore[return-value]
+    """An int or a pair as a validated pair, by the model's own rule."""
+    from .models.pale_transformer import _pair
+    return _pair(value, name)
 
 
 def _per_stage_pairs(value: Any, num_stages: int, name: str) -> Tuple[Pair, ...]:
