@@ -9,10 +9,8 @@ graph to be right at every size (docs/deploy.md has the details):
   example size took. :func:`padding_trace_size` picks an example size at which *every* attention
   layer pads rows and columns, so the graph always pads (by zero rows when none are needed, with an
   all-true mask), which is correct at every size.
-* ``padded_length`` is written ``-(-n // s) * s``; traced to ONNX, integer division of a negative
-  number truncates instead of flooring, so padded lengths come out one group short. While
-  exporting, :func:`onnx_safe_padding` swaps in ``(n + s - 1) // s * s`` (same value, no negative
-  operands).
+* The model's ``padded_length`` rounds up as ``(n + s - 1) // s * s``: the same value as
+  ``ceil(n / s) * s`` without dividing a negative number, which ONNX would truncate.
 
 Every export is verified against PyTorch with onnxruntime before it replaces the target file. The
 default exporter is the legacy TorchScript one (seconds); torch.export ("dynamo", a minute) is the
@@ -32,7 +30,7 @@ import torch.nn as nn
 
 from . import io as pio
 
-__all__ = ["EXPORTERS", "OnnxCheck", "OnnxExport", "onnx_safe_padding", "attention_layers", "padding_trace_size",
+__all__ = ["EXPORTERS", "OnnxCheck", "OnnxExport", "attention_layers", "padding_trace_size",
            "export_onnx", "check_onnx", "export_safetensors", "load_model_for_export"]
 
 EXPORTERS = ("legacy", "dynamo")
@@ -49,27 +47,6 @@ class OnnxCheck:
 
     def as_dict(self) -> Dict[str, Any]:
         return dict(shape=list(self.shape), max_abs_err=self.max_abs_err, max_rel_err=self.max_rel_err)
-
-
-def _positive_padded_length(length: Any, group_size: int) -> Any:
-    """``length`` rounded up to a multiple of ``group_size`` without dividing a negative number."""
-    return (length + group_size - 1) // group_size * group_size
-
-
-@contextlib.contextmanager
-def onnx_safe_padding() -> Iterator[None]:
-    """Trace-safe rounding of padded lengths in the model module while exporting (see module doc)."""
-    from .models import pale_transformer as pt
-
-    original = getattr(pt, "padded_length", None)
-    if original is None:  # the model no longer has the helper: nothing to patch; the check decides
-        yield
-        return
-    pt.padded_length = _positive_padded_length
-    try:
-        yield
-    finally:
-        pt.padded_length = original
 
 
 def attention_layers(model: nn.Module) -> List[nn.Module]:
@@ -183,7 +160,7 @@ def _export_checked(model: nn.Module, path: pio.PathLike, exporter: str, opset: 
     with pio.atomic_path(path) as tmp:
         onnx_tmp = tmp.with_name(tmp.name + ".onnx")  # the dynamo exporter wants an .onnx suffix
         try:
-            with onnx_safe_padding(), warnings.catch_warnings(), _clear_exporter_errors(exporter):
+            with warnings.catch_warnings(), _clear_exporter_errors(exporter):
                 warnings.simplefilter("ignore")  # TracerWarnings about the size checks: expected, see above
                 if exporter == "legacy":
                     axes = {"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}} if dynamic else None

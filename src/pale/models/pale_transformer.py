@@ -52,8 +52,11 @@ def _pair(value: PairOrInt, name: str) -> Tuple[int, int]:
 
 
 def padded_length(length: int, group_size: int) -> int:
-    """``length`` rounded up to a multiple of ``group_size``."""
-    return -(-length // group_size) * group_size
+    """``length`` rounded up to a multiple of ``group_size``.
+
+    Written without dividing a negative number: traced to ONNX, integer division truncates.
+    """
+    return (length + group_size - 1) // group_size * group_size
 
 
 def group_rows(x: Tensor, group_size: int, interlaced: bool) -> Tensor:
