@@ -63,3 +63,18 @@ def test_report_lines():
     assert set(PAPER) == {f"{k}_pale_{v}" for k in ("upernet", "maskrcnn") for v in ("tiny", "small", "base")}
     with pytest.raises(ValueError, match="unknown dense model"):
         dense_cost("fcn_pale_tiny")
+
+
+def test_dense_loaders_refuse_a_checkpoint_of_another_task(tmp_path):
+    from pale.dense.det_task import load_detector
+    from pale.dense.seg_task import load_segmenter
+    from pale.io import CheckpointError, save_checkpoint
+    from pale.models.pale_transformer import PaleTransformer
+
+    model = PaleTransformer(embed_dims=(16, 32, 32, 64), depths=(1, 1, 1, 1), num_heads=(2, 2, 4, 4), num_classes=3)
+    path = tmp_path / "classifier.pth"
+    save_checkpoint(path, model, "pale_tiny", dict(num_classes=3), class_names=list("abc"))
+    with pytest.raises(CheckpointError, match="not a segmentation checkpoint of `pale seg train`"):
+        load_segmenter(str(path))
+    with pytest.raises(CheckpointError, match="not a detection checkpoint of `pale det train`.*classification"):
+        load_detector(str(path))

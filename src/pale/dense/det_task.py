@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from ..train import Runtime, Task
 from .det_data import CocoInstances, detection_collate
-from .engine import dense_defaults
+from .engine import dense_defaults, load_dense_model
 from .maskrcnn import build_mask_rcnn
 
 __all__ = ["DET_DEFAULTS", "DetectionTask", "coco_results", "coco_metrics", "load_detector"]
@@ -185,12 +185,4 @@ class DetectionTask(Task):
 
 def load_detector(path: str, device: str = "cpu") -> Tuple[nn.Module, Dict[str, Any]]:
     """A trained Mask R-CNN (EMA weights when present) and its description."""
-    from .. import io as pio
-
-    state, info = pio.read_model_file(path)
-    if info.get("task") != "detection":
-        raise pio.CheckpointError(f"{path} is not a detection checkpoint of `pale det train` "
-                                  f"(task: {info.get('task', 'classification')!r})")
-    model = build_mask_rcnn(info["model_kwargs"])
-    pio.load_weights(model, state, source=str(path))
-    return model.to(device).eval(), info
+    return load_dense_model(path, "detection", "pale det train", build_mask_rcnn, device)

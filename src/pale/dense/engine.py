@@ -20,7 +20,22 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Type, Union
 from .. import io as pio
 from ..train import ENGINE_DEFAULTS, Task, Trainer, merge, resolve_recipe
 
-__all__ = ["DenseTrainer", "dense_defaults", "resolve_dense_config", "run_training"]
+__all__ = ["DenseTrainer", "dense_defaults", "load_dense_model", "resolve_dense_config", "run_training"]
+
+
+def load_dense_model(path: Union[str, os.PathLike], task: str, command: str, build: Any,
+                     device: str = "cpu") -> Any:
+    """``(model, info)`` of a checkpoint written by ``command`` for ``task`` (EMA weights when present).
+
+    ``build(model_kwargs)`` makes the empty model; a checkpoint of another task is refused by name.
+    """
+    state, info = pio.read_model_file(path)
+    if info.get("task") != task:
+        raise pio.CheckpointError(f"{path} is not a {task} checkpoint of `{command}` "
+                                  f"(task: {info.get('task', 'classification')!r})")
+    model = build(info["model_kwargs"])
+    pio.load_weights(model, state, source=str(path))
+    return model.to(device).eval(), info
 
 
 def dense_defaults(engine_overrides: Mapping[str, Any], sections: Mapping[str, Any]) -> Dict[str, Any]:

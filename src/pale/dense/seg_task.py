@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..train import Runtime, Task
 from ..train.data import BadImageError
-from .engine import dense_defaults
+from .engine import dense_defaults, load_dense_model
 from .seg_data import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, SegmentationFolder, SegTrainTransform, list_collate
 from .seg_eval import confusion_matrix, segment, segmentation_metrics
 from .upernet import PaleUperNet, build_upernet
@@ -196,12 +196,4 @@ class _SkippingFolder(SegmentationFolder):
 
 def load_segmenter(path: str, device: str = "cpu") -> Tuple[PaleUperNet, Dict[str, Any]]:
     """A trained segmenter (EMA weights when present) and its description, from a ``.pth`` or ``.safetensors``."""
-    from .. import io as pio
-
-    state, info = pio.read_model_file(path)
-    if info.get("task") != "segmentation":
-        raise pio.CheckpointError(f"{path} is not a segmentation checkpoint of `pale seg train` "
-                                  f"(task: {info.get('task', 'classification')!r})")
-    model = build_upernet(info["model_kwargs"])
-    pio.load_weights(model, state, source=str(path))
-    return model.to(device).eval(), info
+    return load_dense_model(path, "segmentation", "pale seg train", build_upernet, device)
