@@ -125,3 +125,31 @@ def test_vanilla_impossible_shape_raises():
     # One row cannot hold two pales (ceil(13 / 7) = 2 pales > 1 row).
     with pytest.raises(ValueError, match="needs 2 pales"):
         PSAttention(16, 2, 7, mode="vanilla")(torch.randn(1, 1, 13, 16))
+
+
+@pytest.mark.parametrize("interlaced", [True, False])
+@pytest.mark.parametrize("h,w,s,heads", [(14, 14, 7, 2), (12, 13, 7, 4), (5, 5, 2, 2), (1, 1, 3, 2), (9, 7, 3, 2)])
+def test_fused_branches_equal_separate_branches(h, w, s, heads, interlaced):
+    """The one-call path (square after padding) against the two per-branch calls: values and gradients."""
+    from pale.models.pale_transformer import column_group_attention, pale_branch_attention, row_group_attention
+    q, k, v = (torch.randn(2, h, w, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    fused = pale_branch_attention(q, k, v, heads, s, interlaced)
+    separate = torch.cat((row_group_attention(q[..., :4], k[..., :4], v[..., :4], heads, s, interlaced),
+                          column_group_attention(q[..., 4:], k[..., 4:], v[..., 4:], heads, s, interlaced)), dim=-1)
+    torch.testing.assert_close(fused, separate, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(fused)
+    fused_grads = torch.autograd.grad(fused, (q, k, v), grad)
+    separate_grads = torch.autograd.grad(separate, (q, k, v), grad)
+    for a, b in zip(fused_grads, separate_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_eval_projection_folds_batchnorm_exactly():
+    """Eval-mode q/k/v projections fold BatchNorm into the depthwise conv: same result as conv -> BN -> linear."""
+    proj = _layer(16, 2, 7).q
+    x = torch.randn(2, 6, 5, 16, dtype=torch.float64)
+    unfolded = proj.pw(proj.bn(proj.dw(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1))
+    torch.testing.assert_close(proj(x), unfolded, rtol=1e-12, atol=1e-12)
+    proj.train()  # training uses batch statistics, so nothing is folded
+    unfolded = proj.pw(proj.bn(proj.dw(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1))
+    torch.testing.assert_close(proj(x), unfolded, rtol=1e-12, atol=1e-12)

@@ -229,3 +229,18 @@ def test_bad_model_input(x, err, match):
 def test_bad_model_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         tiny(**kwargs)
+
+
+def test_cpe_is_residual_depthwise_conv():
+    """CPE folds its residual into the conv's centre tap: same values and gradients as x + conv(x)."""
+    from pale.models.pale_transformer import ConvPosEnc
+    cpe = ConvPosEnc(8).double()
+    x = torch.randn(2, 5, 7, 8, dtype=torch.float64, requires_grad=True)
+    out = cpe(x)
+    expected = x + cpe.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (x, cpe.proj.weight), grad),
+                    torch.autograd.grad(expected, (x, cpe.proj.weight), grad)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert "identity" not in cpe.state_dict()  # the folded identity is not a saved parameter

@@ -138,6 +138,85 @@ def column_group_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, grou
     return out.transpose(1, 2)
 
 
+def _branch_grid(x: Tensor, group_size: int, interlaced: bool) -> Tuple[Tensor, Tensor]:
+    """Views of a square map's two channel halves with their groups leading.
+
+    Args:
+        x: ``(B, P, P, C)`` with ``P`` a multiple of ``group_size``.
+    Returns:
+        ``rows, cols``, each ``(B, G, s, a, b, C / 2)`` (no copy), ``G = P / s``: ``rows`` is the
+        first channel half in row groups (token order: row within the group, then column as
+        ``(a, b)``); ``cols`` the second half in column groups (column within the group, then row).
+    """
+    b, p, _, c = x.shape
+    s, g = group_size, p // group_size
+    # Each side of the map as (outer, inner): interlaced groups index the inner part (row = i g + gi),
+    # contiguous stripes the outer part (row = gi s + i).
+    x = x.view(b, s, g, s, g, 2, c // 2) if interlaced else x.view(b, g, s, g, s, 2, c // 2)
+    group_r, within_r, group_c, within_c = (2, 1, 4, 3) if interlaced else (1, 2, 3, 4)
+    first, second = x.unbind(5)  # unbind, not two slices: its backward is one stack, not two zero-fills
+    return (first.permute(0, group_r, within_r, 3, 4, 5), second.permute(0, group_c, within_c, 1, 2, 5))
+
+
+def group_branches(x: Tensor, group_size: int, interlaced: bool) -> Tensor:
+    """Row groups of the first channel half and column groups of the second, stacked in one copy.
+
+    Args:
+        x: ``(B, P, P, C)``, ``P`` a multiple of ``group_size``.
+    Returns:
+        ``(2 B G, group_size * P, C / 2)``: the ``B G`` row groups, then the ``B G`` column groups,
+        in the token order of :func:`group_rows` (columns: of the transposed map).
+    """
+    b, p, _, c = x.shape
+    return torch.stack(_branch_grid(x, group_size, interlaced)).view(-1, group_size * p, c // 2)
+
+
+def ungroup_branches(x: Tensor, batch: int, group_size: int, interlaced: bool) -> Tensor:
+    """Inverse of :func:`group_branches`: ``(2 B G, s P, C / 2)`` -> ``(B, P, P, C)``, in one copy."""
+    n, length, half = x.shape
+    s, p = group_size, length // group_size
+    g = p // s
+    inner = (s, g, s, g) if interlaced else (g, s, g, s)
+    rows, cols = x.view(2, batch, g, s, *inner[2:], half).unbind(0)
+    if interlaced:  # back from (group, within) to the map's (within, group) order
+        rows, cols = rows.transpose(1, 2), cols.transpose(1, 2)
+    # rows: (B, r1, r2, c1, c2, half) already; cols: (B, c1, c2, r1, r2, half) -> rows first.
+    cols = cols.permute(0, 3, 4, 1, 2, 5)
+    return torch.cat((rows, cols), dim=-1).view(batch, p, p, 2 * half)
+
+
+def pale_branch_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, group_size: int,
+                          interlaced: bool) -> Tensor:
+    """Row-group attention on the first channel half and column-group attention on the second,
+    as one attention call over both branches' groups.
+
+    Computes what ``cat(row_group_attention(first halves), column_group_attention(second halves))``
+    computes, with fewer, larger kernels: one grouping copy per input, one SDPA call, one copy out.
+    It needs both sides padded to the same length ``P``; the map is padded to ``P x P`` and padded
+    keys are masked in both branches.
+
+    Args:
+        q, k, v: ``(B, H, W, C)`` with ``padded_length(H, s) == padded_length(W, s)``.
+        num_heads: heads per branch.
+    Returns:
+        ``(B, H, W, C)``.
+    """
+    b, h, w, c = q.shape
+    s = group_size
+    p = padded_length(h, s)
+    mask = None
+    if (p, p) != (h, w):
+        q, k, v = (F.pad(t, (0, 0, 0, p - w, 0, p - h)) for t in (q, k, v))
+        idx = torch.arange(p, device=q.device)
+        real = ((idx < h).view(p, 1) & (idx < w).view(1, p)).view(1, p, p, 1).expand(1, p, p, 2)
+        mask = group_branches(real, s, interlaced).view(2, 1, -1, s * p)
+        mask = mask.expand(2, b, p // s, s * p).reshape(-1, 1, 1, s * p)
+    qg, kg, vg = (_split_heads(group_branches(t, s, interlaced), num_heads) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask)
+    out = ungroup_branches(_merge_heads(out), b, s, interlaced)
+    return out[:, :h, :w]
+
+
 def pale_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, pale_size: Tuple[int, int]) -> Tensor:
     """Self-attention over the whole pale (the paper's "vanilla" PS-attention).
 
@@ -220,8 +299,14 @@ class SeparableProjection(nn.Module):
         self.pw = nn.Linear(dim, out_dim or dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.bn(self.dw(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
-        return self.pw(x)
+        x = x.permute(0, 3, 1, 2)
+        if self.bn.training or self.bn.running_mean is None:
+            x = self.bn(self.dw(x))
+        else:  # BatchNorm on running statistics is affine per channel: fold it into the conv
+            scale = self.bn.weight * torch.rsqrt(self.bn.running_var + self.bn.eps)
+            bias = self.bn.bias - self.bn.running_mean * scale
+            x = F.conv2d(x, self.dw.weight * scale.view(-1, 1, 1, 1), bias, padding=1, groups=self.dw.groups)
+        return self.pw(x.permute(0, 2, 3, 1))
 
 
 class PSAttention(nn.Module):
@@ -307,6 +392,9 @@ class PSAttention(nn.Module):
                 return row_group_attention(q, k, v, self.num_heads, s_r, self.interlaced)
             return column_group_attention(q, k, v, self.num_heads, s_c, self.interlaced)
         half, heads = self.dim // 2, self.num_heads // 2
+        h, w = q.shape[1:3]
+        if s_r == s_c and padded_length(h, s_r) == padded_length(w, s_c):
+            return pale_branch_attention(q, k, v, heads, s_r, self.interlaced)
         rows = row_group_attention(q[..., :half], k[..., :half], v[..., :half], heads, s_r, self.interlaced)
         cols = column_group_attention(q[..., half:], k[..., half:], v[..., half:], heads, s_c, self.interlaced)
         return torch.cat((rows, cols), dim=-1)
@@ -317,14 +405,22 @@ class PSAttention(nn.Module):
 
 
 class ConvPosEnc(nn.Module):
-    """Conditional position encoding (CPE): a depthwise 3x3 conv with bias, ``(B, H, W, C)`` -> same."""
+    """Conditional position encoding (CPE) with its residual: ``x + DWConv3x3(x)``, ``(B, H, W, C)`` -> same.
+
+    The residual is folded into the convolution (its centre tap plus one), which gives the same
+    result and gradients in one kernel instead of a convolution and an addition.
+    """
 
     def __init__(self, dim: int):
         super().__init__()
         self.proj = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        identity = torch.zeros_like(self.proj.weight)
+        identity[:, :, 1, 1] = 1.0
+        self.register_buffer("identity", identity, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        weight = self.proj.weight + self.identity
+        return F.conv2d(x.permute(0, 3, 1, 2), weight, self.proj.bias, padding=1, groups=self.proj.groups).permute(0, 2, 3, 1)
 
 
 class PaleBlock(nn.Module):
@@ -348,7 +444,7 @@ class PaleBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.cpe is not None:
-            x = x + self.cpe(x)
+            x = self.cpe(x)  # x + DWConv(x)
         x = x + self.drop_path1(self.attn(self.norm1(x)))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
