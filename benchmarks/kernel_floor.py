@@ -1,0 +1,100 @@
+"""How fast could a model be next to a peer if everything but its heavy kernels took no time?
+
+For each model, in one process and round-robin, this times inference (and the training step:
+forward, cross-entropy, backward, AdamW), then profiles one run of each with ``torch.profiler`` and
+takes the share of self CPU time spent in the "heavy" kernels: GEMMs (``addmm``, ``mm``, ``bmm``),
+convolutions and their backward, and scaled-dot-product attention and its backward. Those kernels
+already run near the machine's matmul peak (see docs/performance.md), so
+
+    floor = measured time x heavy share
+
+is what the model would take if every other op (GELU, norms, copies, adds, the optimizer) were
+free. ``best ratio`` = baseline time / floor: no rewrite that keeps these kernels can make the model
+faster than that next to the baseline.
+
+    python benchmarks/kernel_floor.py                       # Pale-T against Swin-T, batch 16, 224x224
+    python benchmarks/kernel_floor.py --rounds 7 --mode infer
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Callable, Dict, List
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+import pale  # noqa: F401  (registers the Pale models with timm)
+
+HEAVY_KERNELS = (
+    "aten::addmm", "aten::mm", "aten::bmm",
+    "aten::mkldnn_convolution", "aten::convolution_backward",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+)
+
+
+def heavy_share(fn: Callable[[], None]) -> float:
+    """Fraction of self CPU time one call of ``fn`` spends in :data:`HEAVY_KERNELS`."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    return sum(e.self_cpu_time_total for e in events if e.key in HEAVY_KERNELS) / total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="pale_tiny")
+    parser.add_argument("--baseline", default="swin_tiny_patch4_window7_224")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--mode", nargs="+", choices=["infer", "train"], default=["infer", "train"])
+    args = parser.parse_args()
+
+    names = [args.model, args.baseline]
+    torch.manual_seed(0)
+    models = {n: timm.create_model(n, img_size=args.img_size) if "swin" in n or "deit" in n
+              else timm.create_model(n) for n in names}
+    optimizers = {n: torch.optim.AdamW(m.parameters(), lr=1e-4) for n, m in models.items()}
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
+    y = torch.randint(0, 1000, (args.batch_size,))
+
+    def infer(name: str) -> None:
+        with torch.inference_mode():
+            models[name].eval()(x)
+
+    def train(name: str) -> None:
+        model = models[name].train()
+        F.cross_entropy(model(x), y).backward()
+        optimizers[name].step()
+        optimizers[name].zero_grad(set_to_none=True)
+
+    print(f"{args.model} vs {args.baseline}, batch {args.batch_size}, {args.img_size}x{args.img_size}, "
+          f"{torch.get_num_threads()} threads, {args.rounds} rounds")
+    print(f"{'mode':6} {'model s':>8} {'heavy':>6} {'floor s':>8} {'base s':>7} {'base heavy':>10} "
+          f"{'ratio':>6} {'best ratio':>10}")
+    for mode in args.mode:
+        run = infer if mode == "infer" else train
+        for name in names:  # warm-up
+            run(name)
+        times: Dict[str, List[float]] = {n: [] for n in names}
+        for _ in range(args.rounds):
+            for name in names:
+                start = time.perf_counter()
+                run(name)
+                times[name].append(time.perf_counter() - start)
+        share = {n: heavy_share(lambda n=n: run(n)) for n in names}
+        median = {n: sorted(t)[len(t) // 2] for n, t in times.items()}
+        per_round = sorted(b / m for m, b in zip(times[args.model], times[args.baseline]))
+        floor = median[args.model] * share[args.model]
+        print(f"{mode:6} {median[args.model]:8.3f} {share[args.model]:6.0%} {floor:8.3f} "
+              f"{median[args.baseline]:7.3f} {share[args.baseline]:10.0%} "
+              f"{per_round[len(per_round) // 2]:6.2f} {median[args.baseline] / floor:10.2f}")
+
+
+if __name__ == "__main__":
+    main()
