@@ -74,6 +74,29 @@ def test_recipe_schedule_warms_up_then_cosine_to_min_lr():
     assert all(lrs[u] >= lrs[u + 1] for u in range(20 * per_epoch, 300 * per_epoch))
 
 
+def test_schedule_warm_up_in_updates_and_multistep_milestones():
+    # mmdet's 1x: 500 warm-up iterations, lr x0.1 at epochs 8 and 11 of 12.
+    cfg = resolve_config("pale_tiny_imagenet", ["epochs=12", "sched.sched=multistep", "sched.warmup_epochs=0",
+                                                "sched.warmup_updates=500", "sched.warmup_lr=1e-7",
+                                                "sched.decay_milestones=[8, 11]", "optim.lr=1e-4"])
+    opt = build_optimizer(torch.nn.Linear(2, 2), cfg)
+    per_epoch = 100
+    sched = build_scheduler(opt, cfg, per_epoch)
+
+    def lr_at(update):
+        sched.step_update(update)
+        return opt.param_groups[0]["lr"]
+
+    assert lr_at(0) == pytest.approx(1e-7)
+    assert lr_at(250) == pytest.approx(1e-7 + (1e-4 - 1e-7) * 0.5, rel=1e-6)  # half-way through 500 updates
+    # (timm's multistep switches one update before the milestone's first update: test either side of it)
+    assert lr_at(500) == pytest.approx(1e-4) and lr_at(790) == pytest.approx(1e-4)
+    assert lr_at(800) == pytest.approx(1e-5) and lr_at(1090) == pytest.approx(1e-5)
+    assert lr_at(1100) == pytest.approx(1e-6)
+    with pytest.raises(ValueError, match="decay_milestones"):
+        build_scheduler(opt, resolve_config("pale_tiny_imagenet", ["sched.sched=multistep"]), per_epoch)
+
+
 def test_unknown_key_is_named():
     with pytest.raises(RecipeError, match=r"unknown recipe key 'optim\.lrr' \(did you mean 'lr'\?\)"):
         resolve_config("pale_tiny_imagenet", ["optim.lrr=1"])

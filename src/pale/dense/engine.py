@@ -1,14 +1,9 @@
 """Running dense tasks on :class:`pale.train.Trainer` (the classification engine: DDP, AMP,
-checkpoints, exact resume, EMA, metrics files).
+checkpoints, exact resume, EMA, metrics files), and loading their checkpoints.
 
 Dense recipes count schedules in iterations (mmseg: 1500 warm-up iterations; mmdet: 500 warm-up
-iterations and steps at epochs 8 and 11) while the engine's ``sched`` section counts whole epochs
-and has no milestones. :class:`DenseTrainer` adds two ``sched`` keys and rebuilds timm's scheduler
-with them after the engine's setup (timm schedulers are functions of the update count, so a resumed
-run gets the same learning rates):
-
-* ``sched.warmup_updates`` -- warm-up length in optimizer updates (overrides ``warmup_epochs``);
-* ``sched.decay_milestones`` -- epochs at which ``multistep`` multiplies the lr by ``decay_rate``.
+iterations and steps at epochs 8 and 11): they set the engine's ``sched.warmup_updates`` and
+``sched.decay_milestones``.
 """
 from __future__ import annotations
 
@@ -20,7 +15,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Type, Union
 from .. import io as pio
 from ..train import ENGINE_DEFAULTS, Task, Trainer, merge, resolve_recipe
 
-__all__ = ["DenseTrainer", "dense_defaults", "load_dense_model", "resolve_dense_config", "run_training"]
+__all__ = ["dense_defaults", "load_dense_model", "resolve_dense_config", "run_training"]
 
 
 def load_dense_model(path: Union[str, os.PathLike], task: str, command: str, build: Any,
@@ -39,33 +34,8 @@ def load_dense_model(path: Union[str, os.PathLike], task: str, command: str, bui
 
 
 def dense_defaults(engine_overrides: Mapping[str, Any], sections: Mapping[str, Any]) -> Dict[str, Any]:
-    """The engine's defaults with this task's recipe values, the two extra ``sched`` keys, and the
-    task's own sections."""
-    base = copy.deepcopy(ENGINE_DEFAULTS)
-    base["sched"].update(warmup_updates=None, decay_milestones=[])
-    return {**merge(base, engine_overrides), **copy.deepcopy(dict(sections))}
-
-
-class DenseTrainer(Trainer):
-    """:class:`pale.train.Trainer` with iteration-counted warm-up and multistep milestones."""
-
-    def _build(self) -> None:
-        super()._build()
-        from timm.scheduler import create_scheduler_v2
-
-        scfg = self.cfg["sched"]
-        if scfg["sched"] in (None, "none"):
-            return
-        warmup = scfg["warmup_epochs"]
-        if scfg.get("warmup_updates") is not None:
-            warmup = float(scfg["warmup_updates"]) / self.updates_per_epoch
-        self.scheduler = create_scheduler_v2(
-            self.optimizer, sched=scfg["sched"], num_epochs=int(self.cfg["epochs"]), warmup_epochs=warmup,
-            warmup_lr=float(scfg["warmup_lr"]), min_lr=float(scfg["min_lr"]), cooldown_epochs=scfg["cooldown_epochs"],
-            decay_rate=float(scfg["decay_rate"]), decay_milestones=list(scfg.get("decay_milestones") or [90]),
-            step_on_epochs=bool(scfg["step_on_epochs"]), updates_per_epoch=self.updates_per_epoch)[0]
-        # the new scheduler reset the lr to its warm-up start: set the lr of the next update
-        self.scheduler.step_update(num_updates=self.num_updates)
+    """The engine's defaults with this task's recipe values, and the task's own sections."""
+    return {**merge(copy.deepcopy(ENGINE_DEFAULTS), engine_overrides), **copy.deepcopy(dict(sections))}
 
 
 def resolve_dense_config(task_cls: Type[Task], recipe: Union[str, os.PathLike, Mapping[str, Any], None],
@@ -88,4 +58,4 @@ def run_training(task_cls: Type[Task], recipe: Union[str, os.PathLike, Mapping[s
         cfg = resolve_dense_config(task_cls, recipe, overrides)
         if out_dir is None:
             raise ValueError("no output folder given (--output)")
-    return DenseTrainer(task_cls(cfg), cfg, Path(out_dir), resume=resume, dry_run=dry_run).fit()
+    return Trainer(task_cls(cfg), cfg, Path(out_dir), resume=resume, dry_run=dry_run).fit()

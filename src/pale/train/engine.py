@@ -212,15 +212,26 @@ def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Opt
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any], updates_per_epoch: int) -> Any:
-    """timm's scheduler (warm-up then ``sched.sched``), stepped per update unless ``sched.step_on_epochs``."""
+    """timm's scheduler (warm-up then ``sched.sched``), stepped per update unless ``sched.step_on_epochs``.
+
+    The warm-up lasts ``sched.warmup_epochs``, or ``sched.warmup_updates`` optimizer updates when
+    set (dense recipes count it in iterations); ``multistep`` decays at ``sched.decay_milestones``.
+    timm's schedulers are functions of the update count, so a resumed run gets the same rates.
+    """
     from timm.scheduler import create_scheduler_v2
 
     scfg = cfg["sched"]
+    warmup = scfg["warmup_epochs"]
+    if scfg.get("warmup_updates") is not None:
+        warmup = float(scfg["warmup_updates"]) / updates_per_epoch
+    milestones = list(scfg.get("decay_milestones") or [])
+    if scfg["sched"] == "multistep" and not milestones:
+        raise ValueError("sched.sched=multistep needs sched.decay_milestones (epochs), e.g. [8, 11]")
     return create_scheduler_v2(
-        optimizer, sched=scfg["sched"], num_epochs=int(cfg["epochs"]), warmup_epochs=scfg["warmup_epochs"],
+        optimizer, sched=scfg["sched"], num_epochs=int(cfg["epochs"]), warmup_epochs=warmup,
         warmup_lr=float(scfg["warmup_lr"]), min_lr=float(scfg["min_lr"]), cooldown_epochs=scfg["cooldown_epochs"],
-        decay_rate=float(scfg["decay_rate"]), step_on_epochs=bool(scfg["step_on_epochs"]),
-        updates_per_epoch=updates_per_epoch)[0]
+        decay_rate=float(scfg["decay_rate"]), decay_milestones=milestones or [90],
+        step_on_epochs=bool(scfg["step_on_epochs"]), updates_per_epoch=updates_per_epoch)[0]
 
 
 # ---- the task interface --------------------------------------------------------------------------

@@ -56,6 +56,8 @@ ENGINE_DEFAULTS: Config = {
         "min_lr": 1.0e-5,
         "cooldown_epochs": 0,
         "decay_rate": 0.1,       # step / poly power
+        "decay_milestones": [],  # multistep: epochs at which the lr is multiplied by decay_rate
+        "warmup_updates": None,  # warm-up in optimizer updates (mmseg/mmdet style); overrides warmup_epochs
         "step_on_epochs": False,  # False: update the lr after every optimizer step
     },
     "ema": {
