@@ -128,9 +128,9 @@ def test_vanilla_impossible_shape_raises():
 
 
 @pytest.mark.parametrize("interlaced", [True, False])
-@pytest.mark.parametrize("h,w,s,heads", [(14, 14, 7, 2), (12, 13, 7, 4), (5, 5, 2, 2), (1, 1, 3, 2), (9, 7, 3, 2)])
+@pytest.mark.parametrize("h,w,s,heads", [(14, 14, 7, 2), (12, 12, 3, 4), (6, 6, 2, 2), (7, 7, 7, 2), (4, 4, 1, 2)])
 def test_fused_branches_equal_separate_branches(h, w, s, heads, interlaced):
-    """The one-call path (square after padding) against the two per-branch calls: values and gradients."""
+    """The one-call path (square, unpadded) against the two per-branch calls: values and gradients."""
     from pale.models.pale_transformer import column_group_attention, pale_branch_attention, row_group_attention
     q, k, v = (torch.randn(2, h, w, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     fused = pale_branch_attention(q, k, v, heads, s, interlaced)
@@ -142,6 +142,13 @@ def test_fused_branches_equal_separate_branches(h, w, s, heads, interlaced):
     separate_grads = torch.autograd.grad(separate, (q, k, v), grad)
     for a, b in zip(fused_grads, separate_grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_fused_branches_refuse_maps_that_need_padding():
+    from pale.models.pale_transformer import pale_branch_attention
+    q = torch.randn(1, 12, 13, 8)
+    with pytest.raises(ValueError, match="square map .* multiple of the group size 7, got 12x13"):
+        pale_branch_attention(q, q, q, 2, 7, True)
 
 
 def test_eval_projection_folds_batchnorm_exactly():

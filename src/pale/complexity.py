@@ -196,9 +196,6 @@ def attention_matmul_macs(mode: str, h: int, w: int, c: int, group_size: Pair,
     padded = formula == "code"
     s_r, s_c = group_size
     if mode in ("parallel", "axial", "cross_shaped"):
-        if padded and s_r == s_c and _ceil_to(h, s_r) == _ceil_to(w, s_c):
-            # Both branches run as one call on the map padded to P x P (pale_branch_attention).
-            h = w = _ceil_to(h, s_r)
         # Half the channels in each branch: Eq. 14, hw²c s_r + h²wc s_c without padding.
         return (_row_groups_macs(h, w, c // 2, s_r, padded)
                 + _row_groups_macs(w, h, c - c // 2, s_c, padded))

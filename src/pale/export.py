@@ -5,11 +5,11 @@ ONNX and padding. PS-attention pads each map up to a multiple of its group size 
 padded keys. The exporters trace the model at one example size, so two things must hold for the
 graph to be right at every size (docs/deploy.md has the details):
 
-* The branches ``if hp != h`` (pad or not) and "both sides pad to the same length" (run the row and
-  column branches as one call) are Python ``if``s on sizes: the trace keeps the branches the example
-  size took. :func:`padding_trace_size` picks an example size at which *every* attention layer pads
-  rows and columns and runs its branches separately, so the graph always pads (by zero rows when
-  none are needed, with an all-true mask) and never assumes a square map: correct at every size.
+* The branches ``if hp != h`` (pad or not) and "square and unpadded" (run the row and column
+  branches as one call) are Python ``if``s on sizes: the trace keeps the branches the example size
+  took. :func:`padding_trace_size` picks an example size at which *every* attention layer pads rows
+  and columns, so the graph always pads (by zero rows when none are needed, with an all-true mask)
+  and runs the branches separately, which is correct at every size.
 * The model's ``padded_length`` rounds up as ``(n + s - 1) // s * s``: the same value as
   ``ceil(n / s) * s`` without dividing a negative number, which ONNX would truncate.
 
@@ -30,7 +30,6 @@ import torch
 import torch.nn as nn
 
 from . import io as pio
-from .models.pale_transformer import padded_length
 
 __all__ = ["EXPORTERS", "OnnxCheck", "OnnxExport", "attention_layers", "padding_trace_size",
            "export_onnx", "check_onnx", "export_safetensors", "load_model_for_export"]
@@ -73,33 +72,27 @@ def _attention_input_sizes(model: nn.Module, size: Size, in_chans: int) -> List[
     return seen
 
 
-def _general_path(layer: nn.Module, h: int, w: int) -> bool:
-    """Whether ``layer`` takes its size-independent path on an ``h x w`` map: every grouping pads
-    (group size 1 never pads; ``vanilla`` cannot be exported with dynamic sizes at all), and the
-    two branches run as separate calls, not as the one call that needs both sides padded alike."""
+def _pads_everywhere(layer: nn.Module, h: int, w: int) -> bool:
+    """Whether every grouping ``layer`` does on an ``h x w`` map needs padding (group size 1 never
+    pads; ``vanilla`` cannot be exported with dynamic sizes at all). A layer that pads also runs its
+    row and column branches as separate calls (the one-call path is only for unpadded square maps)."""
     s_r, s_c = layer.group_size
     rows = s_r == 1 or h % s_r != 0
     cols = s_c == 1 or w % s_c != 0
     if layer.mode == "sequential":
         return rows if layer.direction == "row" else cols
-    separate = s_r != s_c or padded_length(h, s_r) != padded_length(w, s_c)
-    return rows and cols and separate
+    return rows and cols
 
 
 def padding_trace_size(model: nn.Module, start: int = 64, stop: int = 512) -> Size:
-    """The smallest image size (height < width, both in ``[start, stop)``) at which every attention
-    layer pads and runs its row and column branches separately, so a trace keeps the general path."""
+    """The smallest square image side in ``[start, stop)`` at which every attention layer pads."""
     in_chans = getattr(model, "in_chans", 3)
-    layer_sides: List[List[int]] = []  # per candidate side: the map side each attention layer sees
-    for width in range(start, stop):
+    for side in range(start, stop):
         # Heights and widths go through the network independently: a side x 3 image tells each
-        # layer's map side for that side, at a fraction of a square image's cost.
-        seen = _attention_input_sizes(model, (width, 3), in_chans)
-        layers = [layer for layer, _, _ in seen]
-        layer_sides.append([h for _, h, _ in seen])
-        for height_index, heights in enumerate(layer_sides[:-1]):
-            if all(_general_path(layer, h, w) for layer, h, w in zip(layers, heights, layer_sides[-1])):
-                return start + height_index, width
+        # layer's map side at a fraction of a square image's cost.
+        sides = [(layer, h) for layer, h, _ in _attention_input_sizes(model, (side, 3), in_chans)]
+        if all(_pads_everywhere(layer, h, h) for layer, h in sides):
+            return side, side
     raise ValueError(f"no image size in [{start}, {stop}) makes every attention layer pad; "
                      f"pass a trace size explicitly")
 
