@@ -1,8 +1,9 @@
 """How fast could a model be next to a peer if everything but its heavy kernels took no time?
 
-For each model, in one process and round-robin, this times inference (and the training step:
-forward, cross-entropy, backward, AdamW), then profiles one run of each with ``torch.profiler`` and
-takes the share of self CPU time spent in the "heavy" kernels: GEMMs (``addmm``, ``mm``, ``bmm``),
+For each model, in one process and round-robin, this times inference and the training step
+(forward, cross-entropy, backward, AdamW) as `pale bench` runs them (``pale.bench.Runner``), then
+profiles one run of each with ``torch.profiler`` and takes the share of self CPU time spent in the
+"heavy" kernels: GEMMs (``addmm``, ``mm``, ``bmm``),
 convolutions and their backward, and scaled-dot-product attention and its backward. Those kernels
 already run near the machine's matmul peak (see docs/performance.md), so
 
@@ -21,12 +22,9 @@ import argparse
 import time
 from typing import Callable, Dict, List
 
-import timm
-import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-import pale  # noqa: F401  (registers the Pale models with timm)
+from pale.bench import Runner, Setting
 
 HEAVY_KERNELS = (
     "aten::addmm", "aten::mm", "aten::bmm",
@@ -55,39 +53,26 @@ def main() -> None:
     parser.add_argument("--mode", nargs="+", choices=["infer", "train"], default=["infer", "train"])
     args = parser.parse_args()
 
+    import torch
+
     names = [args.model, args.baseline]
-    torch.manual_seed(0)
-    models = {n: timm.create_model(n, img_size=args.img_size) if "swin" in n or "deit" in n
-              else timm.create_model(n) for n in names}
-    optimizers = {n: torch.optim.AdamW(m.parameters(), lr=1e-4) for n, m in models.items()}
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
-    y = torch.randint(0, 1000, (args.batch_size,))
-
-    def infer(name: str) -> None:
-        with torch.inference_mode():
-            models[name].eval()(x)
-
-    def train(name: str) -> None:
-        model = models[name].train()
-        F.cross_entropy(model(x), y).backward()
-        optimizers[name].step()
-        optimizers[name].zero_grad(set_to_none=True)
-
+    size = (args.img_size, args.img_size)
     print(f"{args.model} vs {args.baseline}, batch {args.batch_size}, {args.img_size}x{args.img_size}, "
           f"{torch.get_num_threads()} threads, {args.rounds} rounds")
     print(f"{'mode':6} {'model s':>8} {'heavy':>6} {'floor s':>8} {'base s':>7} {'base heavy':>10} "
           f"{'ratio':>6} {'best ratio':>10}")
     for mode in args.mode:
-        run = infer if mode == "infer" else train
-        for name in names:  # warm-up
-            run(name)
+        # The same inference batch / training step (forward, cross-entropy, backward, AdamW) as `pale bench`.
+        runners = {n: Runner(Setting(n, size, args.batch_size), mode) for n in names}
+        for run in runners.values():  # warm-up
+            run()
         times: Dict[str, List[float]] = {n: [] for n in names}
         for _ in range(args.rounds):
-            for name in names:
+            for name, run in runners.items():
                 start = time.perf_counter()
-                run(name)
+                run()
                 times[name].append(time.perf_counter() - start)
-        share = {n: heavy_share(lambda n=n: run(n)) for n in names}
+        share = {n: heavy_share(run) for n, run in runners.items()}
         median = {n: sorted(t)[len(t) // 2] for n, t in times.items()}
         per_round = sorted(b / m for m, b in zip(times[args.model], times[args.baseline]))
         floor = median[args.model] * share[args.model]
