@@ -230,8 +230,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any], up
     return create_scheduler_v2(
         optimizer, sched=scfg["sched"], num_epochs=int(cfg["epochs"]), warmup_epochs=warmup,
         warmup_lr=float(scfg["warmup_lr"]), min_lr=float(scfg["min_lr"]), cooldown_epochs=scfg["cooldown_epochs"],
-        decay_rate=float(scfg["decay_rate"]), decay_milestones=milestones or [90],
-        step_on_epochs=bool(scfg["step_on_epochs"]), updates_per_epoch=updates_per_epoch)[0]
+        decay_rate=float(scfg["decay_rate"]), step_on_epochs=bool(scfg["step_on_epochs"]),
+        updates_per_epoch=updates_per_epoch, **({"decay_milestones": milestones} if milestones else {}))[0]
 
 
 # ---- the task interface --------------------------------------------------------------------------
