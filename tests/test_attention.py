@@ -156,7 +156,13 @@ def test_eval_projection_folds_batchnorm_exactly():
     proj = _layer(16, 2, 7).q
     x = torch.randn(2, 6, 5, 16, dtype=torch.float64)
     unfolded = proj.pw(proj.bn(proj.dw(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1))
-    torch.testing.assert_close(proj(x), unfolded, rtol=1e-12, atol=1e-12)
+    folded = proj(x)
+    torch.testing.assert_close(folded, unfolded, rtol=1e-12, atol=1e-12)
+    # Gradients reach the conv and BatchNorm weights as unfolded (fine-tuning with frozen statistics).
+    weights = (proj.dw.weight, proj.bn.weight, proj.bn.bias)
+    grad = torch.randn_like(folded)
+    for a, b in zip(torch.autograd.grad(folded, weights, grad), torch.autograd.grad(unfolded, weights, grad)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     proj.train()  # training uses batch statistics, so nothing is folded
     unfolded = proj.pw(proj.bn(proj.dw(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1))
     torch.testing.assert_close(proj(x), unfolded, rtol=1e-12, atol=1e-12)

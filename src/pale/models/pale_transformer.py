@@ -173,7 +173,7 @@ def group_branches(x: Tensor, group_size: int, interlaced: bool) -> Tensor:
 
 def ungroup_branches(x: Tensor, batch: int, group_size: int, interlaced: bool) -> Tensor:
     """Inverse of :func:`group_branches`: ``(2 B G, s P, C / 2)`` -> ``(B, P, P, C)``, in one copy."""
-    n, length, half = x.shape
+    _, length, half = x.shape
     s, p = group_size, length // group_size
     g = p // s
     inner = (s, g, s, g) if interlaced else (g, s, g, s)
@@ -295,7 +295,10 @@ class SeparableProjection(nn.Module):
         x = x.permute(0, 3, 1, 2)
         if self.bn.training or self.bn.running_mean is None:
             x = self.bn(self.dw(x))
-        else:  # BatchNorm on running statistics is affine per channel: fold it into the conv
+        else:
+            # BatchNorm on running statistics is affine per channel: fold it into the conv. Written
+            # out rather than torch.nn.utils.fuse_conv_bn_weights, which returns detached Parameters:
+            # eval-mode BatchNorm with trained weights (frozen-BN fine-tuning) needs the gradients.
             scale = self.bn.weight * torch.rsqrt(self.bn.running_var + self.bn.eps)
             bias = self.bn.bias - self.bn.running_mean * scale
             x = F.conv2d(x, self.dw.weight * scale.view(-1, 1, 1, 1), bias, padding=1, groups=self.dw.groups)
