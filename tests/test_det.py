@@ -21,13 +21,12 @@ from pale.dense.toydata import make_coco_dataset
 from pale.train import Runtime, resolve_recipe
 from pale.train.engine import seed_everything
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-TINY = dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 2))
-TINY_YAML = "{embed_dims: [16, 32, 64, 128], depths: [1, 1, 1, 1], num_heads: [2, 2, 2, 2]}"
+from dense_tiny import TINY, TINY_YAML
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# pycocotools calls numpy.array(copy=False), deprecated under numpy 2.
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 
 @pytest.fixture(scope="module")

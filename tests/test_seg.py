@@ -23,8 +23,7 @@ from pale.dense.upernet import PaleUperNet
 from pale.train import Runtime
 from pale.train.engine import seed_everything
 
-TINY = dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 2))
-TINY_YAML = "{embed_dims: [16, 32, 64, 128], depths: [1, 1, 1, 1], num_heads: [2, 2, 2, 2]}"
+from dense_tiny import TINY, TINY_YAML
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
