@@ -55,17 +55,42 @@ def mode_masks(mode: str, h: int, w: int, group_size: Tuple[int, int], direction
         if direction == "row":
             return same_row_group(h, w, interlaced_group_ids(h, s_r))
         return same_col_group(h, w, interlaced_group_ids(w, s_c))
-    if mode == "vanilla":
-        n = max(math.ceil(h / s_r), math.ceil(w / s_c))
-        ids_r, ids_c = torch.arange(h) % n, torch.arange(w) % n
-        return same_row_group(h, w, ids_r) | same_col_group(h, w, ids_c)
     raise ValueError(mode)
+
+
+def pale_members(h: int, w: int, pale_size: Tuple[int, int]) -> Tensor:
+    """``(N, HW)`` bool: which real tokens each pale of vanilla PS-attention holds. With the map
+    padded to ``h / s_r = w / s_c = N``, pale ``i`` is the rows ``y`` with ``y mod N = i`` and the
+    columns ``x`` with ``x mod N = i``."""
+    s_r, s_c = pale_size
+    n = max(math.ceil(h / s_r), math.ceil(w / s_c))
+    rows = torch.arange(h).view(h, 1).expand(h, w).reshape(-1)
+    cols = torch.arange(w).view(1, w).expand(h, w).reshape(-1)
+    pales = torch.arange(n).view(n, 1)
+    return (rows % n == pales) | (cols % n == pales)
+
+
+def per_pale_reference(q: Tensor, k: Tensor, v: Tensor, num_heads: int, pale_size: Tuple[int, int]) -> Tensor:
+    """Vanilla PS-attention from its definition: for each pale, dense attention among its tokens
+    only; each token's result is the mean over the pales that hold it."""
+    b, h, w, c = q.shape
+    total = torch.zeros_like(q)
+    count = torch.zeros(h * w, dtype=q.dtype)
+    for member in pale_members(h, w, pale_size):
+        mask = member[:, None] & member[None, :]
+        mask = mask | ~member[:, None]          # queries outside the pale: any finite row, zeroed below
+        out = masked_attention(q, k, v, mask, num_heads)
+        total = total + out * member.view(1, h, w, 1).to(q.dtype)
+        count += member.to(q.dtype)
+    return total / count.view(1, h, w, 1)
 
 
 def reference_attention(layer, x: Tensor) -> Tensor:
     """What ``layer`` (a PSAttention) should compute on ``x``, by dense masked attention."""
     b, h, w, c = x.shape
     q, k, v = layer.q(x), layer.k(x), layer.v(x)
+    if layer.mode == "vanilla":
+        return layer.proj(per_pale_reference(q, k, v, layer.num_heads, layer.group_size))
     masks = mode_masks(layer.mode, h, w, layer.group_size, layer.direction or "row")
     if isinstance(masks, tuple):
         half, heads = c // 2, layer.num_heads // 2

@@ -121,10 +121,58 @@ def test_bad_input_raises(x, err, match):
         PSAttention(32, 4)(x)
 
 
-def test_vanilla_impossible_shape_raises():
-    # One row cannot hold two pales (ceil(13 / 7) = 2 pales > 1 row).
-    with pytest.raises(ValueError, match="needs 2 pales"):
-        PSAttention(16, 2, 7, mode="vanilla")(torch.randn(1, 1, 13, 16))
+# ---- vanilla PS-attention: the paper's per-pale definition -------------------------------------
+
+VANILLA_CASES = [  # (H, W, pale size, heads): padding in one or both directions, none, one row
+    (9, 5, (3, 2), 2), (13, 11, (3, 2), 4), (13, 11, 7, 2), (12, 12, 3, 2), (1, 13, 7, 2), (5, 1, (2, 3), 1)]
+
+
+@pytest.mark.parametrize("h,w,pale_size,heads", VANILLA_CASES)
+def test_per_pale_attention_matches_definition(h, w, pale_size, heads):
+    """Values and gradients against attention inside each pale, averaged over a token's pales."""
+    from pale.models.pale_transformer import _pair, per_pale_attention
+    from reference import per_pale_reference
+    pale_size = _pair(pale_size, "pale_size")
+    q, k, v = (torch.randn(2, h, w, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = per_pale_attention(q, k, v, heads, pale_size)
+    ref = per_pale_reference(q, k, v, heads, pale_size)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_pales_hold_the_papers_token_count():
+    """Pale i: interlaced rows i, i+N, ... and columns i, i+N, ..., s_r Wp + s_c Hp - s_r s_c tokens;
+    every token is in pale (y mod N) and pale (x mod N)."""
+    from pale.models.pale_transformer import _pale_index
+    n, (s_r, s_c) = 3, (3, 2)
+    hp, wp = n * s_r, n * s_c
+    index, count = _pale_index(n, (s_r, s_c))
+    assert index.shape == (n, s_r * wp + s_c * hp - s_r * s_c)
+    for i in range(n):
+        y, x = index[i] // wp, index[i] % wp
+        assert len(set(index[i].tolist())) == index.shape[1]
+        assert ((y % n == i) | (x % n == i)).all()
+        assert sorted(set(y[x % n != i].tolist())) == list(range(i, hp, n))      # its s_r rows, whole
+    y, x = torch.arange(hp * wp) // wp, torch.arange(hp * wp) % wp
+    assert count.tolist() == (1 + (y % n != x % n).long()).tolist()
+
+
+@pytest.mark.parametrize("h,w,pale_size,heads", [(9, 5, (3, 2), 2), (13, 11, (3, 2), 4), (56, 56, (7, 7), 2)])
+def test_per_pale_attention_costs_2cNP2(h, w, pale_size, heads):
+    """The attention matmuls count exactly 2 c N P^2 multiply-adds (N pales of P tokens, all c channels)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pale.models.pale_transformer import pale_count, per_pale_attention
+    c = 8
+    q = torch.randn(1, h, w, c)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        per_pale_attention(q, q, q, heads, pale_size)
+    n = pale_count(h, w, pale_size)
+    p = pale_size[0] * n * pale_size[1] + pale_size[1] * n * pale_size[0] - pale_size[0] * pale_size[1]
+    assert counter.get_total_flops() == 2 * (2 * c * n * p * p)
 
 
 @pytest.mark.parametrize("interlaced", [True, False])

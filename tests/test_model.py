@@ -124,7 +124,10 @@ def test_group_matcher_and_no_weight_decay():
     groups = group_parameters(model, model.group_matcher())
     names = {n for g in groups.values() for n in g}
     assert names == {n for n, _ in model.named_parameters()}
-    assert model.no_weight_decay() == {"pos_embed"}
+    assert model.no_weight_decay() == {f"stages.{i}.pos_embed" for i in range(4)}
+    # a stage's position table goes with its patch merging (layer-wise lr decay)
+    for i in range(1, 4):
+        assert any({f"stages.{i}.pos_embed", f"stages.{i}.downsample.proj.weight"} <= set(g) for g in groups.values())
     assert tiny().no_weight_decay() == set()
 
 

@@ -1,5 +1,5 @@
-"""Position encodings (Table 9): APE learned at the pretraining size and resized for other inputs,
-CPE in every block, or none; and what each costs in parameters."""
+"""Position encodings (Table 9): APE, one learned table per stage at the model's img_size and resized
+for other inputs; CPE in every block; or none; and what each costs in parameters."""
 import pytest
 import torch
 from timm.layers import resample_abs_pos_embed_nhwc
@@ -10,58 +10,78 @@ from pale.models.pale_transformer import PaleTransformer
 TINY = dict(embed_dims=(16, 32, 32, 64), depths=(1, 2, 1, 2), num_heads=(2, 2, 4, 4), num_classes=5)
 
 
-def _added_after_stem(model, x):
-    """What the model adds to the stem's output before stage 1: ``(stem output, stage-1 input)``."""
+def _added_per_stage(model, x):
+    """What the model adds in each stage between patch merging and the first block:
+    ``[(merged map, first block's input)]`` per stage, and the logits."""
     seen = {}
-    hooks = [model.stem.register_forward_hook(lambda m, i, o: seen.__setitem__("stem", o)),
-             model.stages[0].register_forward_pre_hook(lambda m, i: seen.__setitem__("stage", i[0]))]
+    hooks = []
+    for i, stage in enumerate(model.stages):
+        hooks.append(stage.downsample.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(("merged", i), o)))
+        hooks.append(stage.blocks.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(("blocks", i), a[0])))
     try:
         with torch.no_grad():
             out = model(x)
     finally:
         for h in hooks:
             h.remove()
-    return seen["stem"], seen["stage"], out
+    return [(seen["merged", i], seen["blocks", i]) for i in range(len(model.stages))], out
 
 
-def test_ape_is_learned_at_the_pretraining_size():
+def test_ape_is_one_table_per_stage_at_the_training_size():
     model = PaleTransformer(**TINY, pos_embed="ape", img_size=(64, 96)).eval()
-    assert tuple(model.pos_embed.shape) == (1, 16, 24, 16)   # the stem's grid of a 64x96 image
-    assert model.pos_embed.requires_grad and model.pos_embed.abs().sum() > 0
-    stem, stage_in, out = _added_after_stem(model, torch.randn(2, 3, 64, 96))
-    # At the pretraining size the learned table is added as it is, no resizing.
-    torch.testing.assert_close(stage_in - stem, model.pos_embed.expand_as(stem), atol=1e-6, rtol=0)
+    tables = [stage.pos_embed for stage in model.stages]
+    # each stage's grid for a 64x96 image: the stem's 16x24, then halved per stage
+    assert [tuple(t.shape) for t in tables] == [(1, 16, 24, 16), (1, 8, 12, 32), (1, 4, 6, 32), (1, 2, 3, 64)]
+    assert all(t.requires_grad and t.abs().sum() > 0 for t in tables)
+    pairs, out = _added_per_stage(model, torch.randn(2, 3, 64, 96))
+    for (merged, block_in), table in zip(pairs, tables):   # added as it is, no resizing
+        torch.testing.assert_close(block_in - merged, table.expand_as(merged), atol=1e-6, rtol=0)
     assert out.shape == (2, 5)
+    assert model.no_weight_decay() == {f"stages.{i}.pos_embed" for i in range(4)}
 
 
-@pytest.mark.parametrize("size,grid", [((37, 201), (9, 50)), ((5, 5), (1, 1))])
-def test_ape_is_interpolated_for_other_sizes(size, grid):
+@pytest.mark.parametrize("size,grids", [((37, 201), [(9, 50), (5, 25), (3, 13), (2, 7)]), ((5, 5), [(1, 1)] * 4)])
+def test_ape_is_interpolated_for_other_sizes(size, grids):
     model = PaleTransformer(**TINY, pos_embed="ape", img_size=64).eval()
-    stem, stage_in, out = _added_after_stem(model, torch.randn(2, 3, *size))
-    assert tuple(stem.shape[1:3]) == grid and out.shape == (2, 5)
-    expected = resample_abs_pos_embed_nhwc(model.pos_embed, list(grid))
-    assert expected.shape == (1, *grid, 16)
-    torch.testing.assert_close(stage_in - stem, expected.expand_as(stem), atol=1e-6, rtol=1e-6)
+    pairs, out = _added_per_stage(model, torch.randn(2, 3, *size))
+    assert out.shape == (2, 5)
+    for (merged, block_in), stage, grid in zip(pairs, model.stages, grids):
+        assert tuple(merged.shape[1:3]) == grid
+        expected = resample_abs_pos_embed_nhwc(stage.pos_embed, list(grid))
+        torch.testing.assert_close(block_in - merged, expected.expand_as(merged), atol=1e-6, rtol=1e-6)
 
 
 def test_ape_resizing_keeps_a_constant_table_constant_and_passes_gradients():
     model = PaleTransformer(**TINY, pos_embed="ape", img_size=64)
     with torch.no_grad():
-        model.pos_embed.fill_(0.25)
-    stem, stage_in, _ = _added_after_stem(model.eval(), torch.randn(1, 3, 44, 36))
-    torch.testing.assert_close(stage_in - stem, torch.full_like(stem, 0.25), atol=1e-5, rtol=0)
-    # Trained at another size, the table still receives gradients through the interpolation.
+        for stage in model.stages:
+            stage.pos_embed.fill_(0.25)
+    pairs, _ = _added_per_stage(model.eval(), torch.randn(1, 3, 44, 36))
+    for merged, block_in in pairs:
+        torch.testing.assert_close(block_in - merged, torch.full_like(merged, 0.25), atol=1e-5, rtol=0)
+    # Trained at another size, every table still receives gradients through the interpolation.
     model.train()
     model(torch.randn(2, 3, 44, 36)).sum().backward()
-    assert model.pos_embed.grad is not None and model.pos_embed.grad.abs().sum() > 0
+    assert all(s.pos_embed.grad is not None and s.pos_embed.grad.abs().sum() > 0 for s in model.stages)
 
 
-def test_none_and_cpe_add_nothing_after_the_stem():
+def test_checkpoint_at_another_size_loads_with_each_table_resized():
+    from pale.models.pale_transformer import checkpoint_filter_fn
+    small = PaleTransformer(**TINY, pos_embed="ape", img_size=64)
+    large = PaleTransformer(**TINY, pos_embed="ape", img_size=(96, 128))
+    state = checkpoint_filter_fn({"model": small.state_dict()}, large)
+    large.load_state_dict(state)
+    for i, stage in enumerate(large.stages):
+        expected = resample_abs_pos_embed_nhwc(small.stages[i].pos_embed, list(stage.pos_embed.shape[1:3]))
+        torch.testing.assert_close(stage.pos_embed, expected)
+
+
+def test_none_and_cpe_add_nothing_between_merging_and_blocks():
     for pos_embed in ("none", "cpe"):
         model = PaleTransformer(**TINY, pos_embed=pos_embed).eval()
-        assert model.pos_embed is None
-        stem, stage_in, _ = _added_after_stem(model, torch.randn(1, 3, 64, 64))
-        assert torch.equal(stem, stage_in)
+        assert all(stage.pos_embed is None for stage in model.stages) and model.no_weight_decay() == set()
+        pairs, _ = _added_per_stage(model, torch.randn(1, 3, 64, 64))
+        assert all(torch.equal(merged, block_in) for merged, block_in in pairs)
 
 
 def test_cpe_is_in_every_block_and_only_with_cpe():
@@ -77,8 +97,11 @@ def test_parameter_counts_of_the_encodings(img_size):
     counts = {p: sum(t.numel() for t in PaleTransformer(**TINY, pos_embed=p, img_size=img_size).parameters())
               for p in ("none", "ape", "cpe")}
     h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
-    stem_grid = ((h + 4 - 7) // 4 + 1) * ((w + 4 - 7) // 4 + 1)
-    assert counts["ape"] - counts["none"] == stem_grid * TINY["embed_dims"][0]
+    grids, side = [], ((h + 4 - 7) // 4 + 1, (w + 4 - 7) // 4 + 1)   # stem, then 3x3 stride-2 merging
+    for _ in range(4):
+        grids.append(side)
+        side = tuple((s - 1) // 2 + 1 for s in side)
+    assert counts["ape"] - counts["none"] == sum(gh * gw * c for (gh, gw), c in zip(grids, TINY["embed_dims"]))
     # A depthwise 3x3 conv with bias per block: 10 c.
     assert counts["cpe"] - counts["none"] == sum(10 * c * d for c, d in zip(TINY["embed_dims"], TINY["depths"]))
     for p, n in counts.items():

@@ -47,10 +47,11 @@ def test_recipe_optimizer_skips_decay_on_norms_biases_and_position_params():
     decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     plain = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     assert all(g["weight_decay"] in (0.0, 0.05) for g in opt.param_groups)
-    assert "pos_embed" in plain
-    # exactly the 1-D parameters (norm weights, biases, the separable projections' BatchNorms) and pos_embed
-    assert plain == {n for n, p in model.named_parameters() if p.ndim == 1} | {"pos_embed"}
-    assert all(model.get_parameter(n).ndim > 1 and n != "pos_embed" for n in decayed)
+    tables = {f"stages.{i}.pos_embed" for i in range(4)}   # APE: one learned table per stage
+    assert model.no_weight_decay() == tables
+    # exactly the 1-D parameters (norm weights, biases, the separable projections' BatchNorms) and the tables
+    assert plain == {n for n, p in model.named_parameters() if p.ndim == 1} | tables
+    assert all(model.get_parameter(n).ndim > 1 and n not in tables for n in decayed)
     assert "stages.0.blocks.0.attn.proj.weight" in decayed
     assert all(g["betas"] == (0.9, 0.999) for g in opt.param_groups)
 

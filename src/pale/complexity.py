@@ -6,10 +6,10 @@ Two independent counts of the same thing:
   (global attention), Eq. 5 / 13-16 (parallel PS-attention), generalised to every attention mode,
   to padding and to non-square inputs, plus the rest of the network (stem and patch-merging convs,
   CPE, MLP, head). Each attention layer has two numbers: ``macs``, what our code computes (padded
-  group sizes; for ``vanilla`` every query scores ``s_r*Wp + s_c*Hp`` keys, the ``s_r*s_c`` tokens
-  shared by its row and column groups masked, see ``pale_attention``), and ``paper_macs``, the
-  paper's formula on the real ``h x w`` map with no padding (for ``vanilla``, which the paper gives
-  no formula for, ``2hwc(s_r w + s_c h - s_r s_c)``: each token against the tokens of its pale).
+  group sizes), and ``paper_macs``, the paper's formula on the real ``h x w`` map with no padding.
+  For ``vanilla`` both are ``2cNP^2`` (``N`` pales of ``P = s_r Wp + s_c Hp - s_r s_c`` tokens, all
+  ``c`` channels, see ``per_pale_attention``): the paper defines vanilla on the map padded to
+  ``h / s_r = w / s_c``, so the padding is part of its cost (Table 8's 5.4G, 2677G, 668G).
 * **Measured** (:func:`measure_cost`): ``torch.utils.flop_counter.FlopCounterMode`` while the model
   runs a forward pass (it reports 2 FLOPs per multiply-add). Scaled-dot-product attention is forced
   onto its math backend: the fused CPU kernels are invisible to the counter. A model moved to the
@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 __all__ = [
     "ModelCost", "measure_cost", "measured_cost", "parameters_on_meta",
     "LayerMacs", "AnalyticCost", "PaleConfig", "analytic_cost",
-    "global_attention_macs", "pale_attention_macs", "attention_matmul_macs", "vanilla_pale_count",
+    "global_attention_macs", "pale_attention_macs", "attention_matmul_macs",
     "global_model_macs", "stage_sizes", "PAPER_TABLES", "PaperRow", "ComparisonRow", "compare_paper",
 ]
 
@@ -141,17 +141,17 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer  # type: ignore
 
 
-def measured_cost(model_name: str, img_size: Pair, shapes_only: bool = True, **kwargs: Any) -> ModelCost:
-    """Build ``timm.create_model(model_name, **kwargs)`` and :func:`measure_cost` it; with
-    ``shapes_only`` the model is built and run on the ``meta`` device (same counts, no memory,
-    no arithmetic)."""
+def measured_cost(model_name: str, input_size: Pair, shapes_only: bool = True, **kwargs: Any) -> ModelCost:
+    """Build ``timm.create_model(model_name, **kwargs)`` and :func:`measure_cost` it on an
+    ``input_size`` image; with ``shapes_only`` the model is built and run on the ``meta`` device
+    (same counts, no memory, no arithmetic)."""
     import timm
 
     import pale  # noqa: F401  (registers the models)
 
     with parameters_on_meta() if shapes_only else contextlib.nullcontext():
         model = timm.create_model(model_name, **kwargs)
-    return measure_cost(model, img_size, in_chans=kwargs.get("in_chans", 3))
+    return measure_cost(model, input_size, in_chans=kwargs.get("in_chans", 3))
 
 
 # ============================================================================================
@@ -189,7 +189,8 @@ def attention_matmul_macs(mode: str, h: int, w: int, c: int, group_size: Pair,
         group_size: ``(s_r, s_c)``: the pale size, ``(1, 1)`` for axial, the stripe width for cross_shaped.
         direction: ``'row'`` or ``'column'``, for ``sequential``.
         formula: ``'code'``, what our implementation computes (padded groups); ``'paper'``, the
-            paper's formula on the real map (Eq. 14, and for vanilla ``2hwc(s_r w + s_c h - s_r s_c)``).
+            paper's formula on the real map (Eq. 14; for vanilla the same as ``'code'``, since the
+            paper's pales are defined on the padded map).
     """
     if formula not in ("code", "paper"):
         raise ValueError(f"formula must be 'code' or 'paper', got {formula!r}")
@@ -204,24 +205,12 @@ def attention_matmul_macs(mode: str, h: int, w: int, c: int, group_size: Pair,
             return _row_groups_macs(w, h, c, s_c, padded)
         return _row_groups_macs(h, w, c, s_r, padded)
     if mode == "vanilla":
-        if not padded:
-            return 2 * h * w * c * (s_r * w + s_c * h - s_r * s_c)
-        n = vanilla_pale_count(h, w, group_size)
-        hp, wp = n * s_r, n * s_c
-        # Row block: n groups of s_r*Wp tokens; column block: n groups of s_c*Hp tokens; all channels.
-        return 2 * c * n * ((s_r * wp) ** 2 + (s_c * hp) ** 2)
+        from .models.pale_transformer import pale_count
+
+        n = pale_count(h, w, group_size)
+        tokens = s_r * n * s_c + s_c * n * s_r - s_r * s_c   # P = s_r Wp + s_c Hp - s_r s_c
+        return 2 * c * n * tokens * tokens
     raise ValueError(f"unknown attention mode {mode!r}")
-
-
-def vanilla_pale_count(h: int, w: int, pale_size: Pair) -> int:
-    """Pales of vanilla PS-attention, ``N = max(ceil(h/s_r), ceil(w/s_c))``; the map is padded to
-    ``(N s_r, N s_c)``. Raises ValueError where a pale would have no real row or column."""
-    s_r, s_c = pale_size
-    n = max(-(-h // s_r), -(-w // s_c))
-    if n > h or n > w:
-        raise ValueError(f"vanilla PS-attention on a {h}x{w} map with pale size {pale_size} needs {n} pales "
-                         f"(h/s_r = w/s_c after padding), more than the map has rows or columns")
-    return n
 
 
 # ============================================================================================
@@ -366,8 +355,6 @@ def _block_layers(prefix: str, cfg: PaleConfig, stage: int, block: int, h: int, 
     group = cfg.group_size(stage)
     mode = cfg.attn_mode
     direction = ("row" if block % 2 == 0 else "column") if mode == "sequential" else None
-    if mode == "vanilla":
-        vanilla_pale_count(h, w, group)
     layers = []
     if cfg.pos_embed == "cpe":
         layers.append(_conv_layer(f"{prefix}.cpe.proj", h, w, c, c, 3, groups=c))
@@ -404,9 +391,9 @@ def analytic_cost(cfg: PaleConfig, img_size: Pair) -> AnalyticCost:
     h, w = _conv_out(h_img, 7, 4), _conv_out(w_img, 7, 4)
     layers.append(_conv_layer("stem.proj", h, w, cfg.in_chans, dims[0], 7))
     params["stem"] = cfg.in_chans * dims[0] * 49 + dims[0] + 2 * dims[0]
-    if cfg.pos_embed == "ape":
-        # Learned at the pretraining size's stem grid; resized (not counted) for other inputs.
-        params["pos_embed"] = _conv_out(cfg.img_size[0], 7, 4) * _conv_out(cfg.img_size[1], 7, 4) * dims[0]
+    # APE: one learned table per stage at the stage's grid for the model's img_size; resized (not
+    # counted) for other inputs.
+    ape_grids = stage_sizes(cfg.img_size, len(dims)) if cfg.pos_embed == "ape" else None
 
     in_dim = dims[0]
     for i, (c, depth) in enumerate(zip(dims, cfg.depths)):
@@ -416,6 +403,8 @@ def analytic_cost(cfg: PaleConfig, img_size: Pair) -> AnalyticCost:
             h, w = _conv_out(h, 3, 2), _conv_out(w, 3, 2)
             layers.append(_conv_layer(f"{stage}.downsample.proj", h, w, in_dim, c, 3))
             stage_params += in_dim * c * 9 + c + 2 * c
+        if ape_grids is not None:
+            stage_params += ape_grids[i][0] * ape_grids[i][1] * c
         hidden = int(c * cfg.mlp_ratio)
         for j in range(depth):
             layers.extend(_block_layers(f"{stage}.blocks.{j}", cfg, i, j, h, w))
