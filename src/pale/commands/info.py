@@ -1,5 +1,6 @@
 """``pale info MODEL``: parameters and multiply-adds per part and in total, measured and analytic;
-``pale info --compare-paper``: the paper's Tables 7-9 (Pale-T) next to our counts.
+``pale info --compare-paper``: one table of the paper's Tables 1-4 and 7-9 next to our analytic and
+measured values (:mod:`pale.conformance`).
 
 What is counted is chosen by ``--kind`` from :data:`MODEL_KINDS` (name -> :class:`ModelKind`). To add
 a full model (a segmenter, a detector), add one entry: how to build it from a backbone name and
@@ -13,12 +14,12 @@ import contextlib
 import json
 import functools
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch.nn as nn
 
-from ..complexity import (PAPER_TABLES, AnalyticCost, ComparisonRow, ModelCost, PaleConfig, analytic_cost,
-                          compare_paper, measure_cost, parameters_on_meta)
+from ..complexity import AnalyticCost, ModelCost, PaleConfig, analytic_cost, measure_cost, parameters_on_meta
+from ..conformance import TABLES, conformance_rows, format_conformance
 
 Pair = Tuple[int, int]
 
@@ -97,27 +98,6 @@ def format_cost(name: str, cost: ModelCost, settings: Dict[str, Any],
     return "\n".join(lines)
 
 
-def format_comparison(rows: Sequence[ComparisonRow], img_size: Pair = (224, 224)) -> str:
-    """The paper's rows with analytic and measured params and multiply-adds, one block per table."""
-    lines: List[str] = []
-    head = (f"{'':<20}{'params: paper':>14}{'analytic':>10}{'measured':>10}"
-            f"{'MACs: paper':>13}{'analytic':>10}{'Eq. form':>10}{'measured':>10}")
-    table = None
-    for row in rows:
-        if row.paper.table != table:
-            table = row.paper.table
-            if lines:
-                lines.append("")
-            lines += [f"{PAPER_TABLES[table][0]} (Pale-T, {img_size[0]}x{img_size[1]})", head]
-        lines.append(f"{row.paper.label:<20}{_human(row.paper.params, 0):>14}{_human(row.analytic_params):>10}"
-                     f"{_human(row.measured_params):>10}{_human(row.paper.macs, 1):>13}"
-                     f"{_human(row.analytic_macs):>10}{_human(row.formula_macs):>10}"
-                     f"{_human(row.measured_macs):>10}")
-    lines += ["", "analytic: our equations for what the code computes (padded groups); Eq. form: the paper's",
-              "equations on unpadded maps; measured: FlopCounterMode over a forward pass. MACs = multiply-adds."]
-    return "\n".join(lines)
-
-
 def model_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     """Model overrides given on the command line."""
     kwargs: Dict[str, Any] = {}
@@ -130,14 +110,14 @@ def model_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     if args.compare_paper:
-        if args.model not in (None, "pale_tiny"):
-            raise ValueError(f"--compare-paper compares the paper's Pale-T ablations (Tables 7-9): "
-                             f"use pale_tiny, not {args.model!r}")
-        rows = compare_paper(args.table or ("7", "8", "9"), measure=not args.no_measure, shapes_only=args.meta)
+        if args.model is not None:
+            raise ValueError(f"--compare-paper covers Pale-T/S/B and the paper's dense models itself; "
+                             f"give no MODEL (got {args.model!r})")
+        rows = conformance_rows(args.table or TABLES, measure=not args.no_measure)
         if args.json:
-            print(json.dumps([asdict(r) for r in rows], indent=2))
+            print(json.dumps([dict(asdict(r), ratio=r.ratio, agrees=r.agrees) for r in rows], indent=2))
         else:
-            print(format_comparison(rows))
+            print(format_conformance(rows))
         return 0
     if args.model is None:
         raise ValueError("pale info needs a MODEL (e.g. pale_tiny), or --compare-paper")
@@ -173,7 +153,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "info", help="parameters and multiply-adds of a model (measured and analytic), or the paper's tables",
         description="Parameters and multiply-adds per part and in total: measured by counting a forward pass, "
                     "and from the analytic model of pale.complexity. --compare-paper prints the paper's "
-                    "Tables 7-9 for Pale-T next to both.")
+                    "Tables 1-4 and 7-9 next to both, with a reason for every value more than 2% off.")
     p.add_argument("model", nargs="?", help="a timm model name, e.g. pale_tiny")
     p.add_argument("--kind", default="classifier", choices=sorted(MODEL_KINDS),
                    help="which model around the backbone to count: " + "; ".join(
@@ -183,10 +163,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pos-embed", help="position encoding (cpe, ape, none)")
     p.add_argument("--pale-size", type=int, help="pale size for every stage")
     p.add_argument("--compare-paper", action="store_true",
-                   help="print the paper's Tables 7-9 (Pale-T): params and FLOPs, paper / analytic / measured")
-    p.add_argument("--table", action="append", choices=sorted(PAPER_TABLES),
-                   help="with --compare-paper: only this table (repeatable)")
-    p.add_argument("--no-measure", action="store_true", help="with --compare-paper: analytic counts only")
+                   help="one table, paper / analytic / measured: Table 1 (Pale-T/S/B), params and FLOPs of "
+                        "Pale-T/S/B (Table 2), UperNet and Mask R-CNN (Tables 3, 4), and Tables 7-9 in all "
+                        "three columns (ImageNet 224, ADE20K 512x2048, COCO 1280x800); models are counted on "
+                        "the meta device")
+    p.add_argument("--table", action="append", choices=TABLES,
+                   help="with --compare-paper: only this table of the paper (repeatable)")
+    p.add_argument("--no-measure", action="store_true",
+                   help="with --compare-paper: analytic values only (the dense decoders are still measured once)")
     p.add_argument("--meta", action="store_true",
                    help="run the model on the meta device: the same counts from shapes alone, no memory")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -22,10 +22,20 @@ from torch import Tensor
 
 from .. import io as pio
 
-__all__ = ["create_pale_features", "load_backbone_weights", "LayerNorm2d", "PaleFPNBackbone"]
+__all__ = ["create_pale_features", "with_ape_size", "load_backbone_weights", "LayerNorm2d", "PaleFPNBackbone"]
 
 #: classifier parts a backbone does not have
 CLASSIFIER_ONLY = ("head.", "norm.")
+
+
+def with_ape_size(pale_kwargs: Mapping[str, Any], img_size: Sequence[int]) -> Dict[str, Any]:
+    """``pale_kwargs`` with ``img_size`` set to the task's ``(H, W)`` when the backbone uses APE and
+    none is given: the learned tables are sized at the task's resolution, which is how the paper's
+    Table 9 counts its APE dense models (59M at 512x2048, 49M at 1280x800)."""
+    kwargs = dict(pale_kwargs)
+    if kwargs.get("pos_embed") == "ape":
+        kwargs.setdefault("img_size", tuple(img_size))
+    return kwargs
 
 
 def create_pale_features(name: str, **kwargs: Any) -> nn.Module:
@@ -45,13 +55,15 @@ def create_pale_features(name: str, **kwargs: Any) -> nn.Module:
 def load_backbone_weights(trunk: nn.Module, path: Union[str, os.PathLike]) -> pio.LoadReport:
     """Load an ImageNet-trained Pale checkpoint into ``trunk`` (a ``PaleTransformer``, possibly pruned).
 
-    EMA weights are used when the checkpoint has them. Keys of the classifier head and final norm
-    are ignored; a missing, extra or mis-shaped backbone key raises
+    EMA weights are used when the checkpoint has them. APE tables are resized to the trunk's. Keys of
+    the classifier head and final norm are ignored; a missing, extra or mis-shaped backbone key raises
     :class:`pale.io.WeightsMismatchError` naming it.
     """
+    from ..models.pale_transformer import checkpoint_filter_fn
+
     state, _ = pio.read_model_file(path)
     own = trunk.state_dict()
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    state = checkpoint_filter_fn(state, trunk)   # strips "module.", resizes APE tables to the trunk's
     state = {k: v for k, v in state.items() if not (k.startswith(CLASSIFIER_ONLY) and k not in own)}
     return pio.load_weights(trunk, state, strict=True, source=f"backbone checkpoint {path}")
 

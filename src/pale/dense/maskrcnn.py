@@ -17,9 +17,12 @@ from typing import Any, Dict, Sequence, Union
 import torch.nn as nn
 
 from .. import io as pio
-from .backbone import PaleFPNBackbone
+from .backbone import PaleFPNBackbone, with_ape_size
 
-__all__ = ["build_mask_rcnn", "load_backbone"]
+__all__ = ["build_mask_rcnn", "load_backbone", "APE_IMG_SIZE"]
+
+#: COCO's (H, W) = 800x1280, the size of the paper's FLOPs (Table 3): APE tables' size
+APE_IMG_SIZE = (800, 1280)
 
 
 def _mask_rcnn_class():
@@ -49,11 +52,13 @@ def build_mask_rcnn(spec: Dict[str, Any]) -> nn.Module:
     """torchvision ``MaskRCNN`` on Pale from a description: ``backbone``, ``num_classes`` (object
     classes, without background), ``min_size`` (int or list: training sizes), ``max_size``,
     ``test_min_size``, ``fpn_channels``, ``roi_samples`` (RoIs sampled per image for the box head in
-    training, 512 as in mmdetection), ``pale_kwargs``."""
+    training, 512 as in mmdetection), ``pale_kwargs`` (with ``pos_embed='ape'`` and no ``img_size``,
+    the tables are sized at :data:`APE_IMG_SIZE`)."""
     num_classes = int(spec["num_classes"])
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    backbone = PaleFPNBackbone(spec["backbone"], int(spec.get("fpn_channels", 256)), **dict(spec.get("pale_kwargs") or {}))
+    backbone = PaleFPNBackbone(spec["backbone"], int(spec.get("fpn_channels", 256)),
+                               **with_ape_size(spec.get("pale_kwargs") or {}, APE_IMG_SIZE))
     min_size = spec.get("min_size", 800)
     train_sizes = tuple(min_size) if isinstance(min_size, (list, tuple)) else (int(min_size),)
     return _mask_rcnn_class()(backbone, num_classes + 1, train_sizes, int(spec.get("test_min_size") or max(train_sizes)),

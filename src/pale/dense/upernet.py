@@ -25,12 +25,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import io as pio
-from .backbone import load_backbone_weights
+from .backbone import load_backbone_weights, with_ape_size
 
-__all__ = ["PaleUperNet", "FCNHead", "pad_to_multiple"]
+__all__ = ["PaleUperNet", "FCNHead", "pad_to_multiple", "APE_IMG_SIZE"]
 
 #: smp encoders (and Pale's four stride-2 stages after the stride-4 stem) need multiples of this
 SIZE_DIVISOR = 32
+#: ADE20K's test scale (H, W) = 512x2048, the size of the paper's FLOPs (Table 4): APE tables' size
+APE_IMG_SIZE = (512, 2048)
 
 
 def pad_to_multiple(x: Tensor, divisor: int = SIZE_DIVISOR) -> Tensor:
@@ -63,7 +65,8 @@ class PaleUperNet(nn.Module):
         num_classes: output classes (150 for ADE20K).
         decoder_channels: width of the pyramid pooling / FPN / fusion convs (512 in the paper's setting).
         aux: build the auxiliary FCN head (training only).
-        **pale_kwargs: passed to the Pale constructor (``drop_path_rate``, ``embed_dims``, ...).
+        **pale_kwargs: passed to the Pale constructor (``drop_path_rate``, ``embed_dims``, ...); with
+            ``pos_embed='ape'`` and no ``img_size``, the tables are sized at :data:`APE_IMG_SIZE`.
 
     ``forward(x)`` takes a normalised ``(B, 3, H, W)`` batch of any size and returns logits
     ``(B, num_classes, H, W)``; ``forward(x, with_aux=True)`` returns ``(logits, aux_logits or None)``,
@@ -83,7 +86,8 @@ class PaleUperNet(nn.Module):
             raise ValueError(f"backbone must be one of pale_tiny, pale_small, pale_base; got {backbone!r}")
         self.num_classes = num_classes
         self.upernet = smp.UPerNet(encoder_name=f"tu-{backbone}", encoder_weights=None,
-                                   decoder_channels=decoder_channels, classes=num_classes, **pale_kwargs)
+                                   decoder_channels=decoder_channels, classes=num_classes,
+                                   **with_ape_size(pale_kwargs, APE_IMG_SIZE))
         # smp's channel list: [input, (empty stride-2 slot), stage 1, stage 2, stage 3, stage 4]
         stage3_channels = self.upernet.encoder.out_channels[4]
         self.aux_head = FCNHead(stage3_channels, num_classes) if aux else None
