@@ -78,3 +78,30 @@ def test_dense_loaders_refuse_a_checkpoint_of_another_task(tmp_path):
         load_segmenter(str(path))
     with pytest.raises(CheckpointError, match="not a detection checkpoint of `pale det train`.*classification"):
         load_detector(str(path))
+
+
+def test_ape_backbones_are_sized_at_the_task_resolution(tmp_path):
+    """Table 9's dense APE models: the tables are learned at 512x2048 (UperNet) / 800x1280 (Mask R-CNN),
+    and an ImageNet checkpoint (tables at 224) loads with each table resized."""
+    from timm.layers import resample_abs_pos_embed_nhwc
+
+    from pale.dense.maskrcnn import build_mask_rcnn
+    from pale.dense.upernet import PaleUperNet
+    from pale.io import save_checkpoint
+    from pale.models.pale_transformer import PaleTransformer
+
+    seg = PaleUperNet("pale_tiny", 3, 32, aux=False, pos_embed="ape", **TINY)
+    assert [tuple(s.pos_embed.shape[1:3]) for s in seg.trunk.stages] == [(128, 512), (64, 256), (32, 128), (16, 64)]
+    assert seg.no_weight_decay() == {f"upernet.encoder.model.model.stages.{i}.pos_embed" for i in range(4)}
+    det = build_mask_rcnn(dict(backbone="pale_tiny", num_classes=2, pale_kwargs=dict(TINY, pos_embed="ape")))
+    assert tuple(det.backbone.body.model.stages[0].pos_embed.shape[1:3]) == (200, 320)
+    # an explicit img_size is kept
+    assert tuple(PaleUperNet("pale_tiny", 3, 32, aux=False, pos_embed="ape", img_size=64, **TINY)
+                 .trunk.stages[0].pos_embed.shape[1:3]) == (16, 16)
+
+    classifier = PaleTransformer(pos_embed="ape", num_classes=3, **TINY)
+    path = tmp_path / "imagenet.pth"
+    save_checkpoint(path, classifier, "pale_tiny", dict(TINY, pos_embed="ape", num_classes=3), class_names=list("abc"))
+    seg.load_pretrained(path)
+    for mine, theirs in zip(seg.trunk.stages, classifier.stages):
+        torch.testing.assert_close(mine.pos_embed, resample_abs_pos_embed_nhwc(theirs.pos_embed, list(mine.pos_embed.shape[1:3])))

@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Type, Union
 from .. import io as pio
 from ..train import ENGINE_DEFAULTS, Task, Trainer, merge, resolve_recipe
 
-__all__ = ["dense_defaults", "load_dense_model", "resolve_dense_config", "run_training"]
+__all__ = ["dense_defaults", "fill_variant_defaults", "load_dense_model", "resolve_dense_config", "run_training"]
 
 
 def load_dense_model(path: Union[str, os.PathLike], task: str, command: str, build: Any,
@@ -38,9 +38,30 @@ def dense_defaults(engine_overrides: Mapping[str, Any], sections: Mapping[str, A
     return {**merge(copy.deepcopy(ENGINE_DEFAULTS), engine_overrides), **copy.deepcopy(dict(sections))}
 
 
+def fill_variant_defaults(cfg: Dict[str, Any], per_variant: Mapping[str, Mapping[str, Any]]) -> Dict[str, Any]:
+    """Set each ``section.key`` of ``per_variant[cfg['model']['name']]`` that is null in ``cfg``, in place.
+
+    Dense recipes leave the values the paper gives per backbone (stochastic depth; COCO's weight
+    decay) null by default, so that choosing ``--backbone pale_base`` also chooses Pale-B's values;
+    a value set in a recipe or override is kept.
+    """
+    name = cfg["model"]["name"]
+    keys = sorted({key for values in per_variant.values() for key in values})
+    values = per_variant.get(name, {})
+    for dotted in keys:
+        section, key = dotted.split(".")
+        if cfg[section][key] is None:
+            if dotted not in values:
+                raise ValueError(f"{dotted} is not set and backbone {name!r} has no paper default for it "
+                                 f"(known: {', '.join(sorted(per_variant))}); set it with --set {dotted}=VALUE")
+            cfg[section][key] = values[dotted]
+    return cfg
+
+
 def resolve_dense_config(task_cls: Type[Task], recipe: Union[str, os.PathLike, Mapping[str, Any], None],
                          overrides: Optional[Iterable[str]] = None) -> Dict[str, Any]:
-    return resolve_recipe(recipe if recipe is not None else {}, overrides, task_cls.defaults)
+    cfg = resolve_recipe(recipe if recipe is not None else {}, overrides, task_cls.defaults)
+    return fill_variant_defaults(cfg, getattr(task_cls, "variant_defaults", {}))
 
 
 def run_training(task_cls: Type[Task], recipe: Union[str, os.PathLike, Mapping[str, Any], None],

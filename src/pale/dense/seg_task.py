@@ -1,10 +1,13 @@
 """Semantic segmentation with UperNet + Pale as a :class:`pale.train.Task`.
 
-Defaults are the Swin/CSWin ADE20K recipe the design notes adopt: AdamW, lr 6e-5, weight decay
-0.01 (none on norms and biases), poly decay (power 1) to 0 after 1500 linear warm-up iterations,
-batch 16 of 512x512 crops, 160k iterations (320 "epochs" of 500 iterations), stochastic depth 0.3,
-auxiliary FCN loss weight 0.4, evaluation every 16k iterations, single-scale whole-image inference
-at the (2048, 512) test scale.
+Defaults are the paper's ADE20K recipe (appendix, "Semantic Segmentation on ADE20K"): 160k
+iterations (320 "epochs" of 500) of batch 16, AdamW with weight decay 0.01 (none on norms and
+biases), lr 6e-5 decayed by a polynomial schedule after a 1500-iteration warm-up, stochastic depth
+0.3 / 0.3 / 0.5 for Pale-T / S / B, an auxiliary loss on stage 3 with weight 0.4, mmseg's default
+augmentation (random rescale with ratio 0.5-2.0, 512x512 crop, flip, photometric distortion), and
+single-scale inference, multi-scale with factors 0.75-1.75 in steps of 0.25 as an option. Not in
+the paper, from mmseg's Swin/CSWin configs: poly power 1 down to 0, the (2048, 512) rescale base and
+test scale, cat_max_ratio 0.75, evaluation every 16k iterations.
 """
 from __future__ import annotations
 
@@ -17,12 +20,19 @@ import torch.nn.functional as F
 
 from ..train import Runtime, Task
 from ..train.data import BadImageError
-from .engine import dense_defaults, load_dense_model
+from .engine import dense_defaults, fill_variant_defaults, load_dense_model
 from .seg_data import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, SegmentationFolder, SegTrainTransform, list_collate
 from .seg_eval import confusion_matrix, segment, segmentation_metrics
 from .upernet import PaleUperNet, build_upernet
 
-__all__ = ["SEG_DEFAULTS", "SegmentationTask", "seg_loss"]
+__all__ = ["SEG_DEFAULTS", "SEG_VARIANT_DEFAULTS", "SegmentationTask", "seg_loss"]
+
+#: the appendix's per-backbone values, used where the recipe leaves them null
+SEG_VARIANT_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "pale_tiny": {"model.drop_path_rate": 0.3},
+    "pale_small": {"model.drop_path_rate": 0.3},
+    "pale_base": {"model.drop_path_rate": 0.5},
+}
 
 SEG_DEFAULTS: Dict[str, Any] = dense_defaults(
     {"task": "segmentation", "epochs": 320, "batch_size": 16,
@@ -34,7 +44,7 @@ SEG_DEFAULTS: Dict[str, Any] = dense_defaults(
     {"model": {
         "name": "pale_tiny",       # backbone: pale_tiny | pale_small | pale_base
         "kwargs": {},              # passed to the Pale constructor (embed_dims, depths, pale_size, ...)
-        "drop_path_rate": 0.3,
+        "drop_path_rate": None,    # null: the paper's value for the backbone (SEG_VARIANT_DEFAULTS)
         "pretrained": None,        # ImageNet Pale checkpoint (.pth of `pale train` or .safetensors) for the backbone
         "decoder_channels": 512,
         "aux_weight": 0.4,         # auxiliary FCN head on stage 3; 0: no auxiliary head
@@ -99,11 +109,12 @@ class SegmentationTask(Task):
     """UperNet + Pale on an ADE20K-layout folder."""
 
     defaults = SEG_DEFAULTS
+    variant_defaults = SEG_VARIANT_DEFAULTS
     best_metric, best_mode = "miou", "max"
     curve_metrics = ("miou", "macc", "aacc")
 
     def __init__(self, cfg: Dict[str, Any]):
-        super().__init__(cfg)
+        super().__init__(fill_variant_defaults(cfg, self.variant_defaults))
         d = cfg["data"]
         if not d["root"]:
             raise ValueError("data.root is not set: pass --data FOLDER (with images/<split>/ and annotations/<split>/)")
