@@ -48,7 +48,7 @@ DENSE = {"ade20k": ("ADE20K UperNet 512x2048", "upernet", (512, 2048)),
          "coco": ("COCO Mask R-CNN 1280x800", "maskrcnn", (800, 1280))}
 IMAGENET = "ImageNet 224x224"
 
-_COCO = ("every Mask R-CNN 2-3% under: ours counts convs, linears and attention matmuls only; mmdetection's "
+_COCO = ("every Mask R-CNN 2.2-3.2% under: ours counts convs, linears and attention matmuls only; mmdetection's "
          "counter also counts norms, activations and upsampling (docs/dense.md)")
 _TABLE7 = ("the paper's Table 7 FLOPs are irregular (size 5 above size 7; size 9 equals vanilla's 5.4G); "
            "ours rise with the pale size as Eq. 16 does (docs/complexity.md)")

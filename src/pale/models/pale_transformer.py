@@ -1,8 +1,8 @@
 """Pale Transformer: a vision transformer backbone with pale-shaped self-attention.
 
 Wu, Wu, Tan, Guo, "Pale Transformer: A General Vision Transformer Backbone with Pale-Shaped
-Attention", AAAI 2022. The authors released no code; this follows the paper and the project's
-design notes (docs/design.md says where they leave room and what was chosen).
+Attention", AAAI 2022. The authors released no code; this follows the paper (docs/design.md lists,
+with reasons, everything it leaves open and every place we add to it).
 
 Layout: every block and stage works on NHWC tensors ``(B, H, W, C)``. Images enter as NCHW and
 feature maps leave ``forward_intermediates`` as NCHW. Convolutions inside a block run on NCHW
