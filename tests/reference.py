@@ -55,6 +55,11 @@ def mode_masks(mode: str, h: int, w: int, group_size: Tuple[int, int], direction
         if direction == "row":
             return same_row_group(h, w, interlaced_group_ids(h, s_r))
         return same_col_group(h, w, interlaced_group_ids(w, s_c))
+    if mode == "vanilla":
+        # the keys a token's output depends on: every token of the pales holding it (the output
+        # itself is the mean over those pales, see per_pale_reference)
+        members = pale_members(h, w, group_size).double()
+        return (members.T @ members) > 0
     raise ValueError(mode)
 
 

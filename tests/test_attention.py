@@ -148,7 +148,7 @@ def test_pales_hold_the_papers_token_count():
     from pale.models.pale_transformer import _pale_index
     n, (s_r, s_c) = 3, (3, 2)
     hp, wp = n * s_r, n * s_c
-    index, count = _pale_index(n, (s_r, s_c))
+    index, count = (torch.as_tensor(a) for a in _pale_index(n, (s_r, s_c)))
     assert index.shape == (n, s_r * wp + s_c * hp - s_r * s_c)
     for i in range(n):
         y, x = index[i] // wp, index[i] % wp

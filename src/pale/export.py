@@ -100,7 +100,7 @@ def padding_trace_size(model: nn.Module, start: int = 64, stop: int = 512) -> Si
 def _check_dynamic_export_supported(model: nn.Module) -> None:
     modes = {layer.mode for layer in attention_layers(model)}
     if "vanilla" in modes:
-        # pale_attention picks the pale count with max(ceil(h/s_r), ceil(w/s_c)): a Python choice
+        # per_pale_attention picks the pale count with max(ceil(h/s_r), ceil(w/s_c)): a Python choice
         # on sizes that a trace freezes, so one graph cannot serve every size.
         raise ValueError("ONNX export with dynamic height and width does not support attn_mode='vanilla' "
                          "(its pale count is a size-dependent Python choice); use --static")

@@ -57,14 +57,21 @@ def _group_ids(length: int, group_size: int, interlaced: bool) -> Tensor:
     return torch.arange(length) // group_size
 
 
+def vanilla_pales(layer: nn.Module, h: int, w: int, token: Tuple[int, int]) -> List[Tensor]:
+    """``(h, w)`` bool masks of the one or two pales holding ``token`` in a vanilla layer: pale
+    ``ty mod N`` and pale ``tx mod N``, pale ``i`` being the rows and the columns ``= i mod N``."""
+    s_r, s_c = layer.group_size
+    n = max(math.ceil(h / s_r), math.ceil(w / s_c))
+    rows, cols = torch.arange(h) % n, torch.arange(w) % n
+    return [(rows == i).view(h, 1) | (cols == i).view(1, w) for i in sorted({token[0] % n, token[1] % n})]
+
+
 def group_masks(layer: nn.Module, h: int, w: int, token: Tuple[int, int]) -> Dict[str, Tensor]:
     """Per branch, the ``(h, w)`` bool mask of the tokens that ``token`` attends to in ``layer``."""
     ty, tx = token
     s_r, s_c = layer.group_size
     if layer.mode == "vanilla":
-        n = max(math.ceil(h / s_r), math.ceil(w / s_c))
-        rows, cols = torch.arange(h) % n, torch.arange(w) % n
-        return {"all": (rows == rows[ty]).view(h, 1) | (cols == cols[tx]).view(1, w)}
+        return {"all": torch.stack(vanilla_pales(layer, h, w, token)).any(0)}
     rows, cols = _group_ids(h, s_r, layer.interlaced), _group_ids(w, s_c, layer.interlaced)
     row_mask = (rows == rows[ty]).view(h, 1).expand(h, w)
     col_mask = (cols == cols[tx]).view(1, w).expand(h, w)
@@ -225,8 +232,10 @@ def token_attention(layer: nn.Module, x: Tensor, token: Tuple[int, int]) -> Tens
         qh = q[channels].reshape(heads, d)
         kh = k[..., channels].reshape(h * w, heads, d)
         scores = torch.einsum("hd,nhd->hn", qh, kh) * d ** -0.5
-        scores = scores.masked_fill(~masks[name].reshape(1, h * w), float("-inf"))
-        out.append(scores.softmax(-1).view(heads, h, w))
+        # vanilla: the token's output is the mean of its outputs in the pales holding it
+        regions = vanilla_pales(layer, h, w, (ty, tx)) if layer.mode == "vanilla" else [masks[name]]
+        weights = [scores.masked_fill(~m.reshape(1, h * w), float("-inf")).softmax(-1) for m in regions]
+        out.append(torch.stack(weights).mean(0).view(heads, h, w))
     return torch.cat(out, 0)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Set, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -218,11 +219,12 @@ def pale_count(height: int, width: int, pale_size: Tuple[int, int]) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _pale_index(num_pales: int, pale_size: Tuple[int, int]) -> Tuple[Tensor, Tensor]:
+def _pale_index(num_pales: int, pale_size: Tuple[int, int]) -> Tuple[np.ndarray, np.ndarray]:
     """Which tokens of the padded ``(N s_r, N s_c)`` map each pale holds, and how many pales hold each token.
 
     Pale ``i`` is interlaced row group ``i`` (rows ``i, i + N, ..., i + (s_r - 1) N``, all columns)
     joined with interlaced column group ``i`` (columns ``i, i + N, ...``, all rows), each token once.
+    NumPy, not torch: a cached tensor made while tracing (export, compile) would be a fake one.
 
     Returns:
         ``index``: ``(N, P)`` row-major token indices, ``P = s_r Wp + s_c Hp - s_r s_c`` (the row
@@ -230,15 +232,15 @@ def _pale_index(num_pales: int, pale_size: Tuple[int, int]) -> Tuple[Tensor, Ten
     """
     n, (s_r, s_c) = num_pales, pale_size
     hp, wp = n * s_r, n * s_c
-    pale = torch.arange(n).view(n, 1, 1)
-    rows = pale + n * torch.arange(s_r).view(1, s_r, 1)                       # (N, s_r, 1)
-    in_row_group = rows * wp + torch.arange(wp).view(1, 1, wp)                 # (N, s_r, Wp)
-    other_rows = torch.arange(hp).view(1, hp, 1).expand(n, hp, 1)
-    other_rows = other_rows[other_rows % n != pale].view(n, hp - s_r, 1)       # rows outside the row group
-    cols = pale + n * torch.arange(s_c).view(1, 1, s_c)                        # (N, 1, s_c)
+    pale = np.arange(n).reshape(n, 1, 1)
+    rows = pale + n * np.arange(s_r).reshape(1, s_r, 1)                        # (N, s_r, 1)
+    in_row_group = rows * wp + np.arange(wp).reshape(1, 1, wp)                 # (N, s_r, Wp)
+    all_rows = np.broadcast_to(np.arange(hp).reshape(1, hp, 1), (n, hp, 1))
+    other_rows = all_rows[all_rows % n != pale].reshape(n, hp - s_r, 1)       # rows outside the row group
+    cols = pale + n * np.arange(s_c).reshape(1, 1, s_c)                        # (N, 1, s_c)
     in_col_group = other_rows * wp + cols                                      # (N, Hp - s_r, s_c)
-    index = torch.cat((in_row_group.reshape(n, -1), in_col_group.reshape(n, -1)), dim=1)
-    count = torch.zeros(hp * wp, dtype=torch.long).index_add_(0, index.reshape(-1), torch.ones(index.numel(), dtype=torch.long))
+    index = np.concatenate((in_row_group.reshape(n, -1), in_col_group.reshape(n, -1)), axis=1)
+    count = np.bincount(index.reshape(-1), minlength=hp * wp)
     return index, count
 
 
@@ -262,8 +264,8 @@ def per_pale_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, pale_siz
     b, h, w, c = q.shape
     n = pale_count(h, w, pale_size)
     hp, wp = n * pale_size[0], n * pale_size[1]
-    index, count = _pale_index(n, tuple(pale_size))
-    index, count = index.to(q.device), count.to(q.device)
+    # Python ints for the cached index (a trace sees sizes as tensors; vanilla exports only statically)
+    index, count = (torch.as_tensor(a, device=q.device) for a in _pale_index(int(n), tuple(int(s) for s in pale_size)))
     padded = (hp, wp) != (h, w)
     if padded:
         q, k, v = (F.pad(t, (0, 0, 0, wp - w, 0, hp - h)) for t in (q, k, v))
