@@ -403,28 +403,30 @@ def _measure(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], train:
 
 def select_kernel(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor] = None) -> str:
     """The kernel :func:`attention` runs for these inputs, measuring the candidates on a new key."""
-    device = q.device.type
-    if _state.kernel != "auto":
-        if _state.kernel not in CANDIDATES.get(device, ()):
-            raise ValueError(f"attention kernel {_state.kernel!r} is not available on {device} "
-                             f"(candidates: {', '.join(CANDIDATES.get(device, ()))})")
-        return _state.kernel
     train = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     key = kernel_key(q, key_mask is not None, train)
+    choice = _state.kernel if _state.kernel != "auto" else _fastest(key, q, k, v, key_mask)
+    if choice not in CANDIDATES.get(key.device, ()):
+        raise ValueError(f"attention kernel {choice!r} is not available on {key.device} "
+                         f"(candidates: {', '.join(CANDIDATES.get(key.device, ()))})")
+    if _state.records is not None:
+        _state.records.append((key, tuple(q.shape), choice))
+    return choice
+
+
+def _fastest(key: KernelKey, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]) -> str:
+    """The fastest measured kernel of ``key`` that the memory cap allows for this call."""
     measured = _state.choices.get(key)
     if measured is None:
         with _state.lock:
             _load_disk_cache()
             measured = _state.choices.get(key)
             if measured is None:
-                measured = _state.choices[key] = _measure(q, k, v, key_mask, train)
+                measured = _state.choices[key] = _measure(q, k, v, key_mask, key.train)
                 _save_disk_cache()
     fits = _score_bytes(q, k) <= _state.memory_cap_bytes
-    usable = [n for n in CANDIDATES[device] if n in measured.times_s and (fits or n != "explicit")]
-    choice = min(usable, key=measured.times_s.__getitem__) if usable else "flash"
-    if _state.records is not None:
-        _state.records.append((key, tuple(q.shape), choice))
-    return choice
+    usable = [n for n in CANDIDATES[key.device] if n in measured.times_s and (fits or n != "explicit")]
+    return min(usable, key=measured.times_s.__getitem__) if usable else "math"  # math takes any input
 
 
 @contextlib.contextmanager
