@@ -36,10 +36,11 @@ class FakeTimer:
         self.seconds = seconds
         self.timed: List[str] = []
 
-    def __call__(self, name, run, repeats=3):
-        run()  # the closure must work, whatever the fake says it cost
-        self.timed.append(name)
-        return self.seconds[name]
+    def __call__(self, runs, repeats=3):
+        for run in runs.values():
+            run()  # the closures must work, whatever the fake says they cost
+        self.timed.extend(runs)
+        return {name: self.seconds[name] for name in runs}
 
 
 @pytest.fixture
@@ -190,11 +191,12 @@ def test_keys_separate_dtype_shape_mask_and_training(fake_timer):
 def test_training_measurement_times_the_backward(monkeypatch):
     calls = []
 
-    def timer(name, run, repeats=3):
-        with torch.autograd.profiler.profile() as prof:
-            run()
-        calls.append(any("backward" in e.name.lower() for e in prof.function_events))
-        return 1.0
+    def timer(runs, repeats=3):
+        for run in runs.values():
+            with torch.autograd.profiler.profile() as prof:
+                run()
+            calls.append(any("backward" in e.name.lower() for e in prof.function_events))
+        return {name: 1.0 for name in runs}
 
     monkeypatch.setattr(ak, "measure_seconds", timer)
     q, k, v, mask = inputs()
@@ -202,6 +204,12 @@ def test_training_measurement_times_the_backward(monkeypatch):
     assert calls == [False] * len(CPU_KERNELS)
     ak.attention(q.requires_grad_(True), k, v, mask)
     assert calls[len(CPU_KERNELS):] == [True] * len(CPU_KERNELS)
+
+
+def test_measurement_rounds_interleave_candidates():
+    order = []
+    times = ak.measure_seconds({name: (lambda name=name: order.append(name)) for name in ("a", "b")}, repeats=3)
+    assert order == ["a", "b"] * 3 and set(times) == {"a", "b"} and all(t >= 0 for t in times.values())
 
 
 def test_forced_kernel_skips_measurement(fake_timer, monkeypatch):

@@ -60,8 +60,8 @@ def test_grad_checkpointing_on_and_off_in_the_same_rounds():
 
 def test_attention_kernel_report_per_stage(monkeypatch):
     from pale.models import attention_kernels as ak
-    monkeypatch.setattr(ak, "measure_seconds", lambda name, run, repeats=3: {"flash": 2e-3, "math": 3e-3,
-                                                                               "explicit": 1e-3}[name])
+    seconds = {"flash": 2e-3, "math": 3e-3, "explicit": 1e-3}
+    monkeypatch.setattr(ak, "measure_seconds", lambda runs, repeats=3: {n: seconds[n] for n in runs})
     rows = attention_kernel_report("pale_tiny", (64, 64), 2, "fp32", "train")
     ak.clear_kernel_choices()
     # Maps 16, 8, 4, 2 with pale size 7: every stage pads, so each block runs two masked calls.

@@ -147,15 +147,10 @@ def native_bf16() -> bool:
 def machine_info() -> Dict[str, Any]:
     """CPU model, instruction set, native bf16, cores, torch version and load average at the time of the run."""
     import os
-    import platform
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": native_bf16(),
+    from .models.attention_kernels import cpu_model_name
+
+    return {"cpu": cpu_model_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": native_bf16(),
             "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "loadavg": list(os.getloadavg())}
 
@@ -428,7 +423,7 @@ class KernelRow:
     masked: bool
     calls: int                       # per forward
     kernel: str
-    times_ms: Dict[str, float]       # per candidate: forward (and backward when training), best of 3
+    times_ms: Dict[str, float]       # per candidate: forward (and backward when training), best of 3 rounds
     timed_shape: Tuple[int, ...]     # the shape the times were taken at (the first of its shape class)
     emulated: bool = False
 

@@ -127,7 +127,7 @@ def _attention_kernels(args: argparse.Namespace, info: dict, bf16_note: str, log
           f"torch {info['torch']}, instruction set {info['cpu_capability']}; {bf16_note}")
     for key in dict.fromkeys((m, s, b) for m, s, b, _ in rows):
         print(f"\n{key[0]}, {key[1][0]}x{key[1][1]}, batch {key[2]} (times: forward, plus backward when training; "
-              f"best of 3 after a warm-up)")
+              f"best of 3 rounds that run every candidate in turn, after a warm-up)")
         print(format_kernel_table([r for m, s, b, r in rows if (m, s, b) == key]))
     if args.json:
         doc = {"machine": info, "command": sys.argv,

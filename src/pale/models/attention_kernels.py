@@ -16,8 +16,9 @@ Candidates (:data:`CANDIDATES`):
     cap (:func:`set_memory_cap`, ``PALE_ATTN_MEMORY_CAP_MB``, default 512 MiB).
 
 Timing: forward (and backward of all three inputs when the call records gradients) on detached
-copies of the call's inputs, one warm-up and the best of three runs per candidate. A candidate
-that raises (a backend that does not take these inputs) is left out.
+copies of the call's inputs; one warm-up per candidate, then three rounds that run every candidate
+once in turn (so that load from other processes falls on all alike), best time per candidate. A
+candidate that raises (a backend that does not take these inputs) is left out.
 
 Shape class: ``(batch * groups, heads, length, head_dim)`` with the first and the length rounded up
 to a power of two, heads and head dim exact. One measurement serves the shapes of a class (the
@@ -58,7 +59,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = ["CANDIDATES", "KernelKey", "attention", "explicit_attention", "select_kernel", "kernel_key",
            "set_kernel", "get_kernel", "use_kernel", "set_memory_cap", "kernel_choices",
-           "load_kernel_choices", "clear_kernel_choices", "recording", "measure_seconds", "hardware_id"]
+           "load_kernel_choices", "clear_kernel_choices", "recording", "measure_seconds", "hardware_id",
+           "cpu_model_name"]
 
 KernelFn = Callable[[Tensor, Tensor, Tensor, Optional[Tensor]], Tensor]
 
@@ -253,16 +255,19 @@ def clear_kernel_choices() -> None:
 # Saving and restoring the choices
 # --------------------------------------------------------------------------------------------
 
+def cpu_model_name() -> str:
+    """The CPU's model name from ``/proc/cpuinfo``, else what :mod:`platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def hardware_id() -> str:
     """The machine and software a measurement holds for: CPU model, instruction set, cores, torch
     threads, GPU name (when CUDA is available) and torch version."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    parts = [cpu, torch.backends.cpu.get_cpu_capability(), f"{os.cpu_count()} cores",
+    parts = [cpu_model_name(), torch.backends.cpu.get_cpu_capability(), f"{os.cpu_count()} cores",
              f"{torch.get_num_threads()} threads"]
     if torch.cuda.is_available():
         parts.append(torch.cuda.get_device_name())
@@ -355,14 +360,15 @@ def _save_disk_cache() -> None:
 # Measuring and choosing
 # --------------------------------------------------------------------------------------------
 
-def measure_seconds(name: str, run: Callable[[], None], repeats: int = 3) -> float:
-    """Best wall time of ``repeats`` calls of ``run`` after one warm-up (``name`` is for fake timers in tests)."""
-    run()
-    best = math.inf
+def measure_seconds(runs: Mapping[str, Callable[[], None]], repeats: int = 3) -> Dict[str, float]:
+    """Best wall time of each callable over ``repeats`` rounds; a round calls each once, in turn, so
+    that load from other processes falls on all of them alike (the caller has warmed them up)."""
+    best = {name: math.inf for name in runs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
@@ -385,19 +391,21 @@ def _timed_run(fn: KernelFn, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional
 
 
 def _measure(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], train: bool) -> _Measurement:
-    times = {}
     too_big = _score_bytes(q, k) > _state.memory_cap_bytes
     # Identity saved-tensor hooks: inside a non-reentrant checkpoint, the timing's own graph must not
     # be routed through the checkpoint's hooks (they would recompute the segment on unpack).
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), torch.set_grad_enabled(train):
+        runs = {}
         for name in CANDIDATES[q.device.type]:
             if name == "explicit" and too_big:
                 continue
+            run = _timed_run(_KERNELS[q.device.type][name], q, k, v, key_mask, train)
             try:
-                times[name] = measure_seconds(name, _timed_run(_KERNELS[q.device.type][name], q, k, v,
-                                                               key_mask, train))
-            except RuntimeError:  # a backend that does not take these inputs
+                run()  # warm-up, and whether the backend takes these inputs at all
+            except RuntimeError:
                 continue
+            runs[name] = run
+        times = measure_seconds(runs)
     return _Measurement(tuple(q.shape), times)  # type: ignore[arg-type]
 
 

@@ -193,7 +193,7 @@ def pale_branch_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, group
     as one attention call over both branches' groups.
 
     Computes what ``cat(row_group_attention(first halves), column_group_attention(second halves))``
-    computes, with fewer, larger kernels: one grouping copy per input, one SDPA call, one copy out.
+    computes, with fewer, larger kernels: one grouping copy per input, one attention call, one copy out.
     Only for square maps that need no padding (every stage of a 224x224 input with pale size 7), so
     it never computes more than the two calls would.
 
