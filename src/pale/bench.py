@@ -217,19 +217,27 @@ def _status_mib(field: str) -> float:
 
 def peak_memory_mib(setting: Setting, mode: str) -> float:
     """Peak RSS growth (MiB) over the built model during one warm-up and one timed pass, measured in
-    a fresh process so that other models' memory does not hide it."""
+    a fresh process so that other models' memory does not hide it. The process gets this one's
+    attention kernel measurements: it runs the kernels that were timed, and the timing's own
+    temporaries do not count as the model's memory."""
+    from .models.attention_kernels import kernel_choices
+
     code = ("import json, sys; from pale.bench import _memory_probe; "
-            "print(json.dumps(_memory_probe(json.loads(sys.argv[1]), sys.argv[2])))")
+            "print(json.dumps(_memory_probe(json.loads(sys.argv[1]), sys.argv[2], json.loads(sys.stdin.read()))))")
     arg = json.dumps(asdict(setting))
-    out = subprocess.run([sys.executable, "-c", code, arg, mode], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code, arg, mode], input=json.dumps(kernel_choices()),
+                         capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"memory probe of {setting.model} ({mode}) failed:\n{out.stderr[-2000:]}")
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def _memory_probe(setting: Dict[str, Any], mode: str) -> float:
+def _memory_probe(setting: Dict[str, Any], mode: str, kernels: Dict[str, Any]) -> float:
     """Linux: writing 5 to /proc/self/clear_refs resets the RSS high-water mark (VmHWM), so the
     peak of the passes is seen even when importing and building went higher."""
+    from .models.attention_kernels import load_kernel_choices
+
+    load_kernel_choices(kernels)
     setting["img_size"] = tuple(setting["img_size"])
     runner = Runner(Setting(**setting), mode)
     with open("/proc/self/clear_refs", "w") as f:

@@ -50,7 +50,7 @@ import platform
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -121,15 +121,19 @@ _ALL_KERNELS = tuple(dict.fromkeys(n for names in CANDIDATES.values() for n in n
 # Keys
 # --------------------------------------------------------------------------------------------
 
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
+                torch.float64: "float64"}
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-@dataclass(frozen=True)
-class KernelKey:
+class KernelKey(NamedTuple):
     """What a kernel choice depends on: device type, dtype, shape class, masking and training.
 
     ``batch`` and ``length`` are rounded up to powers of two; ``heads`` and ``head_dim`` are exact.
+    (A named tuple: it is built on every call, and a frozen dataclass costs ten times more.)
     """
 
     device: str
@@ -161,8 +165,8 @@ class KernelKey:
 def kernel_key(q: Tensor, masked: bool, train: bool) -> KernelKey:
     """The :class:`KernelKey` of a call with queries ``q`` of shape ``(N, heads, L, D)``."""
     n, heads, length, head_dim = q.shape
-    return KernelKey(q.device.type, str(q.dtype).replace("torch.", ""), _next_pow2(n), heads,
-                     _next_pow2(length), head_dim, masked, train)
+    return KernelKey(q.device.type, _DTYPE_NAMES.get(q.dtype) or str(q.dtype).replace("torch.", ""),
+                     _next_pow2(n), heads, _next_pow2(length), head_dim, masked, train)
 
 
 # --------------------------------------------------------------------------------------------
