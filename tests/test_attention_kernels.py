@@ -223,6 +223,9 @@ def test_forced_kernel_skips_measurement(fake_timer, monkeypatch):
     monkeypatch.setenv(ak.KERNEL_ENV, "fastest")
     with pytest.raises(ValueError, match="PALE_ATTN_KERNEL"):
         ak.set_kernel(None)
+    ak._state.kernel = "fastest"  # as read at import, which does not raise: the first call does
+    with pytest.raises(ValueError, match="'fastest' .*PALE_ATTN_KERNEL"):
+        ak.attention(q, k, v, mask)
     with pytest.raises(ValueError, match="unknown attention kernel"):
         ak.set_kernel("flashy")
     ak.set_kernel("cudnn")

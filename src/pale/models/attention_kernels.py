@@ -199,8 +199,10 @@ def _cap_from_env() -> int:
 
 class _State:
     def __init__(self) -> None:
-        self.kernel = _kernel_from_env()
-        self.memory_cap_bytes = _cap_from_env()
+        # Not validated here: a bad value is reported by the first call, as a clear error, rather
+        # than as a traceback from `import pale`.
+        self.kernel = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
+        self.memory_cap: Optional[int] = None  # bytes; None: from the environment at first use
         self.choices: Dict[KernelKey, _Measurement] = {}
         self.disk_loaded_from: Optional[str] = None
         self.lock = threading.Lock()
@@ -241,11 +243,17 @@ def set_memory_cap(num_bytes: Optional[int]) -> None:
     """Refuse the explicit kernel when its ``N x heads x L x L`` score tensor would exceed ``num_bytes``;
     ``None`` re-reads ``PALE_ATTN_MEMORY_CAP_MB``."""
     if num_bytes is None:
-        _state.memory_cap_bytes = _cap_from_env()
+        _state.memory_cap = _cap_from_env()
     elif num_bytes < 0:
         raise ValueError(f"memory cap must be >= 0 bytes, got {num_bytes}")
     else:
-        _state.memory_cap_bytes = int(num_bytes)
+        _state.memory_cap = int(num_bytes)
+
+
+def _memory_cap() -> int:
+    if _state.memory_cap is None:
+        _state.memory_cap = _cap_from_env()
+    return _state.memory_cap
 
 
 def clear_kernel_choices() -> None:
@@ -395,7 +403,7 @@ def _timed_run(fn: KernelFn, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional
 
 
 def _measure(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], train: bool) -> _Measurement:
-    too_big = _score_bytes(q, k) > _state.memory_cap_bytes
+    too_big = _score_bytes(q, k) > _memory_cap()
     # Identity saved-tensor hooks: inside a non-reentrant checkpoint, the timing's own graph must not
     # be routed through the checkpoint's hooks (they would recompute the segment on unpack).
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), torch.set_grad_enabled(train):
@@ -419,8 +427,8 @@ def select_kernel(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor] = 
     key = kernel_key(q, key_mask is not None, train)
     choice = _state.kernel if _state.kernel != "auto" else _fastest(key, q, k, v, key_mask)
     if choice not in CANDIDATES.get(key.device, ()):
-        raise ValueError(f"attention kernel {choice!r} is not available on {key.device} "
-                         f"(candidates: {', '.join(CANDIDATES.get(key.device, ()))})")
+        raise ValueError(f"attention kernel {choice!r} (from set_kernel or {KERNEL_ENV}) is not available on "
+                         f"{key.device}; expected auto or one of {', '.join(CANDIDATES.get(key.device, ()))}")
     if _state.records is not None:
         _state.records.append((key, tuple(q.shape), choice))
     return choice
@@ -436,7 +444,7 @@ def _fastest(key: KernelKey, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional
             if measured is None:
                 measured = _state.choices[key] = _measure(q, k, v, key_mask, key.train)
                 _save_disk_cache()
-    fits = _score_bytes(q, k) <= _state.memory_cap_bytes
+    fits = _score_bytes(q, k) <= _memory_cap()
     usable = [n for n in CANDIDATES[key.device] if n in measured.times_s and (fits or n != "explicit")]
     return min(usable, key=measured.times_s.__getitem__) if usable else "math"  # math takes any input
 
