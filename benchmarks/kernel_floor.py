@@ -4,7 +4,8 @@ For each model, in one process and round-robin, this times inference and the tra
 (forward, cross-entropy, backward, AdamW) as `pale bench` runs them (``pale.bench.Runner``), then
 profiles one run of each with ``torch.profiler`` and takes the share of self CPU time spent in the
 "heavy" kernels: GEMMs (``addmm``, ``mm``, ``bmm``),
-convolutions and their backward, and scaled-dot-product attention and its backward. Those kernels
+convolutions and their backward, and attention and its backward (SDPA's flash kernel, or the softmax
+between the GEMMs of the math and explicit kernels, whichever ``pale.models.attention_kernels`` chose). Those kernels
 already run near the machine's matmul peak (see docs/performance.md), so
 
     floor = measured time x heavy share
@@ -31,6 +32,7 @@ HEAVY_KERNELS = (
     "aten::mkldnn_convolution", "aten::convolution_backward",
     "aten::_scaled_dot_product_flash_attention_for_cpu",
     "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+    "aten::_softmax", "aten::_softmax_backward_data",
 )
 
 

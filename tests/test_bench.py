@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from pale.bench import Result, Setting, _fill_rates, format_table, forward_macs, matmul_peak, run_benchmark
+from pale.bench import (Result, Setting, _fill_rates, attention_kernel_report, checkpointing_summary, format_kernel_table,
+                        format_table, forward_macs, matmul_peak, run_benchmark)
 from pale.cli import main
 
 
@@ -27,6 +28,48 @@ def test_table_ratio_to_baseline():
     lines = format_table([a, b], baseline="b").splitlines()
     assert lines[2].split()[-2:] == ["2.00", "0.50"]
     assert lines[3].split()[-2:] == ["1.00", "1.00"]
+
+
+def test_emulated_bf16_is_marked():
+    r = Result("m", (32, 32), 1, "bf16", False, 1.0, emulated=True, infer_times_s=[1.0])
+    _fill_rates(r, None)
+    assert format_table([r]).splitlines()[2].split()[3:5] == ["bf16", "emulated"]
+
+
+def test_run_benchmark_marks_bf16_by_the_machine(monkeypatch):
+    import pale.bench as bench
+    monkeypatch.setattr(bench, "native_bf16", lambda: False)
+    (r,) = run_benchmark(["pale_tiny"], [(32, 32)], [1], dtypes=["bf16"], modes=["infer"], warmup=1, repeats=1,
+                         memory=False)
+    assert r.emulated
+    monkeypatch.setattr(bench, "native_bf16", lambda: True)
+    (r,) = run_benchmark(["pale_tiny"], [(32, 32)], [1], dtypes=["bf16"], modes=["infer"], warmup=1, repeats=1,
+                         memory=False)
+    assert not r.emulated
+
+
+def test_grad_checkpointing_on_and_off_in_the_same_rounds():
+    off, on = run_benchmark(["pale_tiny"], [(32, 32)], [2], warmup=1, repeats=2, memory=False,
+                            checkpointing=(False, True))
+    assert (off.grad_checkpointing, on.grad_checkpointing) == (False, True)
+    assert len(off.train_times_s) == len(on.train_times_s) == 2
+    assert len(off.infer_times_s) == 2 and on.infer_times_s == []  # inference: once, without
+    (line,) = checkpointing_summary([off, on])
+    assert "pale_tiny" in line and "training step time x" in line
+
+
+def test_attention_kernel_report_per_stage(monkeypatch):
+    from pale.models import attention_kernels as ak
+    seconds = {"flash": 2e-3, "math": 3e-3, "explicit": 1e-3}
+    monkeypatch.setattr(ak, "measure_seconds", lambda runs, repeats=3: {n: seconds[n] for n in runs})
+    rows = attention_kernel_report("pale_tiny", (64, 64), 2, "fp32", "train")
+    ak.clear_kernel_choices()
+    # Maps 16, 8, 4, 2 with pale size 7: every stage pads, so each block runs two masked calls.
+    assert [(r.stage, r.calls, r.masked) for r in rows] == [(1, 4, True), (2, 4, True), (3, 32, True), (4, 4, True)]
+    assert rows[0].shape == (6, 1, 112, 32)   # batch 2 x 3 row groups; 7 x 16 tokens; 64 / 2 heads
+    assert all(r.kernel == "explicit" and r.times_ms == {"flash": 2.0, "math": 3.0, "explicit": 1.0} for r in rows)
+    table = format_kernel_table(rows)
+    assert "6x1x112x32" in table and table.splitlines()[2].split()[-1] == "explicit"
 
 
 def test_forward_macs_counts_attention():
@@ -67,6 +110,17 @@ def test_cli_json(tmp_path, capsys, monkeypatch):
     assert doc["results"][0]["model"] == "pale_tiny" and doc["results"][0]["img_size"] == [32, 32]
     assert doc["results"][0]["train_images_per_s"] is None
     assert "pale_tiny" in capsys.readouterr().out
+
+
+def test_cli_attention_kernels(tmp_path, capsys):
+    out = tmp_path / "kernels.json"
+    assert main(["bench", "--attention-kernels", "--models", "pale_tiny", "--img-size", "32", "--batch-size", "1",
+                 "--mode", "infer", "--quiet", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "native bf16" in text and "chosen" in text
+    rows = json.loads(out.read_text())["attention_kernels"]
+    assert [r["stage"] for r in rows] == [1, 2, 3, 4] and all(r["kernel"] in r["times_ms"] for r in rows)
+    assert main(["bench", "--attention-kernels", "--models", "convnext_tiny"]) == 1
 
 
 def test_bad_input():

@@ -1,6 +1,7 @@
 """Speed and memory of Pale models next to timm peers, measured in one process.
 
-What ``pale bench`` measures, per model, input size, batch size, dtype and compile setting:
+What ``pale bench`` measures, per model, input size, batch size, dtype, compile and gradient
+checkpointing setting:
 
 * **inference**: images/s and the median latency of one batch, in ``eval`` mode under
   ``torch.inference_mode``;
@@ -14,9 +15,17 @@ What ``pale bench`` measures, per model, input size, batch size, dtype and compi
   ``malloc``, which tracemalloc cannot see; the RSS high-water mark sees everything, including what
   the allocator keeps, so it is an upper bound on what the tensors need.
 
-Timing is round-robin: after warm-up, every model runs one pass in turn, ``repeats`` times, and each
-model's median is reported. A machine shared with other work slows all models in a round alike, so
-the ratios are steadier than the absolute numbers.
+Timing is round-robin: after warm-up, every model (with and without gradient checkpointing, when
+both are asked for) runs one pass in turn, ``repeats`` times, and each one's median is reported. A
+machine shared with other work slows all models in a round alike, so the ratios are steadier than
+the absolute numbers.
+
+bf16 on a CPU without native bf16 instructions (no AVX-512-BF16 or AMX: oneDNN's check
+``torch.ops.mkldnn._is_mkldnn_bf16_supported()``) runs through emulation; such results are marked
+``emulated`` and are not bf16 speed.
+
+:func:`attention_kernel_report` shows, stage by stage, which attention kernel
+:mod:`pale.models.attention_kernels` chose for a Pale model and what each candidate took.
 """
 from __future__ import annotations
 
@@ -130,19 +139,20 @@ def machine_peaks(repeats: int = 5) -> Dict[str, float]:
     }
 
 
-def machine_info() -> Dict[str, Any]:
-    """CPU model, cores, torch version and load average at the time of the run."""
-    import os
-    import platform
+def native_bf16() -> bool:
+    """Whether the CPU runs bf16 natively (AVX-512-BF16 or AMX), as oneDNN sees it."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "loadavg": list(os.getloadavg())}
+
+def machine_info() -> Dict[str, Any]:
+    """CPU model, instruction set, native bf16, cores, torch version and load average at the time of the run."""
+    import os
+
+    from .models.attention_kernels import cpu_model_name
+
+    return {"cpu": cpu_model_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": native_bf16(),
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "loadavg": list(os.getloadavg())}
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,13 +161,15 @@ def machine_info() -> Dict[str, Any]:
 
 @dataclass(frozen=True)
 class Setting:
-    """What one measurement runs: a model at an input size, batch size, dtype, compiled or not."""
+    """What one measurement runs: a model at an input size, batch size, dtype, compiled or not, with
+    gradient checkpointing or not (it only changes the training step)."""
 
     model: str
     img_size: Pair
     batch_size: int
     dtype: str = "fp32"
     compile: bool = False
+    grad_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -176,6 +188,10 @@ class Runner:
         self.setting, self.mode = setting, mode
         self.model = create_model(setting.model, setting.img_size)
         self.model.train(mode == "train")
+        if setting.grad_checkpointing:
+            if not hasattr(self.model, "set_grad_checkpointing"):
+                raise ValueError(f"{setting.model} has no set_grad_checkpointing()")
+            self.model.set_grad_checkpointing(True)
         self.forward = torch.compile(self.model) if setting.compile else self.model
         self.x = torch.randn(setting.batch_size, 3, *setting.img_size)
         self.y = torch.randint(0, 1000, (setting.batch_size,))
@@ -201,19 +217,27 @@ def _status_mib(field: str) -> float:
 
 def peak_memory_mib(setting: Setting, mode: str) -> float:
     """Peak RSS growth (MiB) over the built model during one warm-up and one timed pass, measured in
-    a fresh process so that other models' memory does not hide it."""
+    a fresh process so that other models' memory does not hide it. The process gets this one's
+    attention kernel measurements: it runs the kernels that were timed, and the timing's own
+    temporaries do not count as the model's memory."""
+    from .models.attention_kernels import kernel_choices
+
     code = ("import json, sys; from pale.bench import _memory_probe; "
-            "print(json.dumps(_memory_probe(json.loads(sys.argv[1]), sys.argv[2])))")
+            "print(json.dumps(_memory_probe(json.loads(sys.argv[1]), sys.argv[2], json.loads(sys.stdin.read()))))")
     arg = json.dumps(asdict(setting))
-    out = subprocess.run([sys.executable, "-c", code, arg, mode], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code, arg, mode], input=json.dumps(kernel_choices()),
+                         capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"memory probe of {setting.model} ({mode}) failed:\n{out.stderr[-2000:]}")
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def _memory_probe(setting: Dict[str, Any], mode: str) -> float:
+def _memory_probe(setting: Dict[str, Any], mode: str, kernels: Dict[str, Any]) -> float:
     """Linux: writing 5 to /proc/self/clear_refs resets the RSS high-water mark (VmHWM), so the
     peak of the passes is seen even when importing and building went higher."""
+    from .models.attention_kernels import load_kernel_choices
+
+    load_kernel_choices(kernels)
     setting["img_size"] = tuple(setting["img_size"])
     runner = Runner(Setting(**setting), mode)
     with open("/proc/self/clear_refs", "w") as f:
@@ -238,6 +262,8 @@ class Result:
     dtype: str
     compile: bool
     gmacs_per_image: float
+    grad_checkpointing: bool = False
+    emulated: bool = False  # bf16 without native bf16 instructions: not bf16 speed
     infer_images_per_s: Optional[float] = None
     infer_latency_ms: Optional[float] = None
     infer_gflops: Optional[float] = None
@@ -253,15 +279,18 @@ class Result:
 def run_benchmark(models: Sequence[str], img_sizes: Sequence[Pair], batch_sizes: Sequence[int],
                   dtypes: Sequence[str] = ("fp32",), compile_modes: Sequence[bool] = (False,),
                   modes: Sequence[str] = MODES, warmup: int = 2, repeats: int = 5, memory: bool = True,
-                  peaks: Optional[Dict[str, float]] = None,
+                  peaks: Optional[Dict[str, float]] = None, checkpointing: Sequence[bool] = (False,),
                   log: Callable[[str], None] = lambda s: None) -> List[Result]:
-    """Measure every model in every setting; the models of one setting are timed round-robin.
+    """Measure every model in every setting; the models of one setting are timed round-robin, and
+    with ``checkpointing=(False, True)`` each model's training step with and without gradient
+    checkpointing in the same rounds (inference is measured without it: it changes nothing there).
 
-    Returns one :class:`Result` per (setting, model), settings in the order size, batch, dtype,
-    compile.
+    Returns one :class:`Result` per (setting, model, checkpointing), settings in the order size,
+    batch, dtype, compile.
     """
     results: List[Result] = []
     macs_cache: Dict[Tuple[str, Pair], int] = {}
+    emulated_bf16 = not native_bf16()
     for size in img_sizes:
         for model in models:
             if (model, size) not in macs_cache:
@@ -269,14 +298,17 @@ def run_benchmark(models: Sequence[str], img_sizes: Sequence[Pair], batch_sizes:
         for batch in batch_sizes:
             for dtype in dtypes:
                 for compiled in compile_modes:
-                    settings = [Setting(m, size, batch, dtype, compiled) for m in models]
-                    group = {s.model: Result(s.model, size, batch, dtype, compiled, macs_cache[(s.model, size)] / 1e9)
+                    settings = [Setting(m, size, batch, dtype, compiled, ckpt) for m in models for ckpt in checkpointing]
+                    group = {s: Result(s.model, size, batch, dtype, compiled, macs_cache[(s.model, size)] / 1e9,
+                                       s.grad_checkpointing, emulated=dtype == "bf16" and emulated_bf16)
                              for s in settings}
                     for mode in modes:
+                        active = [s for s in settings if mode == "train" or s.grad_checkpointing == min(checkpointing)]
                         runners = []
-                        for s in settings:
+                        for s in active:
                             log(f"building {s.model} ({mode}, {size[0]}x{size[1]}, batch {batch}, {dtype}"
-                                f"{', compiled' if compiled else ''}) and warming up")
+                                f"{', compiled' if compiled else ''}"
+                                f"{', grad checkpointing' if s.grad_checkpointing else ''}) and warming up")
                             runner = Runner(s, mode)
                             for _ in range(warmup):
                                 runner()
@@ -286,13 +318,13 @@ def run_benchmark(models: Sequence[str], img_sizes: Sequence[Pair], batch_sizes:
                                 start = time.perf_counter()
                                 runner()
                                 elapsed = time.perf_counter() - start
-                                getattr(group[runner.setting.model], f"{mode}_times_s").append(elapsed)
+                                getattr(group[runner.setting], f"{mode}_times_s").append(elapsed)
                             log(f"{mode} round {r + 1}/{repeats} done")
                         del runners
                         if memory:
-                            for s in settings:
+                            for s in active:
                                 log(f"peak memory of {s.model} ({mode}) in a subprocess")
-                                setattr(group[s.model], f"{mode}_peak_mem_mib", peak_memory_mib(s, mode))
+                                setattr(group[s], f"{mode}_peak_mem_mib", peak_memory_mib(s, mode))
                     for res in group.values():
                         _fill_rates(res, peaks)
                     results.extend(group.values())
@@ -332,21 +364,24 @@ def _fmt(value: Optional[float], spec: str) -> str:
 
 def format_table(results: Sequence[Result], baseline: Optional[str] = None) -> str:
     """A console table; ``x base`` columns are ratios to ``baseline`` in the same setting."""
-    header = ["model", "size", "batch", "dtype", "compile", "GMACs/img", "infer img/s", "latency ms",
+    header = ["model", "size", "batch", "dtype", "compile", "ckpt", "GMACs/img", "infer img/s", "latency ms",
               "GFLOP/s", "% peak", "train img/s", "infer MiB", "train MiB"]
     if baseline:
         header += ["infer x base", "train x base"]
     # Ratios are medians of per-round ratios: models of one round ran back to back under the same load.
     rows = [header]
     for r in results:
-        row = [r.model, f"{r.img_size[0]}x{r.img_size[1]}", str(r.batch_size), r.dtype, "yes" if r.compile else "no",
+        row = [r.model, f"{r.img_size[0]}x{r.img_size[1]}", str(r.batch_size),
+               f"{r.dtype} emulated" if r.emulated else r.dtype, "yes" if r.compile else "no",
+               "yes" if r.grad_checkpointing else "no",
                f"{r.gmacs_per_image:.2f}", _fmt(r.infer_images_per_s, ".1f"), _fmt(r.infer_latency_ms, ".0f"),
                _fmt(r.infer_gflops, ".0f"),
                _fmt(None if r.infer_fraction_of_peak is None else 100 * r.infer_fraction_of_peak, ".0f"),
                _fmt(r.train_images_per_s, ".1f"), _fmt(r.infer_peak_mem_mib, ".0f"), _fmt(r.train_peak_mem_mib, ".0f")]
         if baseline:
-            base = next((b for b in results if b.model == baseline and (b.img_size, b.batch_size, b.dtype, b.compile)
-                         == (r.img_size, r.batch_size, r.dtype, r.compile)), None)
+            base = next((b for b in results if b.model == baseline and
+                         (b.img_size, b.batch_size, b.dtype, b.compile, b.grad_checkpointing)
+                         == (r.img_size, r.batch_size, r.dtype, r.compile, r.grad_checkpointing)), None)
             for mode in MODES:
                 row.append(_fmt(speed_ratio(r, base, mode) if base else None, ".2f"))
         rows.append(row)
@@ -361,3 +396,95 @@ def to_json(results: Sequence[Result], peaks: Dict[str, float], info: Dict[str, 
             argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     return {"machine": info, "peaks_gflops": peaks, "command": list(argv) if argv else None,
             "results": [asdict(r) for r in results]}
+
+
+def checkpointing_summary(results: Sequence[Result]) -> List[str]:
+    """One line per model measured with and without gradient checkpointing in the same rounds: the
+    training step's time and peak memory with it, over without."""
+    lines = []
+    for on in (r for r in results if r.grad_checkpointing):
+        off = next((r for r in results if not r.grad_checkpointing and (r.model, r.img_size, r.batch_size, r.dtype,
+                    r.compile) == (on.model, on.img_size, on.batch_size, on.dtype, on.compile)), None)
+        speed = speed_ratio(off, on, "train") if off else None
+        if speed is None:
+            continue
+        mem = (on.train_peak_mem_mib / off.train_peak_mem_mib
+               if on.train_peak_mem_mib and off.train_peak_mem_mib else None)
+        lines.append(f"grad checkpointing, {on.model} {on.img_size[0]}x{on.img_size[1]} batch {on.batch_size} "
+                     f"{on.dtype}: training step time x{speed:.2f} (median of per-round ratios), peak memory "
+                     f"{'-' if mem is None else f'x{mem:.2f}'}")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
+# Attention kernels, stage by stage
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class KernelRow:
+    """The attention calls of one stage with one shape, in one mode and dtype, and the kernel chosen."""
+
+    stage: int
+    mode: str
+    dtype: str
+    shape: Tuple[int, ...]           # (batch x groups, heads, tokens, head dim) of the calls
+    masked: bool
+    calls: int                       # per forward
+    kernel: str
+    times_ms: Dict[str, float]       # per candidate: forward (and backward when training), best of 3 rounds
+    timed_shape: Tuple[int, ...]     # the shape the times were taken at (the first of its shape class)
+    emulated: bool = False
+
+
+def attention_kernel_report(model: str, img_size: Pair, batch_size: int, dtype: str, mode: str) -> List[KernelRow]:
+    """Run one inference batch or training step of ``model`` with fresh kernel measurements and
+    return, per stage and attention shape, each candidate's time and the kernel chosen.
+
+    The measurements this process held before are replaced by the ones taken here.
+    """
+    from .models import attention_kernels as ak
+
+    runner = Runner(Setting(model, img_size, batch_size, dtype), mode)
+    stages = getattr(runner.model, "stages", None)
+    if stages is None:
+        raise ValueError(f"{model} has no stages: the attention kernel report is for Pale models")
+    ak.clear_kernel_choices()
+    starts: List[int] = []
+    with ak.recording() as calls:
+        hooks = [stage.register_forward_pre_hook(lambda *_: starts.append(len(calls))) for stage in stages]
+        try:
+            runner()
+        finally:
+            for h in hooks:
+                h.remove()
+    measured = ak.kernel_choices()["choices"]
+    rows: Dict[Tuple[int, Tuple[int, ...], bool], KernelRow] = {}
+    bounds = starts + [len(calls)]
+    for stage in range(len(starts)):
+        for key, shape, kernel in calls[bounds[stage]:bounds[stage + 1]]:
+            entry = measured.get(str(key), {"shape": shape, "times_s": {}})
+            row = rows.setdefault((stage, shape, key.masked), KernelRow(
+                stage + 1, mode, dtype, shape, key.masked, 0, kernel,
+                {n: 1000 * t for n, t in entry["times_s"].items()}, tuple(entry["shape"]),
+                emulated=dtype == "bf16" and not native_bf16()))
+            row.calls += 1
+    return list(rows.values())
+
+
+def format_kernel_table(rows: Sequence[KernelRow]) -> str:
+    """Console table of :func:`attention_kernel_report` rows, one column per candidate kernel."""
+    from .models.attention_kernels import CANDIDATES
+
+    kernels = [k for k in CANDIDATES["cuda"] if any(k in r.times_ms for r in rows)] or list(CANDIDATES["cpu"])
+    header = ["stage", "mode", "dtype", "calls", "N x heads x L x D", "mask"] + [f"{k} ms" for k in kernels] + ["chosen"]
+    table = [header]
+    for r in rows:
+        shape = "x".join(map(str, r.shape)) + ("" if r.timed_shape == r.shape else "*")
+        table.append([str(r.stage), r.mode, f"{r.dtype} emulated" if r.emulated else r.dtype, str(r.calls), shape,
+                      "yes" if r.masked else "no"] + [_fmt(r.times_ms.get(k), ".2f") for k in kernels] + [r.kernel])
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in table]
+    lines.insert(1, "-" * len(lines[0]))
+    if any(r.timed_shape != r.shape for r in rows):
+        lines.append("* timed at another shape of the same class (batch and length rounded up to powers of two)")
+    return "\n".join(lines)
