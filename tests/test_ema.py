@@ -1,8 +1,5 @@
 """The weight EMA: timm's ModelEmaV3 (what the engine keeps) against its closed form, and the
 engine's EMA actually following the weights during a tiny training run."""
-import copy
-
-import numpy as np
 import pytest
 import torch
 from timm.utils import ModelEmaV3
@@ -11,7 +8,7 @@ import pale  # noqa: F401
 from pale.io import load_torch
 from pale.train import train
 from pale.train.classification import ClassificationTask
-from pale.train.data import write_image_folder
+from tiny_train import tiny_recipe, write_tiny_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -94,12 +91,7 @@ def test_ema_moves_by_one_minus_decay_per_update():
 def test_the_engine_updates_its_ema_during_training(tmp_path, monkeypatch):
     """A tiny run with a fast EMA (decay 0.5): the saved EMA has left the initial weights for almost
     every tensor, and is not the trained model either (so 'EMA never updated' and 'EMA is a copy' fail)."""
-    rng = np.random.default_rng(0)
-    classes = ["a", "b"]
-    for split, n in (("train", 8), ("val", 4)):
-        labels = np.arange(n) % 2
-        images = rng.integers(0, 255, (n, 24, 24, 3), dtype=np.uint8)
-        write_image_folder(tmp_path / "data" / split, images, labels, classes)
+    data = write_tiny_folder(tmp_path / "data")
     initial = {}
     build = ClassificationTask.build_model
 
@@ -108,16 +100,7 @@ def test_the_engine_updates_its_ema_during_training(tmp_path, monkeypatch):
         initial.update(float_state(model))
         return model
     monkeypatch.setattr(ClassificationTask, "build_model", recording_build)
-    cfg = {
-        "epochs": 1, "batch_size": 4, "seed": 0,
-        "model": {"name": "pale_tiny", "kwargs": {"embed_dims": [8, 16, 16, 16], "depths": [1, 1, 1, 1],
-                                                  "num_heads": [2, 2, 2, 2]}},
-        "data": {"img_size": 24, "root": str(tmp_path / "data")},
-        "optim": {"lr": 1e-2}, "sched": {"warmup_epochs": 0},
-        "ema": {"enabled": True, "decay": 0.5, "warmup": False},
-        "train": {"workers": 0, "amp": "none", "progress": False},
-    }
-    train(copy.deepcopy(cfg), [], tmp_path / "run")
+    train(tiny_recipe(data), [], tmp_path / "run")
     ckpt = load_torch(tmp_path / "run" / "last.pth")
     assert ckpt["num_updates"] == 2
     assert initial, "the task's model was never built"
