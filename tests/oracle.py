@@ -252,9 +252,12 @@ def stage_grid(img_size: Tuple[int, int], stage: int) -> Tuple[int, int]:
 
 def stage_pos_embed(params: Mapping[str, Tensor], stage: int, dim: int) -> Tensor:
     """The stage's learned absolute position table as ``(1, C, H, W)``, found by key name:
-    the one key under ``stages.{stage}.`` whose last name part is ``pos_embed`` (or ``pos_embed.weight``)."""
+    the one key under ``stages.{stage}.`` whose last name part is ``pos_embed`` (or ``pos_embed.weight``);
+    for the first stage a top-level ``pos_embed`` also counts."""
     keys = [k for k in params if k.startswith(f"stages.{stage}.")
             and (k.split(".")[-1] == "pos_embed" or k.endswith("pos_embed.weight"))]
+    if not keys and stage == 0:
+        keys = [k for k in ("pos_embed", "pos_embed.weight") if k in params]
     if len(keys) != 1:
         raise KeyError(f"expected one position table under stages.{stage}., found {keys}")
     table = params[keys[0]]

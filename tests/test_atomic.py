@@ -99,6 +99,8 @@ def test_fsync_of_the_data_comes_before_the_rename(name, tmp_path, monkeypatch):
     assert len(replaced) == 1, events
     inode = events[replaced[0]][1]
     assert ("fsync", inode) in events[:replaced[0]], f"the file was not fsynced before its rename: {events}"
+    # then the directory, so that the rename itself survives a crash
+    assert ("fsync", tmp_path.stat().st_ino) in events[replaced[0]:], f"the directory was not fsynced: {events}"
 
 
 @pytest.mark.parametrize("name", sorted(WRITERS))
