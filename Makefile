@@ -33,3 +33,22 @@ test-slow: $(VENV)/.installed-test
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache runs
+
+# Mutation testing (docs/reliability.md): slow (hours on 2 shared cores), so not part of `make test`
+# or CI. Mutants of the model file, pale.io, and the engine's checkpoint and resume functions; each
+# runs only the tests that executed its function. Fewer: make mutation MUTANTS='pale.io.*'
+MUTANTS ?= pale.models.pale_transformer.* pale.io.* \
+	pale.train.engine.x_rng_state__* pale.train.engine.x_set_rng_state__* \
+	pale.train.engine.x?Trainer?_save__* pale.train.engine.x?Trainer?_export_weights__* \
+	pale.train.engine.x?Trainer?_load_resume__* pale.train.engine.x?Trainer?_interrupted__*
+MUTATION_JOBS ?= 2
+
+.PHONY: mutation
+
+$(VENV)/.installed-mutation: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet $(TORCH_PINS) -e '.[mutation]'
+	touch $@ $(VENV)/.installed-test $(VENV)/.installed-demo
+
+mutation: $(VENV)/.installed-mutation
+	$(BIN)/mutmut run --max-children $(MUTATION_JOBS) $(foreach m,$(MUTANTS),'$(m)')
+	$(BIN)/mutmut results
