@@ -254,3 +254,10 @@ def test_print_config_cli(capsys):
     assert "epochs: 7" in out and "name: pale_small" in out and "drop_path_rate: 0.3" in out
     assert main(["train", "--set", "optim.nope=1", "--print-config"]) == 1
     assert "unknown recipe key 'optim.nope'" in capsys.readouterr().err
+
+
+def test_an_unknown_auto_augment_policy_is_named():
+    from pale.train.classification import build_train_transform
+    cfg = resolve_config("small_data", ["aug.auto_augment=orignal"])
+    with pytest.raises(RecipeError, match="aug.auto_augment 'orignal' is not a timm policy"):
+        build_train_transform(cfg, data_config(cfg))

@@ -174,11 +174,15 @@ def build_train_transform(cfg: Dict[str, Any], dc: Dict[str, Any]):
 
     a = cfg["aug"]
     jitter = float(a["color_jitter"] or 0.0)
-    transform = transforms_imagenet_train(
-        tuple(dc["input_size"][-2:]), scale=tuple(a["scale"]), ratio=tuple(a["ratio"]), hflip=float(a["hflip"]),
-        vflip=float(a["vflip"]), color_jitter=jitter if jitter > 0 else None, force_color_jitter=True,
-        auto_augment=a["auto_augment"] or None, interpolation=a["train_interpolation"], mean=tuple(dc["mean"]),
-        std=tuple(dc["std"]), re_prob=float(a["reprob"]), re_mode=a["remode"], re_count=int(a["recount"]))
+    try:
+        transform = transforms_imagenet_train(
+            tuple(dc["input_size"][-2:]), scale=tuple(a["scale"]), ratio=tuple(a["ratio"]), hflip=float(a["hflip"]),
+            vflip=float(a["vflip"]), color_jitter=jitter if jitter > 0 else None, force_color_jitter=True,
+            auto_augment=a["auto_augment"] or None, interpolation=a["train_interpolation"], mean=tuple(dc["mean"]),
+            std=tuple(dc["std"]), re_prob=float(a["reprob"]), re_mode=a["remode"], re_count=int(a["recount"]))
+    except (AssertionError, KeyError) as err:  # timm asserts on policy strings it does not know
+        raise RecipeError(f"aug.auto_augment {a['auto_augment']!r} is not a timm policy (e.g. original, v0, "
+                          f"rand-m9-mstd0.5, augmix-m5-w4-d2){': ' + str(err) if str(err) else ''}") from None
     return make_pillow_safe(transform)
 
 
