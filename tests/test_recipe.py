@@ -217,7 +217,7 @@ def test_schedule_warnings_name_a_warm_up_longer_than_half_the_run_and_too_many_
     warnings = schedule_warnings(cfg, updates_per_epoch=200, num_samples=3200, workers=8, cores=2)
     assert len(warnings) == 2
     assert "warm-up (4000 updates) is longer than half the run (6000 updates" in warnings[0]
-    assert "train.workers=8 loader processes for 2 CPU core(s)" in warnings[1]
+    assert "8 data loader processes for 2 CPU core(s) compete with training (train.workers" in warnings[1]
     small = resolve_config("small_data")
     assert schedule_warnings(small, updates_per_epoch=50, num_samples=3200, workers=1, cores=2) == []
 

@@ -262,6 +262,6 @@ def schedule_warnings(cfg: Mapping[str, Any], updates_per_epoch: int, num_sample
                    f"epochs x {updates_per_epoch} for {num_samples} images); lower sched.warmup_epochs, or try "
                    f"--recipe small_data")
     if workers > cores:
-        out.append(f"train.workers={workers} loader processes for {cores} CPU core(s); they compete with "
-                   f"training (null picks from the cores)")
+        out.append(f"{workers} data loader processes for {cores} CPU core(s) compete with training "
+                   f"(train.workers; null picks from the cores)")
     return out
