@@ -1,6 +1,7 @@
 """The training engine on a tiny generated image folder: every augmentation and the EMA run, resume
 is exact (at an epoch boundary and after SIGTERM mid-epoch), bad input gets errors naming it,
-non-finite losses stop or are skipped, and `pale eval` reloads a checkpoint to the same top-1."""
+non-finite losses stop or are skipped, checkpoints record both weights and their validation, a short
+run's EMA is trained, validation runs in fp32, and `pale eval` reloads the export to the same top-1."""
 import json
 import os
 import signal
@@ -32,8 +33,8 @@ def make_folder(root, n_train=24, n_val=12, size=40, seed=0):
 
 
 def tiny_recipe(**changes):
-    """The ImageNet recipe's pipeline (RandAugment, erasing, Mixup/CutMix, smoothing, drop path, EMA) on a
-    tiny model and 32x32 inputs."""
+    """The ImageNet recipe's pipeline (AutoAugment with colour jitter, erasing, Mixup/CutMix, smoothing,
+    drop path, EMA) on a tiny model and 32x32 inputs."""
     cfg = {
         "epochs": 2, "batch_size": 8, "seed": 0,
         "model": {"name": "pale_tiny", "kwargs": dict(TINY_MODEL), "drop_path_rate": 0.1},
@@ -94,37 +95,41 @@ class Spy:
 
 
 def test_dry_run_exercises_every_augmentation_and_the_ema(folder, tmp_path, monkeypatch):
-    from timm.data.auto_augment import RandAugment
+    from timm.data.auto_augment import AutoAugment
     from timm.data.mixup import Mixup
     from timm.data.random_erasing import RandomErasing
     from timm.data.transforms import RandomResizedCropAndInterpolation
     from timm.layers import DropPath
-    from torchvision.transforms import RandomHorizontalFlip
+    from torchvision.transforms import ColorJitter, RandomHorizontalFlip
 
     spies = {name: Spy(monkeypatch, cls, meth) for name, (cls, meth) in {
         "crop": (RandomResizedCropAndInterpolation, "__call__"), "flip": (RandomHorizontalFlip, "forward"),
-        "randaugment": (RandAugment, "__call__"),
+        "autoaugment": (AutoAugment, "__call__"), "jitter": (ColorJitter, "forward"),
         "erasing": (RandomErasing, "__call__"), "mix": (Mixup, "_params_per_batch"),
         "drop_path": (DropPath, "forward")}.items()}
-    # (timm drops colour jitter when RandAugment is on, as the recipe has it)
+    # (colour jitter runs together with AutoAugment, which timm's create_transform would switch off)
     # with bf16 autocast, gradient accumulation, clipping and checkpointing switched on as well
     cfg = tiny_recipe(**{"aug.reprob": 1.0, "train.amp": "bf16", "epochs": 2, "batch_size": 4,
                          "train.accum_steps": 2, "train.clip_grad": 1.0, "train.grad_checkpointing": True})
     summary = train(cfg, [f"data.root={folder}"], tmp_path / "run")
     for name, spy in spies.items():
         assert spy.calls > 0, f"{name} never ran"
-    assert spies["randaugment"].calls == spies["crop"].calls == 48
+    assert spies["autoaugment"].calls == spies["jitter"].calls == spies["crop"].calls == 48
     # Mixup and CutMix (switch prob 0.5) both drawn, with mixing weights strictly inside (0, 1)
     kinds = {cutmix for lam, cutmix in spies["mix"].results}
     assert kinds == {True, False}
     assert all(0 < lam < 1 for lam, _ in spies["mix"].results)
     model, ema, ckpt = weights(tmp_path / "run" / "last.pth")
     assert ckpt["num_updates"] == 12  # 2 epochs x 24 images / (2 per micro-batch x 2 micro-batches per update)
-    # EMA (decay 0.9, 6 updates) lies strictly between the start and the trained weights
+    # EMA (decay 0.9 capped to 1 - 1/1.2 for 12 updates) lies strictly between the start and the trained weights
     moved = [k for k in model if model[k].is_floating_point() and not torch.equal(model[k], ema[k])]
     assert len(moved) > 0.9 * len([k for k in model if model[k].is_floating_point()])
     assert summary["last"]["ema_val_n"] == 12 and 0 <= summary["last"]["ema_val_top1"] <= 100
-    assert ckpt["config"]["aug"]["auto_augment"] == "rand-m9-mstd0.5-inc1"
+    assert ckpt["config"]["aug"]["auto_augment"] == "original"
+    # trained under bf16 autocast, validated in fp32 (train.val_amp=false), and the history says so
+    assert summary["last"]["val_precision"] == "fp32"
+    dry = train(cfg, [f"data.root={folder}", "train.val_amp=true"], tmp_path / "dry", dry_run=True)
+    assert dry["last"]["val_precision"] == "bf16"
 
 
 def test_outputs_and_eval_reload_give_the_same_top1(folder, straight, tmp_path, capsys):
@@ -134,27 +139,59 @@ def test_outputs_and_eval_reload_give_the_same_top1(folder, straight, tmp_path, 
         assert (out / name).is_file(), name
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2]
-    assert {"train_loss", "lr", "val_top1", "val_top5", "val_loss", "ema_val_top1"} <= set(history[0])
+    assert {"train_loss", "lr", "val_top1", "val_top5", "val_loss", "ema_val_top1", "val_precision"} <= set(history[0])
     best = summary["best"]
-    assert best["metric"] == "ema_val_top1"
-    assert best["value"] == max(h["ema_val_top1"] for h in history)
-    assert main(["eval", str(out / "best.pth"), "--data", str(folder / "val"), "--output",
+    # the better of the raw model and its EMA at each epoch competes for best.pth
+    per_epoch = [max(h["val_top1"], h["ema_val_top1"]) for h in history]
+    assert best["value"] == max(per_epoch) and best["epoch"] == 1 + per_epoch.index(best["value"])
+    best_record = history[best["epoch"] - 1]
+    prefix = {"raw": "val_", "ema": "ema_val_"}[best["weights"]]
+    assert best["metric"] == prefix + "top1" and best_record[prefix + "top1"] == best["value"]
+    # every checkpoint: both weights, the latest validation of both, the metric's name
+    for name in ("last.pth", "best.pth"):
+        ckpt = load_torch(out / name)
+        record = history[ckpt["epoch"] - 1]
+        assert ckpt["best_metric"] == "top1" and ckpt["model_ema"] is not None
+        assert ckpt["val_metrics"]["raw"] == {k[4:]: float(v) for k, v in record.items()
+                                              if k.startswith("val_") and k != "val_precision"}
+        assert ckpt["val_metrics"]["ema"]["top1"] == record["ema_val_top1"]
+        assert ckpt["val_metrics"]["ema"]["loss"] == record["ema_val_loss"]
+    # best.safetensors holds the weights that won, and says which
+    from pale.io import load_safetensors
+    exported, meta = load_safetensors(out / "best.safetensors")
+    assert meta["weights"] == best["weights"]
+    assert_same_state(exported, load_torch(out / "best.pth")["model_ema" if best["weights"] == "ema" else "model"])
+    assert main(["eval", str(out / "best.safetensors"), "--data", str(folder / "val"), "--output",
                  str(tmp_path / "eval.json")]) == 0
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["top1"] == best["value"] and result["n"] == 12
-    best_record = history[best["epoch"] - 1]
-    assert result["loss"] == pytest.approx(best_record["ema_val_loss"], rel=1e-5)
-    assert result["top5"] == best_record["ema_val_top5"]
+    assert result["loss"] == pytest.approx(best_record[prefix + "loss"], rel=1e-5)
+    assert result["top5"] == best_record[prefix + "top5"]
     assert "top1" in capsys.readouterr().out
     # the safetensors export loads through timm's own pretrained path and gives the same logits
     import timm
-    model_pth, info = create_model_from_file(out / "best.pth")
     model_st = timm.create_model("pale_tiny", pretrained=True, num_classes=3, **TINY_MODEL,
                                  pretrained_cfg_overlay=dict(file=str(out / "best.safetensors"), num_classes=3)).eval()
+    model_file, info = create_model_from_file(out / "best.safetensors")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(model_st(x), model_pth(x), rtol=0, atol=0)
+        torch.testing.assert_close(model_st(x), model_file(x), rtol=0, atol=0)
     assert info["class_names"] == CLASSES
+
+
+def test_a_short_run_hands_back_a_trained_ema(tmp_path):
+    """60 updates with the ImageNet recipe's EMA decay 0.9998: capped to 1 - 1/6 for the run's length, the
+    EMA validates like the raw model (uncapped it would still be at its random initialisation)."""
+    data = make_folder(tmp_path / "data", n_train=24, n_val=30)
+    cfg = tiny_recipe(**{"epochs": 20, "ema.decay": 0.9998, "aug.auto_augment": None, "aug.color_jitter": 0.0,
+                         "aug.mixup": 0.0, "aug.cutmix": 0.0, "aug.reprob": 0.0, "train.eval_every": 20})
+    summary = train(cfg, [f"data.root={data}"], tmp_path / "run")
+    last = summary["last"]
+    ckpt = load_torch(tmp_path / "run" / "last.pth")
+    assert ckpt["num_updates"] == 60
+    assert last["val_top1"] >= 90
+    assert abs(last["ema_val_top1"] - last["val_top1"]) <= 10
+    assert ckpt["val_metrics"]["ema"]["top1"] == last["ema_val_top1"]
 
 
 def test_resume_is_exact(folder, straight, tmp_path, monkeypatch):

@@ -1,9 +1,15 @@
 """Image classification on an ImageFolder tree (ImageNet layout: ``root/train/<class>/*``,
 ``root/val/<class>/*``), as a :class:`pale.train.engine.Task`.
 
-Augmentation, Mixup/CutMix and losses are timm's: ``create_transform`` (RandomResizedCrop, flips,
-colour jitter, RandAugment, random erasing; resize + centre crop at ``crop_pct`` for evaluation),
-``Mixup`` with label smoothing and ``SoftTargetCrossEntropy``. Accuracies are percentages, as in timm.
+Augmentation, Mixup/CutMix and losses are timm's: ``transforms_imagenet_train`` (RandomResizedCrop,
+flips, AutoAugment or RandAugment, colour jitter, random erasing), ``create_transform`` for evaluation
+(resize + centre crop at ``crop_pct``; ``crop_mode: squash`` resizes both sides, as the paper's
+appendix evaluates: 256x256, then the centre 224x224), ``Mixup`` with label smoothing and
+``SoftTargetCrossEntropy``. Accuracies are percentages, as in timm.
+
+Two departures from timm's ``create_transform`` for training: colour jitter is applied together with
+an auto-augment policy (timm switches it off then; the paper's appendix uses both), and posterize
+accepts 0 bits on every Pillow (:func:`make_pillow_safe`).
 """
 from __future__ import annotations
 
@@ -17,14 +23,16 @@ import torch.nn.functional as F
 from .. import io as pio
 from .data import ImageFolderDataset
 from .engine import Runtime, Task
+from .recipe import RecipeError
 
-__all__ = ["ClassificationTask", "evaluate_classifier", "build_eval_transform", "CLASSIFICATION_DEFAULTS"]
+__all__ = ["ClassificationTask", "evaluate_classifier", "build_eval_transform", "build_train_transform",
+           "make_pillow_safe", "check_model_kwargs", "data_config", "CLASSIFICATION_DEFAULTS"]
 
 CLASSIFICATION_DEFAULTS: Dict[str, Any] = {
     "model": {
         "name": "pale_tiny",
         "kwargs": {},            # passed to timm.create_model (e.g. embed_dims, depths, pale_size)
-        "drop_path_rate": 0.2,
+        "drop_path_rate": 0.1,
         "drop_rate": 0.0,
         "pretrained": None,      # a .pth/.safetensors to start from (the head is dropped if its shape differs)
     },
@@ -33,7 +41,8 @@ CLASSIFICATION_DEFAULTS: Dict[str, Any] = {
         "train_split": "train",
         "val_split": "val",      # null: no validation
         "img_size": 224,
-        "crop_pct": 0.9,         # evaluation: resize to img_size / crop_pct, centre crop img_size
+        "crop_pct": 0.875,       # evaluation: resize to img_size / crop_pct, centre crop img_size
+        "crop_mode": "squash",   # squash: resize both sides to img_size / crop_pct; center: the short side
         "interpolation": "bicubic",
         "mean": None,            # null: the model's (ImageNet) statistics
         "std": None,
@@ -44,8 +53,8 @@ CLASSIFICATION_DEFAULTS: Dict[str, Any] = {
         "ratio": [0.75, 1.3333333333],
         "hflip": 0.5,
         "vflip": 0.0,
-        "color_jitter": 0.4,
-        "auto_augment": "rand-m9-mstd0.5-inc1",  # null: none
+        "color_jitter": 0.4,     # brightness, contrast, saturation; 0: off (applied with auto_augment too)
+        "auto_augment": "original",  # timm policy string: original (AutoAugment), rand-..., null: none
         "train_interpolation": "bicubic",
         "reprob": 0.25,
         "remode": "pixel",
@@ -61,15 +70,120 @@ CLASSIFICATION_DEFAULTS: Dict[str, Any] = {
 }
 
 
+# set by the task from other recipe keys, never through model.kwargs
+_TASK_KWARGS = {"num_classes": "the classes are the training folder's sub-folders",
+                "drop_path_rate": "set model.drop_path_rate", "drop_rate": "set model.drop_rate"}
+
+
+def check_model_kwargs(name: str, kwargs: Dict[str, Any]) -> None:
+    """Refuse a ``model.kwargs`` key that the constructor of model ``name`` does not take, naming the
+    ones it does. The constructor is the class the timm entrypoint is annotated to return (Pale:
+    :class:`~pale.models.PaleTransformer`); a model without that annotation, or whose constructor takes
+    ``**kwargs``, is left to ``timm.create_model``."""
+    import inspect
+    import typing
+
+    import timm
+
+    import pale  # noqa: F401  (registers the Pale models)
+
+    for key in kwargs:
+        if key in _TASK_KWARGS:
+            raise RecipeError(f"model.kwargs.{key} is set by the task: {_TASK_KWARGS[key]}")
+    if not timm.is_model(name):
+        raise RecipeError(f"model.name: unknown model {name!r}")
+    entrypoint = timm.models.model_entrypoint(name)
+    try:
+        cls = typing.get_type_hints(entrypoint).get("return")
+    except Exception:  # unresolvable annotations: nothing to check against
+        return
+    if not inspect.isclass(cls):
+        return
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = sorted(n for n in params if n != "self" and n not in _TASK_KWARGS)
+    unknown = [k for k in kwargs if k not in accepted]
+    if unknown:
+        import difflib
+        close = difflib.get_close_matches(unknown[0], accepted, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise RecipeError(f"model.kwargs.{unknown[0]}: {cls.__name__} (model {name}) has no parameter "
+                          f"{unknown[0]!r}{hint}; it takes: {', '.join(accepted)}")
+
+
 def data_config(cfg: Dict[str, Any], model: Optional[nn.Module] = None) -> Dict[str, Any]:
     """Input size, crop, interpolation and normalisation used for evaluation (stored with the weights)."""
     d = cfg["data"]
+    if d["crop_mode"] not in ("squash", "center", "border"):
+        raise RecipeError(f"data.crop_mode must be squash, center or border, got {d['crop_mode']!r}")
     pre = getattr(model, "pretrained_cfg", None) or {}
     size = d["img_size"]
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     return dict(input_size=[3, int(h), int(w)], crop_pct=float(d["crop_pct"]), interpolation=d["interpolation"],
                 mean=list(d["mean"] or pre.get("mean", (0.485, 0.456, 0.406))),
-                std=list(d["std"] or pre.get("std", (0.229, 0.224, 0.225))), crop_mode="center")
+                std=list(d["std"] or pre.get("std", (0.229, 0.224, 0.225))), crop_mode=d["crop_mode"])
+
+
+def _posterize_any_bits(img, bits_to_keep: int, **kwargs: Any):
+    """timm's posterize, except that keeping 0 bits gives a black image, as Pillow < 13 and TensorFlow's
+    posterize do, where Pillow 13 raises ``bits must be between or equal to 1 and 8``."""
+    from PIL import Image
+    from timm.data.auto_augment import posterize
+
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return posterize(img, bits_to_keep, **kwargs)
+
+
+def _augment_ops(obj: Any) -> Iterable[Any]:
+    """timm ``AugmentOp``s inside a transform (Compose, RandAugment, AutoAugment, AugMix)."""
+    from timm.data.auto_augment import AugmentOp
+
+    if isinstance(obj, AugmentOp):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _augment_ops(item)
+    else:
+        for attr in ("transforms", "ops", "policy"):
+            if isinstance(getattr(obj, attr, None), (list, tuple)):
+                yield from _augment_ops(getattr(obj, attr))
+
+
+def make_pillow_safe(transform: Any) -> Any:
+    """``transform`` with every timm posterize op replaced by one that accepts 0 bits (returned for
+    chaining; changed in place).
+
+    timm's ``Posterize`` level maps magnitudes below 2.5 to 0 bits (AutoAugment ``v0`` asks for it in one
+    sub-policy every time), ``PosterizeIncreasing`` (RandAugment ``-inc1``, ``v0r``, ``originalr``) maps
+    magnitude 10 to 0 bits, which ``mstd`` noise reaches; Pillow 13 refuses 0 bits. No other timm op asks
+    Pillow for an argument it refuses (``tests/test_augment.py`` runs every op at every magnitude).
+    """
+    from timm.data.auto_augment import posterize
+
+    for op in _augment_ops(transform):
+        if op.aug_fn is posterize:
+            op.aug_fn = _posterize_any_bits
+    return transform
+
+
+def build_train_transform(cfg: Dict[str, Any], dc: Dict[str, Any]):
+    """The training transform of a recipe's ``aug`` section, at ``dc``'s size and normalisation."""
+    from timm.data.transforms_factory import transforms_imagenet_train
+
+    a = cfg["aug"]
+    jitter = float(a["color_jitter"] or 0.0)
+    try:
+        transform = transforms_imagenet_train(
+            tuple(dc["input_size"][-2:]), scale=tuple(a["scale"]), ratio=tuple(a["ratio"]), hflip=float(a["hflip"]),
+            vflip=float(a["vflip"]), color_jitter=jitter if jitter > 0 else None, force_color_jitter=True,
+            auto_augment=a["auto_augment"] or None, interpolation=a["train_interpolation"], mean=tuple(dc["mean"]),
+            std=tuple(dc["std"]), re_prob=float(a["reprob"]), re_mode=a["remode"], re_count=int(a["recount"]))
+    except (AssertionError, KeyError) as err:  # timm asserts on policy strings it does not know
+        raise RecipeError(f"aug.auto_augment {a['auto_augment']!r} is not a timm policy (e.g. original, v0, "
+                          f"rand-m9-mstd0.5, augmix-m5-w4-d2){': ' + str(err) if str(err) else ''}") from None
+    return make_pillow_safe(transform)
 
 
 def build_eval_transform(dc: Dict[str, Any]):
@@ -112,6 +226,7 @@ class ClassificationTask(Task):
 
     def __init__(self, cfg: Dict[str, Any]):
         super().__init__(cfg)
+        check_model_kwargs(cfg["model"]["name"], cfg["model"]["kwargs"])
         d = cfg["data"]
         if not d["root"]:
             raise ValueError("data.root is not set: pass --data FOLDER (a folder with "
@@ -141,10 +256,6 @@ class ClassificationTask(Task):
         m = self.cfg["model"]
         try:
             model = timm.create_model(m["name"], **self.model_kwargs())
-        except RuntimeError as err:
-            if "Unknown model" in str(err):
-                raise ValueError(f"model.name: unknown model {m['name']!r}") from None
-            raise
         except TypeError as err:
             raise ValueError(f"model.kwargs do not fit {m['name']}: {err}") from None
         if m["pretrained"]:
@@ -165,14 +276,10 @@ class ClassificationTask(Task):
     # -- data --
 
     def train_dataset(self) -> ImageFolderDataset:
-        from timm.data import Mixup, create_transform
+        from timm.data import Mixup
 
-        a, dc = self.cfg["aug"], self.data_config
-        transform = create_transform(
-            tuple(dc["input_size"]), is_training=True, scale=tuple(a["scale"]), ratio=tuple(a["ratio"]),
-            hflip=float(a["hflip"]), vflip=float(a["vflip"]), color_jitter=float(a["color_jitter"]),
-            auto_augment=a["auto_augment"], interpolation=a["train_interpolation"], mean=tuple(dc["mean"]),
-            std=tuple(dc["std"]), re_prob=float(a["reprob"]), re_mode=a["remode"], re_count=int(a["recount"]))
+        a = self.cfg["aug"]
+        transform = build_train_transform(self.cfg, self.data_config)
         if a["mixup"] > 0 or a["cutmix"] > 0 or a["cutmix_minmax"] is not None:
             self.mixup_fn = Mixup(mixup_alpha=float(a["mixup"]), cutmix_alpha=float(a["cutmix"]),
                                   cutmix_minmax=a["cutmix_minmax"], prob=float(a["mixup_prob"]),

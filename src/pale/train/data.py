@@ -5,7 +5,8 @@ resumed in the middle of an epoch sees exactly the batches an uninterrupted run 
 * :func:`scan_image_folder` -- ``root/<class>/<image>`` with errors naming the missing folder, the empty
   class folder, or the root without classes.
 * :class:`ImageFolderDataset` -- loads with PIL; an unreadable image raises :class:`BadImageError` with its
-  path, or (``skip_bad=True``) yields ``None``, which :class:`SkipCollate` drops and counts.
+  path, or (``skip_bad=True``) yields ``None``, which :class:`SkipCollate` drops and counts. An error
+  inside the transform raises :class:`AugmentationError` naming the transform step and the image.
 * :class:`SeededDataset` + :class:`EpochSampler` -- the training sampler yields ``(epoch, index)``;
   the wrapper seeds ``random``, ``numpy`` and ``torch`` from ``(seed, epoch, index)`` before calling the
   task's dataset, so augmentations do not depend on worker count, worker order, or where a run resumed.
@@ -22,14 +23,58 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler, default_collate
 
-__all__ = ["IMG_EXTENSIONS", "BadImageError", "scan_image_folder", "ImageFolderDataset", "load_image",
-           "SeededDataset", "EpochSampler", "ShardSampler", "SkipCollate", "clean_worker_error"]
+__all__ = ["IMG_EXTENSIONS", "BadImageError", "AugmentationError", "scan_image_folder", "ImageFolderDataset", "load_image",
+           "SeededDataset", "EpochSampler", "ShardSampler", "SkipCollate", "clean_worker_error", "usable_cores",
+           "loader_workers"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def loader_workers(setting: Any, processes_per_node: int = 1) -> int:
+    """Data loader processes per training process: ``setting`` when it is a number, else (``None``)
+    this process's share of the cores minus the one it computes on, at most 8 (0: load in the main
+    process)."""
+    if setting is None:
+        share = usable_cores() // max(1, processes_per_node)
+        return max(0, min(8, share - 1))
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
+        raise ValueError(f"train.workers must be a number >= 0 or null (from the cores), got {setting!r}")
+    return setting
+
+
 class BadImageError(ValueError):
     """An image file that cannot be decoded."""
+
+
+class AugmentationError(ValueError):
+    """A transform failed on an image (the message names the step and the file)."""
+
+
+def failing_step(transform: Any, err: BaseException) -> str:
+    """The step of ``transform`` (a Compose or a single transform) in whose code ``err`` was raised,
+    with the timm augmentation op inside it when there is one, e.g. ``AutoAugment (Posterize)``."""
+    steps = list(getattr(transform, "transforms", None) or [transform])
+    step, op = None, None
+    tb = err.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if any(owner is s for s in steps):
+            step = owner
+        if type(owner).__name__ == "AugmentOp":
+            op = owner
+        tb = tb.tb_next
+    name = type(step if step is not None else transform).__name__
+    return f"{name} ({op.name})" if op is not None and hasattr(op, "name") else name
 
 
 def clean_worker_error(err: BaseException) -> str:
@@ -111,7 +156,13 @@ class ImageFolderDataset(Dataset):
             if self.skip_bad:
                 return None
             raise
-        return (self.transform(img) if self.transform is not None else img), target
+        if self.transform is None:
+            return img, target
+        try:
+            return self.transform(img), target
+        except Exception as err:
+            raise AugmentationError(f"transform {failing_step(self.transform, err)} failed on image {path} "
+                                    f"({img.width}x{img.height}): {type(err).__name__}: {err}") from err
 
 
 def _sample_seed(seed: int, epoch: int, index: int) -> int:

@@ -41,12 +41,22 @@ Checkpoint contents (``pale.io.save_checkpoint``): ``model``, ``model_ema``, ``m
 ``model_kwargs``, ``class_names`` (and any other entries of ``task.model_info()``), ``optimizer``,
 ``scheduler``, ``scaler``, ``epoch`` (completed epochs), ``step`` (updates done in the current epoch, non-zero
 only for an interrupted epoch), ``num_updates``, ``epoch_state`` (running sums of the interrupted epoch),
-``rng`` (python, numpy, torch and CUDA states of every rank), ``history``, ``best``, ``skipped_images``
-and ``config`` (the resolved recipe).
+``rng`` (python, numpy, torch and CUDA states of every rank), ``history``, ``best`` (epoch, value, metric
+and ``weights``: "raw" or "ema"), ``skipped_images``, ``config`` (the resolved recipe), ``best_metric``
+(the task's metric name, higher is better) and, once validated, ``val_metrics`` =
+``{"raw": {metric: value}, "ema": {...}}`` of the latest validation (no ``"ema"`` without EMA).
+``best.safetensors`` and ``last.safetensors`` hold whichever of ``model`` and ``model_ema`` validated
+better (metadata ``weights``).
+
+The EMA decay is ``ema.decay`` capped so that its time constant ``1 / (1 - decay)`` is at most
+``ema.max_window`` (0.1) of the run's updates (:func:`pale.train.recipe.ema_decay`); ``ema.warmup``
+adds timm's warm-up. Validation runs in fp32 unless ``train.val_amp``; ``val_precision`` in the
+history records which.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -65,8 +75,9 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from .. import io as pio
-from .data import BadImageError, EpochSampler, SeededDataset, ShardSampler, SkipCollate, clean_worker_error
-from .recipe import RecipeError, dump_recipe
+from .data import (AugmentationError, BadImageError, EpochSampler, SeededDataset, ShardSampler, SkipCollate,
+                   clean_worker_error, loader_workers, usable_cores)
+from .recipe import RecipeError, dump_recipe, ema_decay, schedule_warnings
 
 __all__ = ["Task", "Runtime", "Trainer", "NonFiniteLossError", "TrainingInterrupted", "setup_runtime",
            "resolved_lr", "build_optimizer", "build_scheduler", "seed_everything", "rng_state", "set_rng_state", "plot_curves"]
@@ -311,6 +322,13 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: Path, metrics: Seque
 
 # ---- the trainer -----------------------------------------------------------------------------------
 
+_PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
@@ -367,14 +385,17 @@ class Trainer:
                 scaler=self.scaler.state_dict() if self.scaler is not None else None,
                 epoch=epoch, step=step, num_updates=self.num_updates, epoch_state=dict(epoch_state or {}),
                 rng=rngs, history=self.history, best=self.best, skipped_images=skipped,
-                config=self.cfg)
+                config=self.cfg, best_metric=self.task.best_metric,
+                **({"val_metrics": val} if (val := self._val_metrics()) is not None else {}))
         return path
 
     def _export_weights(self, name: str) -> None:
-        """Weights only (EMA when enabled), as safetensors with the model description as metadata."""
+        """The better of the model and its EMA by the latest validation (:meth:`_better_weights`), as
+        safetensors with the model description and ``weights`` ("raw" or "ema") as metadata."""
         info = self.task.model_info()
-        weights = (self.ema.module if self.ema is not None else _unwrap(self.model)).state_dict()
-        pio.save_safetensors(weights, self.out_dir / name, metadata=info)
+        which = self._better_weights()
+        model = self.ema.module if which == "ema" else _unwrap(self.model)
+        pio.save_safetensors(model.state_dict(), self.out_dir / name, metadata=dict(info, weights=which))
 
     def _write_history(self) -> None:
         text = "".join(json.dumps(h, sort_keys=True) + "\n" for h in self.history)
@@ -408,7 +429,8 @@ class Trainer:
 
         train_ds = self.task.train_dataset()
         self.train_sampler = EpochSampler(train_ds, rt.world_size, rt.rank, seed)
-        workers = int(tcfg["workers"])
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        workers = loader_workers(tcfg["workers"], per_node)
         self.train_loader = DataLoader(
             SeededDataset(train_ds, seed), batch_size=self.batch_per_device, sampler=self.train_sampler,
             num_workers=workers, collate_fn=SkipCollate(self.task.collate_fn(True)), drop_last=True,
@@ -418,6 +440,8 @@ class Trainer:
             raise ValueError(f"the training set ({len(train_ds)} samples, {self.train_sampler.num_samples} per "
                              f"process) is smaller than one batch ({self.batch_per_device} per process x "
                              f"{accum} accumulation steps); lower batch_size")
+        for text in schedule_warnings(cfg, self.updates_per_epoch, len(train_ds), workers * per_node, usable_cores()):
+            self._log(f"warning: {text}")
         val_ds = self.task.val_dataset()
         self.val_loader = None
         if val_ds is not None:
@@ -434,7 +458,8 @@ class Trainer:
         from timm.utils import ModelEmaV3
 
         ecfg = cfg["ema"]
-        self.ema = ModelEmaV3(model, decay=float(ecfg["decay"]), use_warmup=bool(ecfg["warmup"])) \
+        self.ema_decay = ema_decay(ecfg, int(cfg["epochs"]) * self.updates_per_epoch)
+        self.ema = ModelEmaV3(model, decay=self.ema_decay, use_warmup=bool(ecfg["warmup"])) \
             if ecfg["enabled"] else None
 
         self.model = model
@@ -528,8 +553,8 @@ class Trainer:
                 batch, skipped = next(it)
             except StopIteration:
                 return
-            except BadImageError as err:
-                raise BadImageError(clean_worker_error(err)) from None
+            except (BadImageError, AugmentationError) as err:
+                raise type(err)(clean_worker_error(err)) from None
             self.skipped_images += skipped
             if batch is not None:
                 yield batch
@@ -558,7 +583,8 @@ class Trainer:
             self.tb = SummaryWriter(str(self.out_dir / "tensorboard"))
         self._log(f"{rt.world_size} process(es) on {rt.device.type}, amp={rt.amp_dtype}, batch {self.cfg['batch_size']} "
                   f"= {self.batch_per_device} x {rt.world_size} x {self.accum}, lr {self.lr:.3g}, "
-                  f"{self.updates_per_epoch} updates/epoch")
+                  f"{self.updates_per_epoch} updates/epoch"
+                  + (f", EMA decay {self.ema_decay:.6g}" if self.ema is not None else ""))
         started = time.time()
         with self._signal_handlers():
             for epoch in range(self.start_epoch, epochs):
@@ -697,7 +723,10 @@ class Trainer:
             distribute_bn(self.ema.module, self.rt.world_size, reduce=mode == "reduce")
 
     def _validate(self) -> Dict[str, Any]:
-        out: Dict[str, Any] = {}
+        """Metrics of the model (``val_*``) and of its EMA (``ema_val_*``), in fp32 unless
+        ``train.val_amp`` (then under the training autocast); ``val_precision`` says which."""
+        val_rt = self.rt if self.cfg["train"]["val_amp"] else dataclasses.replace(self.rt, amp_dtype=None)
+        out: Dict[str, Any] = {"val_precision": _PRECISION_NAMES[val_rt.amp_dtype]}
         models = [("val_", _unwrap(self.model))]
         if self.ema is not None:
             models.append(("ema_val_", self.ema.module))
@@ -707,19 +736,48 @@ class Trainer:
             batches = self._batches(self.val_loader)
             if self.dry_run:
                 batches = (b for i, b in zip(range(2), batches))
-            with torch.no_grad(), self.rt.autocast():
-                metrics = self.task.evaluate(model, batches, self.rt)
+            with torch.no_grad(), val_rt.autocast():
+                metrics = self.task.evaluate(model, batches, val_rt)
             model.train(was_training)
             out.update({prefix + k: v for k, v in metrics.items()})
         return out
 
+    def _val_metrics(self) -> Optional[Dict[str, Dict[str, float]]]:
+        """``{"raw": {...}, "ema": {...}}`` of the most recent validation in the history (no ``ema``
+        without EMA), or None before the first validation."""
+        for record in reversed(self.history):
+            raw = {k[4:]: float(v) for k, v in record.items() if k.startswith("val_") and _is_number(v)}
+            if raw:
+                out = {"raw": raw}
+                ema = {k[8:]: float(v) for k, v in record.items() if k.startswith("ema_val_") and _is_number(v)}
+                if ema:
+                    out["ema"] = ema
+                return out
+        return None
+
+    def _better_weights(self) -> str:
+        """``"ema"`` or ``"raw"``: the weights whose latest validation scored higher on the task's metric
+        (EMA on a tie, and when there is no validation); ``"raw"`` without EMA."""
+        if self.ema is None:
+            return "raw"
+        latest = self._val_metrics()
+        if not latest or "ema" not in latest:
+            return "ema"
+        key = self.task.best_metric
+        raw, ema = latest["raw"].get(key), latest["ema"].get(key)
+        if raw is None or ema is None:
+            return "ema"
+        higher = raw > ema if self.task.best_mode == "max" else raw < ema
+        return "raw" if higher else "ema"
+
     def _end_epoch(self, epoch: int, record: Dict[str, Any]) -> None:
-        key = ("ema_val_" if self.ema is not None else "val_") + self.task.best_metric
+        weights = self._better_weights()
+        key = ("ema_val_" if weights == "ema" else "val_") + self.task.best_metric
         value = record.get(key)
         improved = value is not None and (
             not self.best or (value > self.best["value"] if self.task.best_mode == "max" else value < self.best["value"]))
         if improved:
-            self.best = dict(metric=key, value=value, epoch=epoch + 1)
+            self.best = dict(metric=key, value=value, epoch=epoch + 1, weights=weights)
         shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
         self._log(shown)
         self._save("last.pth", epoch + 1, 0)

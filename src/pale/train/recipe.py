@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
 import yaml
 
 __all__ = ["RecipeError", "ENGINE_DEFAULTS", "shipped_recipes", "recipe_path", "load_yaml", "merge",
-           "parse_override", "apply_overrides", "resolve_recipe", "dump_recipe"]
+           "parse_override", "apply_overrides", "resolve_recipe", "dump_recipe", "schedule_warnings", "ema_decay"]
 
 Config = Dict[str, Any]
 
@@ -62,12 +62,14 @@ ENGINE_DEFAULTS: Config = {
     },
     "ema": {
         "enabled": True,
-        "decay": 0.9998,
-        "warmup": False,
+        "decay": 0.9998,         # upper bound; see max_window
+        "warmup": False,         # timm ModelEmaV3 warm-up: decay 1 - (1 + update)^(-2/3) until it reaches decay
+        "max_window": 0.1,       # cap the decay so the EMA's time constant 1/(1 - decay) is at most this fraction of all updates
     },
     "train": {
         "device": "auto",        # auto | cpu | cuda | cuda:N
         "amp": "auto",           # auto (bf16 on CPUs with native bf16, else none; bf16/fp16 on CUDA) | bf16 | fp16 | none
+        "val_amp": False,        # validate under the training autocast (true) or in fp32 (false, as pale eval)
         "channels_last": False,
         "sync_bn": False,        # SyncBatchNorm across processes (the separable q/k/v projections use BN)
         "dist_bn": "reduce",     # reduce | broadcast | none: make BN running stats equal on all ranks each epoch
@@ -75,7 +77,7 @@ ENGINE_DEFAULTS: Config = {
         "accum_steps": 1,
         "clip_grad": None,
         "clip_mode": "norm",     # norm | value | agc
-        "workers": 8,
+        "workers": None,         # data loader processes per training process; null: from the cores (see loader_workers)
         "eval_every": 1,         # epochs between validations (the last epoch is always validated)
         "eval_batch_size": None,  # per device; default: twice the training batch per device
         "on_nonfinite": "stop",  # stop | skip: a NaN/inf loss stops the run, or its batch is skipped
@@ -200,11 +202,24 @@ def parse_override(text: str) -> Config:
     return out
 
 
+def _update(base: Mapping[str, Any], update: Mapping[str, Any]) -> Config:
+    """``base`` with ``update``'s entries, mappings merged recursively (no checks)."""
+    out = copy.deepcopy(dict(base))
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _update(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
 def apply_overrides(cfg: Mapping[str, Any], overrides: Optional[Iterable[str]], defaults: Mapping[str, Any]) -> Config:
-    out = dict(cfg)
+    """``cfg`` with each ``key=value`` override applied, every step checked against ``defaults`` (so a
+    free-form section such as ``model.kwargs`` takes new keys even when the recipe already sets some)."""
+    out = merge(defaults, cfg)
     for text in overrides or ():
-        out = merge(merge(defaults, out), parse_override(text))
-    return merge(defaults, out)
+        out = merge(defaults, _update(out, parse_override(text)))
+    return out
 
 
 def resolve_recipe(recipe: Union[str, Path, Mapping[str, Any], None], overrides: Optional[Iterable[str]],
@@ -216,3 +231,37 @@ def resolve_recipe(recipe: Union[str, Path, Mapping[str, Any], None], overrides:
 
 def dump_recipe(cfg: Mapping[str, Any]) -> str:
     return yaml.safe_dump(dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+def ema_decay(ema: Mapping[str, Any], total_updates: int) -> float:
+    """The EMA decay of a run of ``total_updates`` optimizer updates: ``ema.decay``, capped so the
+    EMA's time constant ``1 / (1 - decay)`` spans at most ``ema.max_window`` of the run.
+
+    The paper-scale ImageNet run (375k updates) keeps 0.9998 (cap 0.99997); a 60-update fine-tune gets
+    1 - 1/6 = 0.83 instead of an average that still holds its initialisation.
+    """
+    decay = float(ema["decay"])
+    window = ema.get("max_window")
+    if window is None:
+        return decay
+    span = float(window) * max(int(total_updates), 1)
+    return max(0.0, min(decay, 1.0 - 1.0 / span)) if span > 1.0 else 0.0
+
+
+def schedule_warnings(cfg: Mapping[str, Any], updates_per_epoch: int, num_samples: int, workers: int,
+                      cores: int) -> List[str]:
+    """Ways the recipe's schedule does not fit the data or the machine, one sentence each."""
+    out: List[str] = []
+    epochs = int(cfg["epochs"])
+    total = epochs * updates_per_epoch
+    s = cfg["sched"]
+    warmup = float(s["warmup_updates"]) if s.get("warmup_updates") is not None else \
+        float(s["warmup_epochs"]) * updates_per_epoch
+    if warmup > total / 2:
+        out.append(f"the warm-up ({warmup:.0f} updates) is longer than half the run ({total} updates: {epochs} "
+                   f"epochs x {updates_per_epoch} for {num_samples} images); lower sched.warmup_epochs, or try "
+                   f"--recipe small_data")
+    if workers > cores:
+        out.append(f"{workers} data loader processes for {cores} CPU core(s) compete with training "
+                   f"(train.workers; null picks from the cores)")
+    return out
