@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from pale.cli import main
 from pale.train.demo import SPLITS, load_mnist_5k, prepare_digits, run_demo, split_digits
@@ -42,15 +43,26 @@ def _check_run(out, expect_top1=None):
     return metrics
 
 
-def test_demo_pipeline_one_epoch(tmp_path):
-    """One epoch of the demo: the files it promises, and eval reloading its checkpoint exactly."""
+def test_demo_pipeline_one_epoch(tmp_path, monkeypatch, capsys):
+    """One epoch of `pale demo`: the files it promises, training on train/val only, eval reloading its
+    checkpoint exactly, and the training time and test top-1 printed at the end."""
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # already chosen: no re-exec of the test process
     counts = prepare_digits(tmp_path / "demo" / "data")
     assert counts == SPLITS
+    out = tmp_path / "demo"
     # a narrower model than the demo's, to keep this test short
-    metrics = run_demo(tmp_path / "demo", ["epochs=1", "train.progress=false", "data.img_size=28",
-                                           "model.kwargs.embed_dims=[16,32,32,32]", "model.kwargs.depths=[1,1,1,1]"])
-    _check_run(tmp_path / "demo", expect_top1=50.0)  # one epoch already learns the digits
-    assert metrics["best_val"]["metric"] == "ema_val_top1"
+    assert main(["demo", "-o", str(out), "--epochs", "1", "--set", "train.progress=false", "--set", "data.img_size=28",
+                 "--set", "model.kwargs.embed_dims=[16,32,32,32]", "--set", "model.kwargs.depths=[1,1,1,1]"]) == 0
+    metrics = _check_run(out, expect_top1=50.0)  # one epoch already learns the digits
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert (config["data"]["root"], config["data"]["train_split"], config["data"]["val_split"]) == \
+        (str(out / "data"), "train", "val")
+    assert metrics["test_data"] == str(out / "data" / "test") and metrics["epochs"] == 1
+    printed = capsys.readouterr().out.splitlines()
+    result = next(line for line in printed if line.startswith("test top-1"))
+    assert f"test top-1 {metrics['top1']:.2f}% on 1000 held-out digits" in result
+    assert f"training {metrics['train_time_s']:.0f} s" in result
+    assert 0 < metrics["train_time_s"] <= metrics["total_time_s"]
 
 
 @pytest.mark.slow

@@ -27,8 +27,8 @@ def run(args: argparse.Namespace) -> int:
     from .train import overrides_from_args
 
     m = run_demo(args.output, overrides_from_args(args))
-    print(f"test top-1 {m['top1']:.2f}% on {m['n_test']} held-out digits (top-5 {m['top5']:.2f}%), "
-          f"{m['total_time_s']:.0f} s in all")
+    print(f"test top-1 {m['top1']:.2f}% on {m['n_test']} held-out digits (top-5 {m['top5']:.2f}%); "
+          f"training {m['train_time_s']:.0f} s, {m['total_time_s']:.0f} s in all")
     print(f"wrote {args.output}/metrics.json, {args.output}/curves.png, {m['checkpoint']}")
     print(f"check it: {m['eval_command']}")
     return 0
@@ -39,6 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output", "-o", default="runs/demo", help="run folder (default runs/demo)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key of the demo_digits recipe")
     p.add_argument("--epochs", type=int)
+    p.add_argument("--seed", type=int, help="training seed (default: the recipe's, 0); the data split stays the same")
     p.add_argument("--device", help="auto, cpu, cuda")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"])
     p.add_argument("--workers", type=int)
