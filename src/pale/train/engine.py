@@ -43,7 +43,8 @@ Checkpoint contents (``pale.io.save_checkpoint``): ``model``, ``model_ema``, ``m
 ``model_kwargs``, ``class_names`` (and any other entries of ``task.model_info()``), ``optimizer``,
 ``scheduler``, ``scaler``, ``epoch`` (completed epochs), ``step`` (updates done in the current epoch, non-zero
 only for an interrupted epoch), ``num_updates``, ``epoch_state`` (running sums of the interrupted epoch),
-``rng`` (python, numpy, torch and CUDA states of every rank), ``history``, ``best``, ``skipped_images``,
+``rng`` (python, numpy, torch and CUDA states of every rank), ``ema_buffers`` (every rank's EMA BatchNorm
+statistics, under torchrun), ``history``, ``best``, ``skipped_images``,
 ``config`` (the resolved recipe) and ``runtime`` (run-time choices that change the numbers but are not in the
 recipe, see :meth:`Trainer.runtime_record`).
 """
@@ -492,6 +493,11 @@ class Trainer:
         """Checkpoint after ``epoch`` complete epochs and ``step`` updates of the next (all ranks call this)."""
         rngs = self.rt.all_gather_object(rng_state())
         skipped = self._total_skipped()
+        ema_buffers = None
+        if self.ema is not None and self.rt.distributed:
+            # the EMA's BatchNorm statistics follow each rank's own batches until the epoch's end averages them
+            ema_buffers = self.rt.all_gather_object(
+                {k: v.detach().cpu() for k, v in self.ema.module.named_buffers() if v.is_floating_point()})
         path = self.out_dir / name
         if self.rt.is_main and not self.dry_run:
             if rotate:
@@ -500,7 +506,7 @@ class Trainer:
             pio.save_checkpoint(
                 path, _unwrap(self.model), info.pop("model_name"), info.pop("model_kwargs"),
                 info.pop("class_names", None), **info,
-                model_ema=self.ema.module.state_dict() if self.ema is not None else None,
+                model_ema=self.ema.module.state_dict() if self.ema is not None else None, ema_buffers=ema_buffers,
                 optimizer=self.optimizer.state_dict(),
                 scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
                 scaler=self.scaler.state_dict() if self.scaler is not None else None,
@@ -617,6 +623,10 @@ class Trainer:
         rngs = ckpt.get("rng") or []
         if len(rngs) == self.rt.world_size:
             set_rng_state(rngs[self.rt.rank])
+            if self.ema is not None and ckpt.get("ema_buffers"):
+                buffers = dict(self.ema.module.named_buffers())
+                for k, v in ckpt["ema_buffers"][self.rt.rank].items():
+                    buffers[k].copy_(v)
         else:
             self._log(f"note: {path} was written by {len(rngs)} processes, this run has {self.rt.world_size}; "
                       f"random streams restart from the seed, so the continuation is not bit-exact")
