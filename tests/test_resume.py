@@ -151,7 +151,7 @@ def test_truncated_last_checkpoint_falls_back_to_the_previous_one(folder, straig
     train(recipe(), [f"data.root={folder}"], run, resume="auto")
     err = capsys.readouterr().err
     assert f"cannot resume from {last}: cannot read checkpoint {last}: truncated or corrupt" in err
-    assert f"falling back to the previous checkpoint {run / 'last-1.pth'} (epoch 1, update 1)" in err
+    assert f"falling back to the previous checkpoint {run / 'last-1.pth'} (at epoch 2, update 1)" in err
     assert "at epoch 2, update 1" in err
     assert_same_run(straight, run)
 

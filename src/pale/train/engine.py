@@ -366,8 +366,8 @@ def load_latest_checkpoint(folder: os.PathLike) -> Optional[Tuple[Path, Dict[str
             _log_main(f"warning: cannot resume from {path}: {err}")
             continue
         if errors:
-            _log_main(f"warning: falling back to the previous checkpoint {path} (epoch {ckpt['epoch']}, update "
-                      f"{ckpt.get('step', 0)}); the updates after it are done again")
+            _log_main(f"warning: falling back to the previous checkpoint {path} (at epoch {int(ckpt['epoch']) + 1}, "
+                      f"update {ckpt.get('step', 0)}); the updates after it are done again")
         return path, ckpt
     if files:
         raise pio.CheckpointError(f"none of the checkpoints in {folder} loads ({'; '.join(errors)}); refusing to "
