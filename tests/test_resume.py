@@ -98,8 +98,8 @@ def test_auto_continues_the_same_command_and_refuses_another_recipe(folder, stra
     job = ["train", "--recipe", str(recipe_file), "--data", str(moved), "-o", str(run), "--resume", "auto",
            "--workers", "1"]
     before = load_torch(run / "last.pth")["model"]
-    assert main(job) == 0  # the finished run: nothing left to do
-    assert "resuming" in capsys.readouterr().err
+    assert main(job) == 0
+    assert f"{run / 'last.pth'} has finished all 2 epochs: nothing left to train" in capsys.readouterr().err
     assert_same_state(before, load_torch(run / "last.pth")["model"])
 
     other = recipe(**{"optim.lr": 2e-3, "model.kwargs.depths": [1, 1, 2, 1]})

@@ -699,7 +699,9 @@ class Trainer:
         self._write(lambda: pio.atomic_write_text(self.out_dir / "config.yaml", dump_recipe(self.cfg)))
         if self.resume_path:
             self._write(self._write_history)
-            self._log(f"resuming {self.resume_path} at epoch {self.start_epoch + 1}, update {self.start_step}")
+            self._log(f"resuming {self.resume_path} at epoch {self.start_epoch + 1}, update {self.start_step}"
+                      if self.start_epoch < epochs else f"{self.resume_path} has finished all {epochs} epochs: "
+                      f"nothing left to train")
         self.tb = None
         if tcfg["tensorboard"] and rt.is_main and not self.dry_run:
             try:
