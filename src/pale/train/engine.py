@@ -74,7 +74,8 @@ from .data import BadImageError, EpochSampler, SeededDataset, ShardSampler, Skip
 from .recipe import RecipeError, dump_recipe
 
 __all__ = ["Task", "Runtime", "Trainer", "NonFiniteLossError", "TrainingInterrupted", "setup_runtime",
-           "checkpoint_files", "load_latest_checkpoint", "config_differences", "RESTART_KEYS", "resolved_lr", "build_optimizer", "build_scheduler", "seed_everything", "rng_state", "set_rng_state", "plot_curves"]
+           "checkpoint_files", "load_latest_checkpoint", "config_differences", "RESTART_KEYS",
+           "resolved_lr", "build_optimizer", "build_scheduler", "seed_everything", "rng_state", "set_rng_state", "plot_curves"]
 
 Config = Dict[str, Any]
 
@@ -439,9 +440,9 @@ class Trainer:
                 self._check_same_run(*found)
                 self.resume_path, self._resume_ckpt = found
         elif not self.resume_path and not dry_run and checkpoint_files(self.out_dir):
-            raise ValueError(f"output folder {self.out_dir} already holds a run ({checkpoint_files(self.out_dir)[0].name}):"
-                             f" pass --resume to continue it (--resume auto in a job script that must also start it), "
-                             f"or choose another output folder")
+            raise ValueError(f"output folder {self.out_dir} already holds a run ({checkpoint_files(self.out_dir)[0].name}"
+                             f"): pass --resume to continue it (--resume auto in a job script that must also start "
+                             f"it), or choose another output folder")
         self._last_saved: Optional[Tuple[int, int]] = None  # (epoch, step) of the newest last.pth
         self._stop_signal: Optional[int] = None
         self.skipped_images = 0
@@ -632,7 +633,8 @@ class Trainer:
                       f"random streams restart from the seed, so the continuation is not bit-exact")
             seed_everything(int(self.cfg["seed"]) + 1000 * self.start_epoch + self.rt.rank)
         old_runtime, runtime = ckpt.get("runtime") or {}, self.runtime_record()
-        changed = [f"{k} {old_runtime[k]} -> {v}" for k, v in runtime.items() if k in old_runtime and old_runtime[k] != v]
+        changed = [f"{k} {old_runtime[k]} -> {v}" for k, v in runtime.items()
+                   if k in old_runtime and old_runtime[k] != v]
         if changed:
             self._log(f"note: {path} was written with other run-time settings ({', '.join(changed)}); the "
                       f"continuation is not bit-exact")
@@ -779,8 +781,8 @@ class Trainer:
                     if tcfg["on_nonfinite"] == "stop":
                         keep = "no checkpoint was written yet"
                         if self._last_saved is not None:
-                            keep = (f"the last good checkpoint is {self.out_dir / 'last.pth'} (epoch "
-                                    f"{self._last_saved[0]}, update {self._last_saved[1]})")
+                            keep = (f"the last good checkpoint is {self.out_dir / 'last.pth'} (at epoch "
+                                    f"{self._last_saved[0] + 1}, update {self._last_saved[1]})")
                         raise NonFiniteLossError(
                             f"loss is {loss.item()} at epoch {epoch + 1}, update {step + 1} (lr "
                             f"{opt.param_groups[0]['lr']:.3g}); training stopped and {keep}. Lower the learning "
