@@ -14,7 +14,7 @@ from pale.io import CheckpointError, load_torch
 from pale.train import TrainingInterrupted, train
 from pale.train.classification import ClassificationTask
 from pale.train.engine import checkpoint_files, config_differences
-from test_train import assert_same_state, make_folder, tiny_recipe
+from test_train import assert_same_state, folder, tiny_recipe  # noqa: F401 (folder: a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,11 +30,6 @@ def recipe(**changes):
 def position(path):
     ckpt = load_torch(path)
     return ckpt["epoch"], ckpt["step"]
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory, one_thread):
-    return make_folder(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")
