@@ -34,16 +34,13 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_recipe(resolve_config(args.recipe, overrides)), end="")
         return 0
-    resume = args.resume
-    if resume == "auto":
-        if not args.output:
-            raise ValueError("--resume without a checkpoint needs --output (the run folder holding last.pth)")
-        resume = str(Path(args.output) / "last.pth")
-    if resume is not None and not Path(resume).exists():
-        raise FileNotFoundError(f"checkpoint to resume not found: {resume}")
-    out = args.output
-    if out is None and resume is None:
+    resume, out = args.resume, args.output
+    if out is None and resume in (None, "", "auto"):
         out = str(Path("runs") / Path(args.recipe).name.removesuffix(".yaml"))
+    if resume == "":  # bare --resume: the run in the output folder
+        resume = out
+    if resume not in (None, "auto") and not Path(resume).exists():
+        raise FileNotFoundError(f"checkpoint to resume not found: {resume}")
     summary = train(args.recipe, overrides, out, resume=resume, dry_run=args.dry_run)
     best = summary.get("best") or {}
     if best:
@@ -69,8 +66,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"])
     p.add_argument("--workers", type=int, help="data loader processes per training process")
     p.add_argument("--seed", type=int)
-    p.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
-                   help="continue a run exactly (default: <output>/last.pth)")
+    p.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT|auto",
+                   help="continue a run exactly: from CHECKPOINT (a file or run folder; default: the newest "
+                        "checkpoint in --output); auto: continue the run in --output if there is one, else "
+                        "start it (for job scripts that torchrun or a scheduler start again)")
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (counted) instead of failing")
     p.add_argument("--skip-nonfinite", action="store_true", help="skip batches whose loss is NaN/inf instead of stopping")
     p.add_argument("--dry-run", action="store_true", help="two updates and two evaluation batches, nothing written")

@@ -27,11 +27,12 @@ import numpy as np
 
 from .. import io as pio
 from .data import write_image_folder
+from .engine import checkpoint_files
 
 __all__ = ["load_mnist_5k", "split_digits", "prepare_digits", "run_demo", "RUN_FILES"]
 
 SPLITS = {"train": 3500, "val": 500, "test": 1000}  # val: the curves; test: the reported top-1
-#: files a demo run writes into its folder (replaced when the demo runs again)
+#: files a demo run writes into its folder (replaced when the demo runs again, with the kept last-N.pth)
 RUN_FILES = ("last.pth", "best.pth", "best.safetensors", "last.safetensors", "metrics.jsonl", "summary.json",
              "curves.png", "config.yaml", "metrics.json")
 
@@ -101,7 +102,7 @@ def run_demo(out_dir: os.PathLike = "runs/demo", overrides: Optional[Iterable[st
     counts = prepare_digits(data_root)
     print(f"digits: {counts['train']} train / {counts['val']} val / {counts['test']} test (held out) in {data_root}",
           flush=True)
-    stale = [out / name for name in RUN_FILES if (out / name).exists()]
+    stale = sorted({*(out / name for name in RUN_FILES if (out / name).exists()), *checkpoint_files(out)})
     if stale:
         print(f"replacing the previous demo run in {out}", flush=True)
         for p in stale:

@@ -6,7 +6,9 @@ survives a resume, mixed precision (bf16 autocast, or fp16 with a GradScaler on 
 accumulation and clipping, channels-last and gradient checkpointing, timm's optimizer
 (``create_optimizer_v2``), scheduler (``create_scheduler_v2``, stepped per update) and EMA
 (``ModelEmaV3``), atomic checkpoints (``last.pth`` every epoch, ``best.pth`` + ``best.safetensors`` for
-the best validation metric) with exact ``resume``, non-finite-loss handling, SIGTERM/Ctrl-C checkpoints,
+the best validation metric; optionally every ``train.checkpoint_every_updates`` updates, the last
+``train.keep_checkpoints`` kept as ``last.pth``, ``last-1.pth``, ...) with exact ``resume`` (``"auto"``: continue
+the run in the folder if there is one, else start it), non-finite-loss handling, SIGTERM/SIGUSR1/Ctrl-C checkpoints,
 skipped-bad-image counting, a tqdm bar, ``metrics.jsonl``, ``curves.png``, ``summary.json`` and optional
 TensorBoard. Only rank 0 writes files.
 
@@ -35,14 +37,16 @@ Example (a segmentation task reusing the engine)::
             return {"miou": ..., "macc": ..., "loss": ...}
 
     cfg = resolve_recipe("my_seg.yaml", ["epochs=10"], merge(ENGINE_DEFAULTS, SegTask.defaults))
-    summary = Trainer(SegTask(cfg), cfg, "runs/seg").fit()          # or resume="runs/seg/last.pth"
+    summary = Trainer(SegTask(cfg), cfg, "runs/seg").fit()          # or resume="runs/seg/last.pth" / "auto"
 
 Checkpoint contents (``pale.io.save_checkpoint``): ``model``, ``model_ema``, ``model_name``,
 ``model_kwargs``, ``class_names`` (and any other entries of ``task.model_info()``), ``optimizer``,
 ``scheduler``, ``scaler``, ``epoch`` (completed epochs), ``step`` (updates done in the current epoch, non-zero
 only for an interrupted epoch), ``num_updates``, ``epoch_state`` (running sums of the interrupted epoch),
-``rng`` (python, numpy, torch and CUDA states of every rank), ``history``, ``best`` (epoch, value, metric
-and ``weights``: "raw" or "ema"), ``skipped_images``, ``config`` (the resolved recipe), ``best_metric``
+``rng`` (python, numpy, torch and CUDA states of every rank), ``ema_buffers`` (every rank's EMA BatchNorm
+statistics, under torchrun), ``history``, ``best`` (epoch, value, metric
+and ``weights``: "raw" or "ema"), ``skipped_images``, ``config`` (the resolved recipe), ``runtime`` (run-time
+choices that change the numbers but are not in the recipe, see :meth:`Trainer.runtime_record`), ``best_metric``
 (the task's metric name, higher is better) and, once validated, ``val_metrics`` =
 ``{"raw": {metric: value}, "ema": {...}}`` of the latest validation (no ``"ema"`` without EMA).
 ``best.safetensors`` and ``last.safetensors`` hold whichever of ``model`` and ``model_ema`` validated
@@ -61,6 +65,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -80,6 +85,7 @@ from .data import (AugmentationError, BadImageError, EpochSampler, SeededDataset
 from .recipe import RecipeError, dump_recipe, ema_decay, schedule_warnings
 
 __all__ = ["Task", "Runtime", "Trainer", "NonFiniteLossError", "TrainingInterrupted", "setup_runtime",
+           "checkpoint_files", "load_latest_checkpoint", "config_differences", "RESTART_KEYS",
            "resolved_lr", "build_optimizer", "build_scheduler", "seed_everything", "rng_state", "set_rng_state", "plot_curves"]
 
 Config = Dict[str, Any]
@@ -90,7 +96,18 @@ class NonFiniteLossError(ValueError):
 
 
 class TrainingInterrupted(SystemExit):
-    """Raised after SIGTERM / SIGINT once the checkpoint is saved; exit code 128 + signal number."""
+    """Raised after SIGTERM / SIGUSR1 / SIGINT once the checkpoint is saved; exit code 128 + signal number.
+
+    SIGUSR1 (what Slurm's ``--signal`` sends ahead of a time limit) gives 138: "saved, requeue me"; a job
+    script requeues on it and the same command with ``--resume auto`` continues exactly.
+    """
+
+
+#: recipe keys that may change between the starts of one run (where the data is staged, how many loader
+#: processes, logging, checkpoint cadence); any other difference makes ``resume="auto"`` refuse the folder
+RESTART_KEYS = frozenset({"data.root", "train.device", "train.workers", "train.progress", "train.tensorboard",
+                          "train.eval_batch_size", "train.resume", "train.checkpoint_every_updates",
+                          "train.keep_checkpoints"})
 
 
 # ---- runtime: devices, precision, distributed ------------------------------------------------------
@@ -320,6 +337,73 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: Path, metrics: Seque
     plt.close(fig)
 
 
+# ---- checkpoints of a run folder --------------------------------------------------------------------
+
+def _log_main(text: str) -> None:
+    """A message on stderr from rank 0 only (above a tqdm bar if one is shown)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        from tqdm import tqdm
+        tqdm.write(text, file=sys.stderr)
+
+
+def checkpoint_files(folder: os.PathLike) -> List[Path]:
+    """The run's kept training checkpoints, newest first: ``last.pth``, ``last-1.pth``, ``last-2.pth``, ..."""
+    folder = Path(folder)
+    older = sorted((int(m.group(1)), p) for p in folder.glob("last-*.pth")
+                   if (m := re.fullmatch(r"last-(\d+)\.pth", p.name)))
+    return [p for p in [folder / "last.pth"] if p.is_file()] + [p for _, p in older]
+
+
+def _load_training_checkpoint(path: Path) -> Dict[str, Any]:
+    ckpt = pio.load_torch(path)
+    if not isinstance(ckpt, dict) or "optimizer" not in ckpt or "epoch" not in ckpt:
+        raise pio.CheckpointError(f"{path} is not a training checkpoint of `pale train` (no optimizer/epoch "
+                                  f"state); to start from its weights use model.pretrained instead")
+    return ckpt
+
+
+def load_latest_checkpoint(folder: os.PathLike) -> Optional[Tuple[Path, Dict[str, Any]]]:
+    """``(path, checkpoint)`` of the newest kept checkpoint of ``folder`` that loads, or None if it has none.
+
+    A checkpoint that does not load (truncated by a crash of the file system, deleted meanwhile) is
+    skipped for the previous one, saying so; if none loads, :class:`pale.io.CheckpointError` lists why.
+    """
+    files = checkpoint_files(folder)
+    errors = []
+    for path in files:
+        try:
+            ckpt = _load_training_checkpoint(path)
+        except (pio.CheckpointError, FileNotFoundError) as err:
+            errors.append(str(err))
+            _log_main(f"warning: cannot resume from {path}: {err}")
+            continue
+        if errors:
+            _log_main(f"warning: falling back to the previous checkpoint {path} (at epoch {int(ckpt['epoch']) + 1}, "
+                      f"update {ckpt.get('step', 0)}); the updates after it are done again")
+        return path, ckpt
+    if files:
+        raise pio.CheckpointError(f"none of the checkpoints in {folder} loads ({'; '.join(errors)}); refusing to "
+                                  f"start the run over: move the folder away to start afresh")
+    return None
+
+
+def config_differences(run: Mapping[str, Any], now: Mapping[str, Any], ignore: Iterable[str] = RESTART_KEYS,
+                       prefix: str = "") -> List[str]:
+    """``"key: run value vs this value"`` for each recipe key set differently in both; keys only one side has
+    (added or removed by another version of pale) and ``ignore``d keys do not count."""
+    out: List[str] = []
+    for key in run:
+        dotted = prefix + str(key)
+        if key not in now or dotted in ignore:
+            continue
+        a, b = run[key], now[key]
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += config_differences(a, b, ignore, dotted + ".")
+        elif a != b:
+            out.append(f"{dotted}: {a!r} (run) vs {b!r} (now)")
+    return out
+
+
 # ---- the trainer -----------------------------------------------------------------------------------
 
 _PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -340,7 +424,10 @@ class Trainer:
         task: the problem (model, data, loss, evaluation).
         cfg: the resolved recipe (engine sections + the task's).
         out_dir: run folder; must not hold another run unless resuming.
-        resume: a ``last.pth`` (or any checkpoint) of this run to continue exactly.
+        resume: a ``last.pth`` (or any checkpoint) of this run to continue exactly; or ``"auto"`` (also
+            recipe key ``train.resume``): continue the run in ``out_dir`` from its newest checkpoint that loads,
+            start it when there is none, refuse a folder whose run has another recipe (keys in
+            :data:`RESTART_KEYS` aside).
         dry_run: one epoch of two updates and two evaluation batches, to check a setup; writes nothing.
     """
 
@@ -348,17 +435,33 @@ class Trainer:
                  dry_run: bool = False):
         self.task, self.cfg, self.dry_run = task, cfg, dry_run
         self.out_dir = Path(out_dir)
-        self.resume_path = Path(resume) if resume else None
         tcfg = cfg["train"]
+        auto = str(resume) == "auto" or (resume is None and tcfg["resume"] == "auto")
+        self.resume_path = Path(resume) if resume and not auto else None
+        self._resume_ckpt: Optional[Dict[str, Any]] = None
         if tcfg["on_nonfinite"] not in ("stop", "skip"):
             raise RecipeError(f"train.on_nonfinite must be 'stop' or 'skip', got {tcfg['on_nonfinite']!r}")
         if tcfg["dist_bn"] not in ("reduce", "broadcast", "none"):
             raise RecipeError(f"train.dist_bn must be reduce, broadcast or none, got {tcfg['dist_bn']!r}")
         if int(tcfg["accum_steps"]) < 1:
             raise RecipeError(f"train.accum_steps must be >= 1, got {tcfg['accum_steps']}")
-        if not self.resume_path and not dry_run and (self.out_dir / "last.pth").exists():
-            raise ValueError(f"output folder {self.out_dir} already holds a run (last.pth): pass --resume to "
-                             f"continue it, or choose another output folder")
+        if tcfg["resume"] not in (None, "auto"):
+            raise RecipeError(f"train.resume must be null or auto, got {tcfg['resume']!r} (a checkpoint to "
+                              f"continue is given with --resume PATH)")
+        if int(tcfg["checkpoint_every_updates"]) < 0 or int(tcfg["keep_checkpoints"]) < 1:
+            raise RecipeError(f"train.checkpoint_every_updates must be >= 0 (0: at the end of each epoch only) and "
+                              f"train.keep_checkpoints >= 1; got {tcfg['checkpoint_every_updates']} and "
+                              f"{tcfg['keep_checkpoints']}")
+        if auto:
+            found = load_latest_checkpoint(self.out_dir)
+            if found is not None:
+                self._check_same_run(*found)
+                self.resume_path, self._resume_ckpt = found
+        elif not self.resume_path and not dry_run and checkpoint_files(self.out_dir):
+            raise ValueError(f"output folder {self.out_dir} already holds a run ({checkpoint_files(self.out_dir)[0].name}"
+                             f"): pass --resume to continue it (--resume auto in a job script that must also start "
+                             f"it), or choose another output folder")
+        self._last_saved: Optional[Tuple[int, int]] = None  # (epoch, step) of the newest last.pth
         self._stop_signal: Optional[int] = None
         self.skipped_images = 0
         self.nonfinite_skipped = 0
@@ -369,23 +472,66 @@ class Trainer:
         if self.rt.is_main and not self.dry_run:
             fn()
 
-    def _save(self, name: str, epoch: int, step: int, epoch_state: Optional[Mapping[str, Any]] = None) -> Path:
+    def _check_same_run(self, path: Path, ckpt: Mapping[str, Any]) -> None:
+        """Refuse to continue a run of another recipe or model in ``out_dir``, saying what differs."""
+        diffs = config_differences(ckpt.get("config") or {}, self.cfg)
+        if diffs:
+            shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
+            raise ValueError(f"{self.out_dir} holds another run ({path.name}: model {ckpt.get('model_name')}), "
+                             f"whose recipe differs: {shown}. Choose another output folder, or continue that run "
+                             f"with its own recipe: pale train --resume {path}")
+
+    def runtime_record(self) -> Dict[str, Any]:
+        """How this run computes beyond its recipe, stored in checkpoints as ``runtime``; a resume with
+        different values continues, but not bit-exactly. Run-time choices that change the numbers (the
+        device type, the resolved ``amp``, kernel choices) belong here."""
+        return dict(device=self.rt.device.type, channels_last=self.rt.channels_last,
+                    amp=str(self.rt.amp_dtype).removeprefix("torch.") if self.rt.amp_dtype is not None else "none")
+
+    def _rotate_last(self) -> None:
+        """``last.pth`` -> ``last-1.pth`` -> ... before a new ``last.pth``, keeping ``train.keep_checkpoints`` files.
+
+        Renames are atomic; a crash between them leaves the newest checkpoint under the next name, which
+        :func:`load_latest_checkpoint` finds."""
+        keep = int(self.cfg["train"]["keep_checkpoints"])
+        names = [self.out_dir / "last.pth"] + [self.out_dir / f"last-{i}.pth" for i in range(1, keep)]
+        for stale in set(checkpoint_files(self.out_dir)) - set(names):
+            stale.unlink()
+        for newer, older in reversed(list(zip(names, names[1:]))):
+            if newer.exists():
+                os.replace(newer, older)
+
+    def _save_last(self, epoch: int, step: int, epoch_state: Optional[Mapping[str, Any]] = None) -> Path:
+        """The rotating ``last.pth`` checkpoint (all ranks call this)."""
+        path = self._save("last.pth", epoch, step, epoch_state, rotate=True)
+        self._last_saved = (epoch, step)
+        return path
+
+    def _save(self, name: str, epoch: int, step: int, epoch_state: Optional[Mapping[str, Any]] = None,
+              rotate: bool = False) -> Path:
         """Checkpoint after ``epoch`` complete epochs and ``step`` updates of the next (all ranks call this)."""
         rngs = self.rt.all_gather_object(rng_state())
         skipped = self._total_skipped()
+        ema_buffers = None
+        if self.ema is not None and self.rt.distributed:
+            # the EMA's BatchNorm statistics follow each rank's own batches until the epoch's end averages them
+            ema_buffers = self.rt.all_gather_object(
+                {k: v.detach().cpu() for k, v in self.ema.module.named_buffers() if v.is_floating_point()})
         path = self.out_dir / name
         if self.rt.is_main and not self.dry_run:
+            if rotate:
+                self._rotate_last()
             info = self.task.model_info()
             pio.save_checkpoint(
                 path, _unwrap(self.model), info.pop("model_name"), info.pop("model_kwargs"),
                 info.pop("class_names", None), **info,
-                model_ema=self.ema.module.state_dict() if self.ema is not None else None,
+                model_ema=self.ema.module.state_dict() if self.ema is not None else None, ema_buffers=ema_buffers,
                 optimizer=self.optimizer.state_dict(),
                 scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
                 scaler=self.scaler.state_dict() if self.scaler is not None else None,
                 epoch=epoch, step=step, num_updates=self.num_updates, epoch_state=dict(epoch_state or {}),
                 rng=rngs, history=self.history, best=self.best, skipped_images=skipped,
-                config=self.cfg, best_metric=self.task.best_metric,
+                config=self.cfg, runtime=self.runtime_record(), best_metric=self.task.best_metric,
                 **({"val_metrics": val} if (val := self._val_metrics()) is not None else {}))
         return path
 
@@ -477,10 +623,8 @@ class Trainer:
                 model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None, **self.task.ddp_kwargs)
 
     def _load_resume(self, path: Path) -> None:
-        ckpt = pio.load_torch(path)
-        if not isinstance(ckpt, dict) or "optimizer" not in ckpt or "epoch" not in ckpt:
-            raise pio.CheckpointError(f"{path} is not a training checkpoint of `pale train` (no optimizer/epoch "
-                                      f"state); to start from its weights use model.pretrained instead")
+        ckpt = self._resume_ckpt if self._resume_ckpt is not None else _load_training_checkpoint(path)
+        self._resume_ckpt = None
         pio.load_weights(self.model, ckpt["model"], source=str(path))
         if self.ema is not None:
             if ckpt.get("model_ema") is None:
@@ -494,6 +638,7 @@ class Trainer:
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.start_epoch, self.start_step = int(ckpt["epoch"]), int(ckpt.get("step", 0))
+        self._last_saved = (self.start_epoch, self.start_step)
         self.num_updates = int(ckpt.get("num_updates", 0))
         self.epoch_state = dict(ckpt.get("epoch_state") or {})
         if self.scheduler is not None:  # the lr of the next update (on the new schedule if epochs changed)
@@ -504,17 +649,25 @@ class Trainer:
         rngs = ckpt.get("rng") or []
         if len(rngs) == self.rt.world_size:
             set_rng_state(rngs[self.rt.rank])
+            if self.ema is not None and ckpt.get("ema_buffers"):
+                buffers = dict(self.ema.module.named_buffers())
+                for k, v in ckpt["ema_buffers"][self.rt.rank].items():
+                    buffers[k].copy_(v)
         else:
             self._log(f"note: {path} was written by {len(rngs)} processes, this run has {self.rt.world_size}; "
                       f"random streams restart from the seed, so the continuation is not bit-exact")
             seed_everything(int(self.cfg["seed"]) + 1000 * self.start_epoch + self.rt.rank)
+        old_runtime, runtime = ckpt.get("runtime") or {}, self.runtime_record()
+        changed = [f"{k} {old_runtime[k]} -> {v}" for k, v in runtime.items()
+                   if k in old_runtime and old_runtime[k] != v]
+        if changed:
+            self._log(f"note: {path} was written with other run-time settings ({', '.join(changed)}); the "
+                      f"continuation is not bit-exact")
 
     # -- logging --
 
     def _log(self, text: str) -> None:
-        if self.rt.is_main:
-            from tqdm import tqdm
-            tqdm.write(text, file=sys.stderr)
+        _log_main(text)
 
     # -- signals --
 
@@ -536,7 +689,8 @@ class Trainer:
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        stops = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])
+        old = {s: signal.signal(s, self._on_signal) for s in stops}
         try:
             yield
         finally:
@@ -572,7 +726,9 @@ class Trainer:
         self._write(lambda: pio.atomic_write_text(self.out_dir / "config.yaml", dump_recipe(self.cfg)))
         if self.resume_path:
             self._write(self._write_history)
-            self._log(f"resuming {self.resume_path} at epoch {self.start_epoch + 1}, update {self.start_step}")
+            self._log(f"resuming {self.resume_path} at epoch {self.start_epoch + 1}, update {self.start_step}"
+                      if self.start_epoch < epochs else f"{self.resume_path} has finished all {epochs} epochs: "
+                      f"nothing left to train")
         self.tb = None
         if tcfg["tensorboard"] and rt.is_main and not self.dry_run:
             try:
@@ -649,9 +805,10 @@ class Trainer:
                 finite = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=rt.device)
                 if bool(rt.all_reduce_sum(finite).item() > 0):
                     if tcfg["on_nonfinite"] == "stop":
-                        last = self.out_dir / "last.pth"
-                        keep = f"the last good checkpoint is {last} (epoch {epoch})" if last.exists() else \
-                            "no checkpoint was written yet"
+                        keep = "no checkpoint was written yet"
+                        if self._last_saved is not None:
+                            keep = (f"the last good checkpoint is {self.out_dir / 'last.pth'} (at epoch "
+                                    f"{self._last_saved[0] + 1}, update {self._last_saved[1]})")
                         raise NonFiniteLossError(
                             f"loss is {loss.item()} at epoch {epoch + 1}, update {step + 1} (lr "
                             f"{opt.param_groups[0]['lr']:.3g}); training stopped and {keep}. Lower the learning "
@@ -700,6 +857,10 @@ class Trainer:
             if self.tb is not None and self.num_updates % 50 == 0:
                 self.tb.add_scalar("train/loss", float(stats[0] / max(stats[1], 1)), self.num_updates)
                 self.tb.add_scalar("train/lr", lr, self.num_updates)
+            every = int(tcfg["checkpoint_every_updates"])
+            if every and self.num_updates % every == 0 and step < total_updates:  # the epoch's end saves anyway
+                self._save_last(epoch, step, dict(loss_sum=loss_sum, loss_count=loss_count, images=images,
+                                                  time=train_time))
             if self._stop_requested():
                 bar.close()
                 self._interrupted(epoch, step, dict(loss_sum=loss_sum, loss_count=loss_count, images=images,
@@ -780,7 +941,7 @@ class Trainer:
             self.best = dict(metric=key, value=value, epoch=epoch + 1, weights=weights)
         shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
         self._log(shown)
-        self._save("last.pth", epoch + 1, 0)
+        self._save_last(epoch + 1, 0)
         if improved:
             self._save("best.pth", epoch + 1, 0)
             self._write(lambda: self._export_weights("best.safetensors"))
@@ -795,13 +956,17 @@ class Trainer:
 
     def _interrupted(self, epoch: int, step: int, epoch_state: Optional[Mapping[str, Any]] = None) -> None:
         signum = self._stop_signal or signal.SIGTERM
-        path = self._save("last.pth", epoch, step, epoch_state)
+        path = self.out_dir / "last.pth"
+        if self._last_saved != (epoch, step):  # not saved at this very update already
+            path = self._save_last(epoch, step, epoch_state)
 
         def files() -> None:
             if self.history:
                 plot_curves(self.history, self.out_dir / "curves.png", self.task.curve_metrics)
         self._write(files)
         name = signal.Signals(signum).name
-        self._log(f"stopped by {name} at epoch {epoch + 1 if step else epoch}, update {step}; checkpoint saved to "
-                  f"{path}; continue with: pale train --resume {path}")
+        requeue = " (exit status 138: requeue the job)" if signum == getattr(signal, "SIGUSR1", None) else ""
+        self._log(f"stopped by {name}{requeue} at epoch {epoch + 1 if step else epoch}, update {step}; checkpoint "
+                  f"saved to {path}; continue with: pale train --resume {path} (or the same command with "
+                  f"--resume auto)")
         raise TrainingInterrupted(128 + int(signum))

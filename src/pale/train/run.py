@@ -7,7 +7,7 @@ from typing import Any, Dict, Iterable, Optional, Type, Union
 
 from .. import io as pio
 from .classification import ClassificationTask
-from .engine import Task, Trainer
+from .engine import Task, Trainer, load_latest_checkpoint
 from .recipe import ENGINE_DEFAULTS, RecipeError, apply_overrides, load_yaml, merge
 
 __all__ = ["TASKS", "register_task", "task_defaults", "resolve_config", "train"]
@@ -41,15 +41,27 @@ def resolve_config(recipe: Union[str, os.PathLike, Dict[str, Any], None],
 def train(recipe: Union[str, os.PathLike, Dict[str, Any], None], overrides: Optional[Iterable[str]] = None,
           out_dir: Optional[os.PathLike] = None, resume: Optional[os.PathLike] = None,
           dry_run: bool = False) -> Dict[str, Any]:
-    """Train from a recipe (or continue the run of ``resume``, whose stored recipe is used, then the
-    overrides). Returns the run summary."""
-    if resume is not None:
-        ckpt = pio.load_torch(resume)
+    """Train from a recipe, or continue a run. Returns the run summary.
+
+    ``resume`` is a checkpoint to continue (its stored recipe is used, then the overrides), a run folder
+    (its newest checkpoint that loads), or ``"auto"`` (as the recipe key ``train.resume=auto``): continue the
+    run in ``out_dir`` if it holds one of the same recipe, else start it -- the form for job scripts that
+    are started again after a crash or a requeue.
+    """
+    if resume is not None and str(resume) != "auto":
+        resume = Path(resume)
+        if resume.is_dir():
+            found = load_latest_checkpoint(resume)
+            if found is None:
+                raise FileNotFoundError(f"no checkpoint to resume in {resume} (no last.pth)")
+            resume, ckpt = found
+        else:
+            ckpt = pio.load_torch(resume)
         if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
             raise pio.CheckpointError(f"{resume} is not a `pale train` checkpoint (no stored recipe)")
         cfg = resolve_config(ckpt["config"], overrides)
         del ckpt
-        out_dir = Path(out_dir) if out_dir is not None else Path(resume).parent
+        out_dir = Path(out_dir) if out_dir is not None else resume.parent
     else:
         cfg = resolve_config(recipe, overrides)
         if out_dir is None:

@@ -1,0 +1,160 @@
+"""Runs that survive restarts: `--resume auto` continues a run or starts it and refuses another recipe's
+run, checkpoints every N updates rotate as last.pth, last-1.pth, SIGUSR1 saves and exits with 138 (requeue),
+and a truncated newest checkpoint falls back to the previous one. Every continuation ends with the weights
+of an uninterrupted run, bit for bit (CPU)."""
+import os
+import shutil
+import signal
+
+import pytest
+import yaml
+
+from pale.cli import main
+from pale.io import CheckpointError, load_torch
+from pale.train import TrainingInterrupted, train
+from pale.train.classification import ClassificationTask
+from pale.train.engine import checkpoint_files, config_differences
+from test_train import assert_same_state, folder, tiny_recipe  # noqa: F401 (folder: a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# 24 images, batch 8: 3 updates per epoch; saves after update 2 (epoch 1), at the end of epoch 1, after
+# update 4 (epoch 2, update 1) and at the end of epoch 2
+EVERY = 2
+
+
+def recipe(**changes):
+    return tiny_recipe(**{"train.checkpoint_every_updates": EVERY, **changes})
+
+
+def position(path):
+    ckpt = load_torch(path)
+    return ckpt["epoch"], ckpt["step"]
+
+
+@pytest.fixture(scope="module")
+def straight(folder, tmp_path_factory):
+    """An uninterrupted run, started by resume="auto" on a fresh folder."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    train(recipe(), [f"data.root={folder}"], out, resume="auto")
+    return out
+
+
+def assert_same_run(a, b):
+    a, b = load_torch(a / "last.pth"), load_torch(b / "last.pth")
+    assert (b["epoch"], b["step"], b["num_updates"]) == (a["epoch"], a["step"], a["num_updates"]) == (2, 0, 6)
+    assert_same_state(a["model"], b["model"])
+    assert_same_state(a["model_ema"], b["model_ema"])
+    assert [{k: v for k, v in h.items() if k != "train_images_per_s"} for h in a["history"]] == \
+           [{k: v for k, v in h.items() if k != "train_images_per_s"} for h in b["history"]]
+
+
+def signal_at_call(monkeypatch, signum, call):
+    """Send ``signum`` to this process during the ``call``-th training batch."""
+    calls = {"n": 0}
+    original = ClassificationTask.training_loss
+
+    def loss(self, model, batch, rt):
+        calls["n"] += 1
+        if calls["n"] == call:
+            os.kill(os.getpid(), signum)
+        return original(self, model, batch, rt)
+    monkeypatch.setattr(ClassificationTask, "training_loss", loss)
+    return lambda: monkeypatch.setattr(ClassificationTask, "training_loss", original)
+
+
+def test_checkpoints_rotate_and_record_the_runtime(straight):
+    assert checkpoint_files(straight) == [straight / "last.pth", straight / "last-1.pth"]
+    assert position(straight / "last.pth") == (2, 0)
+    assert position(straight / "last-1.pth") == (1, 1)  # the save after update 4
+    assert load_torch(straight / "last.pth")["runtime"] == {"device": "cpu", "channels_last": False, "amp": "none"}
+
+
+def test_rotation_keeps_k_files_and_drops_older_ones(folder, tmp_path):
+    run = tmp_path / "run"
+    train(recipe(epochs=1, **{"train.checkpoint_every_updates": 1, "train.keep_checkpoints": 3}),
+          [f"data.root={folder}"], run)
+    assert [position(p) for p in checkpoint_files(run)] == [(1, 0), (0, 2), (0, 1)]
+    assert [p.name for p in checkpoint_files(run)] == ["last.pth", "last-1.pth", "last-2.pth"]
+    with pytest.raises(ValueError, match="already holds a run .*--resume auto"):
+        train(recipe(epochs=1), [f"data.root={folder}"], run)
+    # continued (a run folder given to resume) keeping 2: the oldest goes
+    train(None, ["epochs=2", "train.keep_checkpoints=2"], resume=run)
+    assert [position(p) for p in checkpoint_files(run)] == [(2, 0), (1, 2)]
+    assert not (run / "last-2.pth").exists()
+
+
+def test_auto_continues_the_same_command_and_refuses_another_recipe(folder, straight, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    recipe_file = tmp_path / "tiny.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe()))
+    moved = shutil.copytree(folder, tmp_path / "data-elsewhere")  # data staged elsewhere on this start
+    job = ["train", "--recipe", str(recipe_file), "--data", str(moved), "-o", str(run), "--resume", "auto",
+           "--workers", "1"]
+    before = load_torch(run / "last.pth")["model"]
+    assert main(job) == 0
+    assert f"{run / 'last.pth'} has finished all 2 epochs: nothing left to train" in capsys.readouterr().err
+    assert_same_state(before, load_torch(run / "last.pth")["model"])
+
+    other = recipe(**{"optim.lr": 2e-3, "model.kwargs.depths": [1, 1, 2, 1]})
+    recipe_file.write_text(yaml.safe_dump(other))
+    assert main(job) == 1
+    err = capsys.readouterr().err
+    assert f"{run} holds another run (last.pth: model pale_tiny), whose recipe differs" in err
+    assert "model.kwargs.depths: [1, 1, 1, 1] (run) vs [1, 1, 2, 1] (now)" in err
+    assert "optim.lr: 0.001 (run) vs 0.002 (now)" in err
+    assert "Traceback" not in err
+    assert_same_state(before, load_torch(run / "last.pth")["model"])
+    # the same refusal when auto comes from the recipe
+    with pytest.raises(ValueError, match="optim.lr: 0.001"):
+        train(recipe(**{"optim.lr": 2e-3, "train.resume": "auto"}), [f"data.root={folder}"], run)
+
+
+def test_config_differences_ignore_restart_keys_and_keys_of_other_versions():
+    run = {"epochs": 2, "data": {"root": "/a", "img_size": 32}, "train": {"workers": 8, "old_key": 1}}
+    now = {"epochs": 3, "data": {"root": "/b", "img_size": 32}, "train": {"workers": 2, "new_key": 1}}
+    assert config_differences(run, now) == ["epochs: 2 (run) vs 3 (now)"]
+
+
+def test_sigusr1_saves_exits_138_and_the_next_start_resumes_exactly(folder, straight, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    restore = signal_at_call(monkeypatch, signal.SIGUSR1, 5)  # during epoch 2's second update
+    with pytest.raises(TrainingInterrupted) as info:
+        train(recipe(), [f"data.root={folder}"], run, resume="auto")
+    assert info.value.code == 138 == 128 + signal.SIGUSR1
+    assert "stopped by SIGUSR1 (exit status 138: requeue the job) at epoch 2, update 2" in capsys.readouterr().err
+    assert position(run / "last.pth") == (1, 2)  # nothing lost: saved after the update that was running
+    assert position(run / "last-1.pth") == (1, 1)
+    restore()
+    train(recipe(), [f"data.root={folder}"], run, resume="auto")
+    assert "resuming" in capsys.readouterr().err
+    assert_same_run(straight, run)
+
+
+def test_truncated_last_checkpoint_falls_back_to_the_previous_one(folder, straight, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    restore = signal_at_call(monkeypatch, signal.SIGTERM, 5)
+    with pytest.raises(TrainingInterrupted):
+        train(recipe(), [f"data.root={folder}"], run)
+    restore()
+    assert [position(p) for p in checkpoint_files(run)] == [(1, 2), (1, 1)]
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    last = run / "last.pth"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a file-system crash cut it
+    train(recipe(), [f"data.root={folder}"], run, resume="auto")
+    err = capsys.readouterr().err
+    assert f"cannot resume from {last}: cannot read checkpoint {last}: truncated or corrupt" in err
+    assert f"falling back to the previous checkpoint {run / 'last-1.pth'} (at epoch 2, update 1)" in err
+    assert "at epoch 2, update 1" in err
+    assert_same_run(straight, run)
+
+    # none loads: a clear error, and the run is not started over
+    for path in checkpoint_files(broken):
+        path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=r"none of the checkpoints in .* loads .*refusing to start the run over"):
+        train(recipe(), [f"data.root={folder}"], broken, resume="auto")
+    assert main(["train", "--resume", "-o", str(broken)]) == 1
+    assert "none of the checkpoints" in capsys.readouterr().err
+    assert all(path.stat().st_size == 1000 for path in checkpoint_files(broken))
