@@ -1,5 +1,10 @@
+import os
 import sys
 from pathlib import Path
+
+# Tests compare runs bit for bit (straight vs resumed, two ranks): one fixed attention kernel, not a
+# per-process timing choice. Kernel selection has its own tests (test_attention_kernels.py).
+os.environ.setdefault("PALE_ATTN_KERNEL", "flash")
 
 import pytest
 import torch

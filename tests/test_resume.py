@@ -158,3 +158,23 @@ def test_truncated_last_checkpoint_falls_back_to_the_previous_one(folder, straig
     assert main(["train", "--resume", "-o", str(broken)]) == 1
     assert "none of the checkpoints" in capsys.readouterr().err
     assert all(path.stat().st_size == 1000 for path in checkpoint_files(broken))
+
+
+def test_measured_attention_kernels_are_saved_and_restored_on_resume(folder, tmp_path):
+    """A run that chose its attention kernels by timing records them; its continuation computes with
+    those choices, not with a new measurement that could pick other kernels."""
+    from pale.models import attention_kernels as ak
+
+    run = tmp_path / "run"
+    ak.clear_kernel_choices()
+    with ak.use_kernel("auto"):
+        train(recipe(epochs=1), [f"data.root={folder}"], run)
+    saved = load_torch(run / "last.pth")["attention_kernels"]
+    assert saved["choices"], "an auto-kernel run measured no attention calls"
+    ak.clear_kernel_choices()
+    assert not ak.kernel_choices()["choices"]
+    with ak.use_kernel("auto"):
+        train(recipe(epochs=2), [f"data.root={folder}"], run, resume=run / "last.pth")
+    restored = ak.kernel_choices()["choices"]
+    assert all(restored[key] == entry for key, entry in saved["choices"].items())
+    ak.clear_kernel_choices()

@@ -43,7 +43,8 @@ Checkpoint contents (``pale.io.save_checkpoint``): ``model``, ``model_ema``, ``m
 ``model_kwargs``, ``class_names`` (and any other entries of ``task.model_info()``), ``optimizer``,
 ``scheduler``, ``scaler``, ``epoch`` (completed epochs), ``step`` (updates done in the current epoch, non-zero
 only for an interrupted epoch), ``num_updates``, ``epoch_state`` (running sums of the interrupted epoch),
-``rng`` (python, numpy, torch and CUDA states of every rank), ``ema_buffers`` (every rank's EMA BatchNorm
+``rng`` (python, numpy, torch and CUDA states of every rank), ``attention_kernels`` (the measured
+attention-kernel choices, :func:`pale.models.attention_kernels.kernel_choices`, restored on resume), ``ema_buffers`` (every rank's EMA BatchNorm
 statistics, under torchrun), ``history``, ``best`` (epoch, value, metric
 and ``weights``: "raw" or "ema"), ``skipped_images``, ``config`` (the resolved recipe), ``runtime`` (run-time
 choices that change the numbers but are not in the recipe, see :meth:`Trainer.runtime_record`), ``best_metric``
@@ -80,6 +81,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from .. import io as pio
+from ..models.attention_kernels import kernel_choices, load_kernel_choices
 from .data import (AugmentationError, BadImageError, EpochSampler, SeededDataset, ShardSampler, SkipCollate,
                    clean_worker_error, loader_workers, usable_cores)
 from .recipe import RecipeError, dump_recipe, ema_decay, schedule_warnings
@@ -531,7 +533,8 @@ class Trainer:
                 scaler=self.scaler.state_dict() if self.scaler is not None else None,
                 epoch=epoch, step=step, num_updates=self.num_updates, epoch_state=dict(epoch_state or {}),
                 rng=rngs, history=self.history, best=self.best, skipped_images=skipped,
-                config=self.cfg, runtime=self.runtime_record(), best_metric=self.task.best_metric,
+                config=self.cfg, runtime=self.runtime_record(), attention_kernels=kernel_choices(),
+                best_metric=self.task.best_metric,
                 **({"val_metrics": val} if (val := self._val_metrics()) is not None else {}))
         return path
 
@@ -631,6 +634,8 @@ class Trainer:
                 raise pio.CheckpointError(f"{path} has no EMA weights but ema.enabled is true")
             pio.load_weights(self.ema.module, ckpt["model_ema"], source=f"{path} (EMA)")
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("attention_kernels"):  # the kernels the run computed with, so that it continues exactly
+            load_kernel_choices(ckpt["attention_kernels"])
         old_cfg = ckpt.get("config") or {}
         same_schedule = (old_cfg.get("epochs"), old_cfg.get("sched")) == (self.cfg["epochs"], self.cfg["sched"])
         if self.scheduler is not None and ckpt.get("scheduler") and same_schedule:
