@@ -14,14 +14,12 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Tuple
 
-import torch
+if TYPE_CHECKING:  # the command imports torch only when it runs, so `pale --help` stays fast
+    import torch
 
-from ..complexity import (PAPER_TABLES, AnalyticCost, ComparisonRow, PaleConfig, analytic_cost, compare_paper,
-                          global_attention_macs, global_model_macs, measure_cost, pale_attention_macs, parameters_on_meta,
-                          relative_difference, stage_sizes)
-from ..io import atomic_savefig, atomic_write_text
+    from ..complexity import AnalyticCost, ComparisonRow
 
 Pair = Tuple[int, int]
 MODES = ("parallel", "sequential", "vanilla", "axial", "cross_shaped")
@@ -42,6 +40,8 @@ def _ceil_to(x: int, s: int) -> int:
 
 
 def _check(what: str, measured: int, analytic: int) -> float:
+    from ..complexity import relative_difference
+
     diff = relative_difference(measured, analytic)
     if diff > TOLERANCE:
         raise ValueError(f"{what}: measured {measured} and analytic {analytic} multiply-adds differ by "
@@ -81,10 +81,18 @@ def _vanilla_as_separate_pales(cost: AnalyticCost) -> int:
 
 # ---- timing -------------------------------------------------------------------------------------
 
-@torch.inference_mode()
 def time_forward(models: Dict[str, torch.nn.Module], sides: Sequence[int], repeats: int) -> Dict[str, List[float]]:
     """Best-of-``repeats`` seconds of a batch-1 forward pass per model and side. Models take turns
     (round-robin) after one warm-up pass each, so a burst of load from other jobs hits all of them."""
+    import torch
+
+    with torch.inference_mode():
+        return _time_forward(models, sides, repeats)
+
+
+def _time_forward(models: Dict[str, torch.nn.Module], sides: Sequence[int], repeats: int) -> Dict[str, List[float]]:
+    import torch
+
     best: Dict[str, List[float]] = {name: [] for name in models}
     for side in sides:
         x = torch.randn(1, 3, side, side)
@@ -104,6 +112,8 @@ def time_forward(models: Dict[str, torch.nn.Module], sides: Sequence[int], repea
 # ---- report -------------------------------------------------------------------------------------
 
 def _paper_table_md(rows: Sequence[ComparisonRow]) -> List[str]:
+    from ..complexity import PAPER_TABLES
+
     out: List[str] = []
     table = None
     for row in rows:
@@ -130,6 +140,12 @@ def build_report(sides: Sequence[int], repeats: int, threads: int, count_device:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import timm
+    import torch
+
+    from ..complexity import (PaleConfig, analytic_cost, compare_paper, global_attention_macs, global_model_macs,
+                              measure_cost, pale_attention_macs, parameters_on_meta, relative_difference,
+                              stage_sizes)
+    from ..io import atomic_savefig
 
     import pale  # noqa: F401
 
@@ -333,6 +349,8 @@ def build_report(sides: Sequence[int], repeats: int, threads: int, count_device:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..io import atomic_write_text
+
     if args.repeats < 1 or args.threads < 1:
         raise ValueError("--repeats and --threads must be >= 1")
     if not args.sides or min(args.sides) < 32:

@@ -1,7 +1,7 @@
 """``pale info MODEL``: parameters and multiply-adds per part and in total, measured and analytic;
 ``pale info --compare-paper``: the paper's Tables 7-9 (Pale-T) next to our counts.
 
-What is counted is chosen by ``--kind`` from :data:`MODEL_KINDS` (name -> :class:`ModelKind`). To add
+What is counted is chosen by ``--kind`` from :func:`model_kinds` (name -> :class:`ModelKind`). To add
 a full model (a segmenter, a detector), add one entry: how to build it from a backbone name and
 constructor overrides, its default input size, and, if it takes something other than one
 ``(1, 3, H, W)`` tensor, how to make its input.
@@ -13,14 +13,22 @@ import contextlib
 import json
 import functools
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-import torch.nn as nn
+from ._options import positive_int
 
-from ..complexity import (PAPER_TABLES, AnalyticCost, ComparisonRow, ModelCost, PaleConfig, analytic_cost,
-                          compare_paper, measure_cost, parameters_on_meta)
+if TYPE_CHECKING:
+    import torch.nn as nn
+
+    from ..complexity import AnalyticCost, ComparisonRow, ModelCost
 
 Pair = Tuple[int, int]
+#: ``--kind`` choices, known without importing torch (:func:`model_kinds` builds them on use)
+KIND_HELP = {"classifier": "the ImageNet classifier (backbone + head)",
+             "upernet": "UperNet + Pale (ADE20K's 150 classes), as the paper counts it",
+             "maskrcnn": "Mask R-CNN + Pale (COCO's 80 classes), as the paper counts it"}
+#: ``--table`` choices: the paper's Tables 7-9 (pale.complexity.PAPER_TABLES)
+PAPER_TABLE_NAMES = ("7", "8", "9")
 
 
 @dataclass(frozen=True)
@@ -47,24 +55,21 @@ def _build_classifier(name: str, overrides: Dict[str, Any]) -> nn.Module:
 
 
 def _classifier_analytic(name: str, overrides: Dict[str, Any], img_size: Pair) -> AnalyticCost:
+    from ..complexity import PaleConfig, analytic_cost
+
     return analytic_cost(PaleConfig.from_model_name(name, **overrides), img_size)
 
 
-MODEL_KINDS: Dict[str, ModelKind] = {
-    "classifier": ModelKind(_build_classifier, (224, 224), "the ImageNet classifier (backbone + head)",
-                            analytic=_classifier_analytic),
-}
-
-
-def _add_dense_kinds() -> None:
-    """UperNet and Mask R-CNN (pale.dense.cost builds them lazily, so this imports no dense libraries)."""
+@functools.lru_cache(maxsize=None)
+def model_kinds() -> Dict[str, ModelKind]:
+    """What ``--kind`` counts: the classifier, and UperNet and Mask R-CNN from :mod:`pale.dense.cost`."""
     from ..dense.cost import dense_model_kinds, paper_note
 
+    kinds = {"classifier": ModelKind(_build_classifier, (224, 224), KIND_HELP["classifier"],
+                                     analytic=_classifier_analytic)}
     for name, kind in dense_model_kinds(ModelKind).items():
-        MODEL_KINDS[name] = replace(kind, paper_note=functools.partial(paper_note, name))
-
-
-_add_dense_kinds()
+        kinds[name] = replace(kind, paper_note=functools.partial(paper_note, name))
+    return kinds
 
 
 def _human(n: Optional[float], digits: int = 2) -> str:
@@ -99,6 +104,8 @@ def format_cost(name: str, cost: ModelCost, settings: Dict[str, Any],
 
 def format_comparison(rows: Sequence[ComparisonRow], img_size: Pair = (224, 224)) -> str:
     """The paper's rows with analytic and measured params and multiply-adds, one block per table."""
+    from ..complexity import PAPER_TABLES
+
     lines: List[str] = []
     head = (f"{'':<20}{'params: paper':>14}{'analytic':>10}{'measured':>10}"
             f"{'MACs: paper':>13}{'analytic':>10}{'Eq. form':>10}{'measured':>10}")
@@ -129,9 +136,12 @@ def model_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..complexity import compare_paper, measure_cost, parameters_on_meta
+    from ..errors import InputError, settings_error
+
     if args.compare_paper:
         if args.model not in (None, "pale_tiny"):
-            raise ValueError(f"--compare-paper compares the paper's Pale-T ablations (Tables 7-9): "
+            raise InputError(f"--compare-paper compares the paper's Pale-T ablations (Tables 7-9): "
                              f"use pale_tiny, not {args.model!r}")
         rows = compare_paper(args.table or ("7", "8", "9"), measure=not args.no_measure, shapes_only=args.meta)
         if args.json:
@@ -140,15 +150,16 @@ def run(args: argparse.Namespace) -> int:
             print(format_comparison(rows))
         return 0
     if args.model is None:
-        raise ValueError("pale info needs a MODEL (e.g. pale_tiny), or --compare-paper")
-    kind = MODEL_KINDS[args.kind]
+        raise InputError("pale info needs a MODEL (e.g. pale_tiny), or --compare-paper")
+    if not args.model.startswith("pale_"):
+        raise InputError(f"pale info counts Pale models (pale_tiny, pale_small, pale_base), not {args.model!r}")
+    kind = model_kinds()[args.kind]
     kwargs = model_kwargs(args)
     img_size = tuple(args.img_size) if args.img_size else kind.default_img_size
-    if min(img_size) < 1:
-        raise ValueError(f"--img-size must be positive, got {img_size}")
-    analytic = kind.analytic(args.model, kwargs, img_size) if kind.analytic else None
-    with parameters_on_meta() if args.meta else contextlib.nullcontext():
-        model = kind.build(args.model, kwargs)
+    with settings_error(f"{args.model} with {kwargs or 'its defaults'}"):
+        analytic = kind.analytic(args.model, kwargs, img_size) if kind.analytic else None
+        with parameters_on_meta() if args.meta else contextlib.nullcontext():
+            model = kind.build(args.model, kwargs)
     cost = measure_cost(model, img_size, make_input=kind.make_input)
     if args.json:
         out = dict(model=args.model, kind=args.kind, settings=kwargs, img_size=list(img_size),
@@ -175,16 +186,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "and from the analytic model of pale.complexity. --compare-paper prints the paper's "
                     "Tables 7-9 for Pale-T next to both.")
     p.add_argument("model", nargs="?", help="a timm model name, e.g. pale_tiny")
-    p.add_argument("--kind", default="classifier", choices=sorted(MODEL_KINDS),
+    p.add_argument("--kind", default="classifier", choices=sorted(KIND_HELP),
                    help="which model around the backbone to count: " + "; ".join(
-                       f"{name}: {kind.help}" for name, kind in sorted(MODEL_KINDS.items())))
-    p.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the kind's)")
+                       f"{name}: {text}" for name, text in sorted(KIND_HELP.items())))
+    p.add_argument("--img-size", type=positive_int, nargs=2, metavar=("H", "W"), help="input size (default: the kind's)")
     p.add_argument("--attn-mode", help="attention mode (parallel, sequential, vanilla, axial, cross_shaped)")
     p.add_argument("--pos-embed", help="position encoding (cpe, ape, none)")
-    p.add_argument("--pale-size", type=int, help="pale size for every stage")
+    p.add_argument("--pale-size", type=positive_int, help="pale size for every stage")
     p.add_argument("--compare-paper", action="store_true",
                    help="print the paper's Tables 7-9 (Pale-T): params and FLOPs, paper / analytic / measured")
-    p.add_argument("--table", action="append", choices=sorted(PAPER_TABLES),
+    p.add_argument("--table", action="append", choices=PAPER_TABLE_NAMES,
                    help="with --compare-paper: only this table (repeatable)")
     p.add_argument("--no-measure", action="store_true", help="with --compare-paper: analytic counts only")
     p.add_argument("--meta", action="store_true",

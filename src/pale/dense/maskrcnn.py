@@ -17,6 +17,7 @@ from typing import Any, Dict, Sequence, Union
 import torch.nn as nn
 
 from .. import io as pio
+from ..errors import InputError
 from .backbone import PaleFPNBackbone
 
 __all__ = ["build_mask_rcnn", "load_backbone"]
@@ -52,7 +53,7 @@ def build_mask_rcnn(spec: Dict[str, Any]) -> nn.Module:
     training, 512 as in mmdetection), ``pale_kwargs``."""
     num_classes = int(spec["num_classes"])
     if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        raise InputError(f"num_classes must be >= 1, got {num_classes}")
     backbone = PaleFPNBackbone(spec["backbone"], int(spec.get("fpn_channels", 256)), **dict(spec.get("pale_kwargs") or {}))
     min_size = spec.get("min_size", 800)
     train_sizes = tuple(min_size) if isinstance(min_size, (list, tuple)) else (int(min_size),)

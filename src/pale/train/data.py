@@ -22,15 +22,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler, default_collate
 
-__all__ = ["IMG_EXTENSIONS", "BadImageError", "scan_image_folder", "ImageFolderDataset", "load_image",
+from ..errors import InputError, MissingFileError
+from ..io import BadImageError, find_images, load_image
+
+__all__ = ["BadImageError", "scan_image_folder", "ImageFolderDataset", "load_image",
            "SeededDataset", "EpochSampler", "ShardSampler", "SkipCollate", "clean_worker_error"]
-
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-class BadImageError(ValueError):
-    """An image file that cannot be decoded."""
-
 
 def clean_worker_error(err: BaseException) -> str:
     """The last line of an error re-raised from a DataLoader worker (which carries the worker's
@@ -53,40 +49,25 @@ def scan_image_folder(root: Path, class_names: Optional[Sequence[str]] = None,
     """
     root = Path(root)
     if not root.exists():
-        raise FileNotFoundError(f"{what} not found: {root}")
+        raise MissingFileError(f"{what} not found: {root}")
     if not root.is_dir():
-        raise ValueError(f"{what} is not a folder: {root}")
+        raise InputError(f"{what} is not a folder: {root}")
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
-        raise ValueError(f"{what} {root} has no class sub-folders (expected {root}/<class>/<image>)")
+        raise InputError(f"{what} {root} has no class sub-folders (expected {root}/<class>/<image>)")
     names = [p.name for p in folders]
     if class_names is None:
         class_names = names
     else:
         unknown = [n for n in names if n not in class_names]
         if unknown:
-            raise ValueError(f"{what} {root} has classes the model does not know: {', '.join(unknown[:10])} "
+            raise InputError(f"{what} {root} has classes the model does not know: {', '.join(unknown[:10])} "
                              f"(known: {', '.join(list(class_names)[:10])}{', ...' if len(class_names) > 10 else ''})")
     index = {n: i for i, n in enumerate(class_names)}
     samples: List[Tuple[str, int]] = []
     for folder in folders:
-        files = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
-        if not files:
-            raise ValueError(f"class folder {folder} has no images (extensions: {', '.join(IMG_EXTENSIONS)})")
-        samples += [(f, index[folder.name]) for f in files]
+        samples += [(str(f), index[folder.name]) for f in find_images(folder, "class folder")]
     return samples, list(class_names)
-
-
-def load_image(path: str, mode: str = "RGB"):
-    """Open and fully decode an image; any failure is a :class:`BadImageError` naming ``path``."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert(mode)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise BadImageError(f"cannot read image {path}: {err}") from None
 
 
 class ImageFolderDataset(Dataset):

@@ -92,7 +92,7 @@ def prepare_digits(root: Path, seed: int = 0) -> Dict[str, int]:
 def run_demo(out_dir: os.PathLike = "runs/demo", overrides: Optional[Iterable[str]] = None,
              recipe: str = "demo_digits") -> Dict[str, Any]:
     """Prepare the digits, train, evaluate the final checkpoint on the test split; returns the metrics."""
-    from ..commands.eval import evaluate_checkpoint
+    from .evaluate import evaluate_checkpoint
     from .run import train
 
     out = Path(out_dir)

@@ -7,8 +7,8 @@ accumulation and clipping, channels-last and gradient checkpointing, timm's opti
 (``create_optimizer_v2``), scheduler (``create_scheduler_v2``, stepped per update) and EMA
 (``ModelEmaV3``), atomic checkpoints (``last.pth`` every epoch, ``best.pth`` + ``best.safetensors`` for
 the best validation metric) with exact ``resume``, non-finite-loss handling, SIGTERM/Ctrl-C checkpoints,
-skipped-bad-image counting, a tqdm bar, ``metrics.jsonl``, ``curves.png``, ``summary.json`` and optional
-TensorBoard. Only rank 0 writes files.
+skipped-bad-image counting, progress (:mod:`pale.progress`), ``metrics.jsonl``, ``curves.png``,
+``summary.json`` and optional TensorBoard. Only rank 0 writes files.
 
 A :class:`Task` supplies what is specific to a problem: the model, the datasets, the loss of one batch,
 the evaluation, and which metric is "best". Its recipe sections (``defaults``) are merged with the
@@ -52,7 +52,6 @@ import math
 import os
 import random
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +64,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from .. import io as pio
+from ..errors import InputError
+from ..progress import log, progress
 from .data import BadImageError, EpochSampler, SeededDataset, ShardSampler, SkipCollate, clean_worker_error
 from .recipe import RecipeError, dump_recipe
 
@@ -74,7 +75,7 @@ __all__ = ["Task", "Runtime", "Trainer", "NonFiniteLossError", "TrainingInterrup
 Config = Dict[str, Any]
 
 
-class NonFiniteLossError(ValueError):
+class NonFiniteLossError(InputError):
     """The loss became NaN or infinite (and ``train.on_nonfinite`` is ``stop``)."""
 
 
@@ -134,12 +135,8 @@ def setup_runtime(device: str = "auto", amp: str = "auto", channels_last: bool =
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = pio.resolve_device(device)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
         dev = torch.device("cuda", local_rank if world > 1 or dev.index is None else dev.index)
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
@@ -488,8 +485,7 @@ class Trainer:
 
     def _log(self, text: str) -> None:
         if self.rt.is_main:
-            from tqdm import tqdm
-            tqdm.write(text, file=sys.stderr)
+            log(text)
 
     # -- signals --
 
@@ -594,7 +590,6 @@ class Trainer:
 
     def _train_epoch(self, epoch: int) -> Dict[str, Any]:
         from timm.utils import dispatch_clip_grad
-        from tqdm import tqdm
 
         rt, tcfg = self.rt, self.cfg["train"]
         model, opt = self.model, self.optimizer
@@ -606,8 +601,8 @@ class Trainer:
         self.train_sampler.set_epoch(epoch)
         self.train_sampler.set_start(start_step * self.accum * self.batch_per_device)
         total_updates = 2 if self.dry_run else self.updates_per_epoch
-        bar = tqdm(total=total_updates, initial=start_step, desc=f"epoch {epoch + 1}/{self.cfg['epochs']}",
-                   disable=not (rt.is_main and tcfg["progress"]), dynamic_ncols=True, leave=False)
+        bar = progress(total=total_updates, initial=start_step, desc=f"epoch {epoch + 1}/{self.cfg['epochs']}",
+                       unit="updates", enabled=rt.is_main and bool(tcfg["progress"]))
         step, micro, window_loss, window_n = start_step, 0, 0.0, 0
         clip = tcfg["clip_grad"]
         tick = time.time()
