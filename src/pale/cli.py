@@ -47,7 +47,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     register_models()
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return status
     except UserError as err:
         if os.environ.get("PALE_DEBUG"):
             raise

@@ -306,7 +306,7 @@ def _single_set(state: Dict[str, torch.Tensor], info: Dict[str, Any], weights: s
     if weights not in ("best", held):
         raise CheckpointError(f"{source} holds one set of weights ({held}), not {weights} ones; "
                               f"use --weights best or {held}")
-    return state, held, f"the only weights in the file ({held})"
+    return state, held, "the only weights in the file"
 
 
 def read_model_file(path: PathLike, weights: str = "best") -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:

@@ -160,7 +160,15 @@ def run(args: argparse.Namespace) -> int:
         analytic = kind.analytic(args.model, kwargs, img_size) if kind.analytic else None
         with parameters_on_meta() if args.meta else contextlib.nullcontext():
             model = kind.build(args.model, kwargs)
-    cost = measure_cost(model, img_size, make_input=kind.make_input)
+    try:
+        cost = measure_cost(model, img_size, make_input=kind.make_input)
+    except NotImplementedError as err:
+        if not args.meta:
+            raise
+        # e.g. Mask R-CNN's RoI selection (torch.nonzero): its output shape depends on values
+        raise InputError(f"--meta cannot count the {args.kind}: it runs an operator whose output shape depends on "
+                         f"values, which the meta device does not have ({str(err).split('.')[0]}); "
+                         f"run without --meta") from None
     if args.json:
         out = dict(model=args.model, kind=args.kind, settings=kwargs, img_size=list(img_size),
                    params=cost.params, macs=cost.macs, params_by_part=cost.params_by_part,
