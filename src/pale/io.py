@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from torchvision.datasets.folder import IMG_EXTENSIONS as IMAGE_EXTENSIONS
 
-from .errors import InputError, MissingFileError
+from .errors import InputError, MissingFileError, settings_error
 
 PathLike = Union[str, os.PathLike]
 # IMAGE_EXTENSIONS: what find_images looks for in folders (torchvision's ImageFolder list; no .gif,
@@ -404,7 +404,8 @@ def create_model_from_file(path: PathLike, strict: bool = True, weights: str = "
     if not timm.is_model(name):
         raise CheckpointError(f"{path} holds a {name!r}, which is not a model timm knows")
     kwargs = dict(info.get("model_kwargs") or {}, **overrides)
-    model = timm.create_model(name, **kwargs)
+    with settings_error(f"{path}: cannot build {name} from its stored settings"):
+        model = timm.create_model(name, **kwargs)
     report = load_weights(model, state_dict, strict=strict, source=str(path))
     if not report.ok:
         warnings.warn(f"{path}: loaded the weights that fit; left out:\n{report.describe()}", stacklevel=2)

@@ -18,11 +18,14 @@ def run_receptive_field(args: argparse.Namespace) -> int:
     h, w = args.size
     token = tuple(args.token) if args.token else (h // 2, w // 2)
     modes = args.mode or list(ATTN_MODES)
+    from ..errors import settings_error
+
     fields = {}
     for mode in modes:
-        layer = PSAttention(args.dim, args.heads, pale_size=args.pale_size, mode=mode,
-                            direction=args.direction if mode == "sequential" else None,
-                            stripe_width=args.stripe_width)
+        with settings_error(f"--dim {args.dim} --heads {args.heads} ({mode})"):
+            layer = PSAttention(args.dim, args.heads, pale_size=args.pale_size, mode=mode,
+                                direction=args.direction if mode == "sequential" else None,
+                                stripe_width=args.stripe_width)
         label = f"{mode} ({args.direction})" if mode == "sequential" else mode
         fields[label] = receptive_field(layer, (h, w), token)
     picture = render_receptive_fields(fields, token, cell=args.cell)
