@@ -33,6 +33,8 @@ import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from .errors import InputError
+
 __all__ = [
     "ModelCost", "measure_cost", "measured_cost", "parameters_on_meta",
     "LayerMacs", "AnalyticCost", "PaleConfig", "analytic_cost",
@@ -192,7 +194,7 @@ def attention_matmul_macs(mode: str, h: int, w: int, c: int, group_size: Pair,
             paper's formula on the real map (Eq. 14, and for vanilla ``2hwc(s_r w + s_c h - s_r s_c)``).
     """
     if formula not in ("code", "paper"):
-        raise ValueError(f"formula must be 'code' or 'paper', got {formula!r}")
+        raise InputError(f"formula must be 'code' or 'paper', got {formula!r}")
     padded = formula == "code"
     s_r, s_c = group_size
     if mode in ("parallel", "axial", "cross_shaped"):
@@ -210,7 +212,7 @@ def attention_matmul_macs(mode: str, h: int, w: int, c: int, group_size: Pair,
         hp, wp = n * s_r, n * s_c
         # Row block: n groups of s_r*Wp tokens; column block: n groups of s_c*Hp tokens; all channels.
         return 2 * c * n * ((s_r * wp) ** 2 + (s_c * hp) ** 2)
-    raise ValueError(f"unknown attention mode {mode!r}")
+    raise InputError(f"unknown attention mode {mode!r}")
 
 
 def vanilla_pale_count(h: int, w: int, pale_size: Pair) -> int:
@@ -219,7 +221,7 @@ def vanilla_pale_count(h: int, w: int, pale_size: Pair) -> int:
     s_r, s_c = pale_size
     n = max(-(-h // s_r), -(-w // s_c))
     if n > h or n > w:
-        raise ValueError(f"vanilla PS-attention on a {h}x{w} map with pale size {pale_size} needs {n} pales "
+        raise InputError(f"vanilla PS-attention on a {h}x{w} map with pale size {pale_size} needs {n} pales "
                          f"(h/s_r = w/s_c after padding), more than the map has rows or columns")
     return n
 
@@ -241,7 +243,7 @@ def _per_stage_pairs(value: Any, num_stages: int, name: str) -> Tuple[Pair, ...]
         return (_as_pair(value, name),) * num_stages
     if isinstance(value, (tuple, list)) and len(value) == num_stages:
         return tuple(_as_pair(v, name) for v in value)
-    raise ValueError(f"{name} must be an int, a pair, or one entry per stage ({num_stages}), got {value!r}")
+    raise InputError(f"{name} must be an int, a pair, or one entry per stage ({num_stages}), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -269,12 +271,12 @@ class PaleConfig:
         args = {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
         args.update(kwargs)
         if args["attn_mode"] not in ATTN_MODES:
-            raise ValueError(f"unknown attention mode {args['attn_mode']!r}; expected one of {ATTN_MODES}")
+            raise InputError(f"unknown attention mode {args['attn_mode']!r}; expected one of {ATTN_MODES}")
         if args["pos_embed"] not in POS_EMBEDS:
-            raise ValueError(f"unknown position encoding {args['pos_embed']!r}; expected one of {POS_EMBEDS}")
+            raise InputError(f"unknown position encoding {args['pos_embed']!r}; expected one of {POS_EMBEDS}")
         n = len(args["depths"])
         if not (len(args["embed_dims"]) == len(args["num_heads"]) == n):
-            raise ValueError("embed_dims, depths and num_heads must have one entry per stage")
+            raise InputError("embed_dims, depths and num_heads must have one entry per stage")
         return cls(tuple(args["embed_dims"]), tuple(args["depths"]), tuple(args["num_heads"]),
                    _per_stage_pairs(args["pale_size"], n, "pale_size"), args["attn_mode"],
                    _per_stage_pairs(args["stripe_width"], n, "stripe_width"), float(args["mlp_ratio"]),
@@ -287,7 +289,7 @@ class PaleConfig:
         from .models.pale_transformer import MODEL_ARGS
 
         if model_name not in MODEL_ARGS:
-            raise ValueError(f"no analytic cost model for {model_name!r}; known: {sorted(MODEL_ARGS)}")
+            raise InputError(f"no analytic cost model for {model_name!r}; known: {sorted(MODEL_ARGS)}")
         return cls.from_kwargs(**dict(MODEL_ARGS[model_name], **overrides))
 
     def group_size(self, stage: int) -> Pair:
@@ -396,7 +398,7 @@ def analytic_cost(cfg: PaleConfig, img_size: Pair) -> AnalyticCost:
     ``(1, in_chans, H, W)`` image. Layer names follow the model's module paths."""
     h_img, w_img = _as_pair(tuple(img_size), "img_size")
     if h_img < 3 or w_img < 3:
-        raise ValueError(f"images must be at least 3x3 for the 7x7/stride-4 stem, got {(h_img, w_img)}")
+        raise InputError(f"images must be at least 3x3 for the 7x7/stride-4 stem, got {(h_img, w_img)}")
     dims = cfg.embed_dims
     layers: List[LayerMacs] = []
     params: Dict[str, int] = {}
@@ -521,7 +523,7 @@ def compare_paper(tables: Sequence[str] = ("7", "8", "9"), measure: bool = True,
     Identical configurations (size 7 = parallel = CPE) are measured once."""
     unknown = [t for t in tables if t not in PAPER_TABLES]
     if unknown:
-        raise ValueError(f"unknown paper table(s) {unknown}; expected some of {sorted(PAPER_TABLES)}")
+        raise InputError(f"unknown paper table(s) {unknown}; expected some of {sorted(PAPER_TABLES)}")
     measured: Dict[PaleConfig, ModelCost] = {}
     out = []
     for table in tables:

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Tuple
 
+from ..errors import InputError
+
 if TYPE_CHECKING:  # the command imports torch only when it runs, so `pale --help` stays fast
     import torch
 
@@ -44,7 +46,7 @@ def _check(what: str, measured: int, analytic: int) -> float:
 
     diff = relative_difference(measured, analytic)
     if diff > TOLERANCE:
-        raise ValueError(f"{what}: measured {measured} and analytic {analytic} multiply-adds differ by "
+        raise InputError(f"{what}: measured {measured} and analytic {analytic} multiply-adds differ by "
                          f"{100 * diff:.2f}% (> {100 * TOLERANCE:.0f}%)")
     return diff
 
@@ -125,7 +127,7 @@ def _paper_table_md(rows: Sequence[ComparisonRow]) -> List[str]:
                     "|---|---|---|---|---|---|---|---|---|"]
         diff = _check(f"Table {table} {row.paper.label}", row.measured_macs, row.analytic_macs)
         if row.measured_params != row.analytic_params:
-            raise ValueError(f"Table {table} {row.paper.label}: measured params {row.measured_params} != "
+            raise InputError(f"Table {table} {row.paper.label}: measured params {row.measured_params} != "
                              f"analytic {row.analytic_params}")
         out.append(f"| {row.paper.label} | {row.paper.params / 1e6:.0f}M | {_m(row.analytic_params)} | "
                    f"{_m(row.measured_params)} | {row.paper.macs / 1e9:.1f}G | {_g(row.analytic_macs)} | "
@@ -352,9 +354,9 @@ def run(args: argparse.Namespace) -> int:
     from ..io import atomic_write_text
 
     if args.repeats < 1 or args.threads < 1:
-        raise ValueError("--repeats and --threads must be >= 1")
+        raise InputError("--repeats and --threads must be >= 1")
     if not args.sides or min(args.sides) < 32:
-        raise ValueError(f"--sides must be input sides of at least 32 pixels, got {args.sides}")
+        raise InputError(f"--sides must be input sides of at least 32 pixels, got {args.sides}")
     out = Path(args.out)
     plot_path = out.with_suffix(".png")
     text = build_report(args.sides, args.repeats, args.threads, args.count_device, plot_path.name, plot_path)

@@ -5,6 +5,9 @@ import argparse
 from pathlib import Path
 from typing import List
 
+from ..errors import InputError, MissingFileError
+from ._options import nonnegative_int, positive_int
+
 
 def overrides_from_args(args: argparse.Namespace) -> List[str]:
     """The shortcut options as recipe overrides, before the explicit ``--set`` ones."""
@@ -37,10 +40,10 @@ def run(args: argparse.Namespace) -> int:
     resume = args.resume
     if resume == "auto":
         if not args.output:
-            raise ValueError("--resume without a checkpoint needs --output (the run folder holding last.pth)")
+            raise InputError("--resume without a checkpoint needs --output (the run folder holding last.pth)")
         resume = str(Path(args.output) / "last.pth")
     if resume is not None and not Path(resume).exists():
-        raise FileNotFoundError(f"checkpoint to resume not found: {resume}")
+        raise MissingFileError(f"checkpoint to resume not found: {resume}")
     out = args.output
     if out is None and resume is None:
         out = str(Path("runs") / Path(args.recipe).name.removesuffix(".yaml"))
@@ -63,11 +66,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set optim.lr_base=5e-4 --set model.kwargs.pale_size=[7,7] "
                         "(repeatable)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="total batch size over all processes and accumulation steps")
+    p.add_argument("--epochs", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int, help="total batch size over all processes and accumulation steps")
     p.add_argument("--device", help="auto, cpu, cuda")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"])
-    p.add_argument("--workers", type=int, help="data loader processes per training process")
+    p.add_argument("--workers", type=nonnegative_int, help="data loader processes per training process")
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
                    help="continue a run exactly (default: <output>/last.pth)")

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import io as pio
+from ..errors import InputError, MissingFileError
 from .data import ImageFolderDataset
 from .engine import Runtime, Task
 
@@ -114,11 +115,11 @@ class ClassificationTask(Task):
         super().__init__(cfg)
         d = cfg["data"]
         if not d["root"]:
-            raise ValueError("data.root is not set: pass --data FOLDER (a folder with "
+            raise InputError("data.root is not set: pass --data FOLDER (a folder with "
                              f"{d['train_split']}/<class>/<image> and {d['val_split']}/<class>/<image>)")
         self.root = Path(d["root"])
         if not self.root.exists():
-            raise FileNotFoundError(f"data folder not found: {self.root}")
+            raise MissingFileError(f"data folder not found: {self.root}")
         from .data import scan_image_folder
         self.train_dir = self.root / d["train_split"]
         _, self.class_names = scan_image_folder(self.train_dir, what="training folder")
@@ -143,10 +144,10 @@ class ClassificationTask(Task):
             model = timm.create_model(m["name"], **self.model_kwargs())
         except RuntimeError as err:
             if "Unknown model" in str(err):
-                raise ValueError(f"model.name: unknown model {m['name']!r}") from None
+                raise InputError(f"model.name: unknown model {m['name']!r}") from None
             raise
         except TypeError as err:
-            raise ValueError(f"model.kwargs do not fit {m['name']}: {err}") from None
+            raise InputError(f"model.kwargs do not fit {m['name']}: {err}") from None
         if m["pretrained"]:
             state, _ = pio.read_model_file(m["pretrained"])
             own = model.state_dict()

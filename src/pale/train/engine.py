@@ -150,9 +150,9 @@ def setup_runtime(device: str = "auto", amp: str = "auto", channels_last: bool =
             amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     amp_dtypes = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     if amp not in amp_dtypes:
-        raise ValueError(f"train.amp must be one of auto, {', '.join(amp_dtypes)}; got {amp!r}")
+        raise InputError(f"train.amp must be one of auto, {', '.join(amp_dtypes)}; got {amp!r}")
     if amp == "fp16" and dev.type != "cuda":
-        raise ValueError("train.amp=fp16 needs a CUDA device; use bf16 (or none) on the CPU")
+        raise InputError("train.amp=fp16 needs a CUDA device; use bf16 (or none) on the CPU")
     return Runtime(dev, amp_dtypes[amp], rank, world, local_rank, channels_last)
 
 
@@ -223,7 +223,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any], up
         warmup = float(scfg["warmup_updates"]) / updates_per_epoch
     milestones = list(scfg.get("decay_milestones") or [])
     if scfg["sched"] == "multistep" and not milestones:
-        raise ValueError("sched.sched=multistep needs sched.decay_milestones (epochs), e.g. [8, 11]")
+        raise InputError("sched.sched=multistep needs sched.decay_milestones (epochs), e.g. [8, 11]")
     return create_scheduler_v2(
         optimizer, sched=scfg["sched"], num_epochs=int(cfg["epochs"]), warmup_epochs=warmup,
         warmup_lr=float(scfg["warmup_lr"]), min_lr=float(scfg["min_lr"]), cooldown_epochs=scfg["cooldown_epochs"],
@@ -336,7 +336,7 @@ class Trainer:
         if int(tcfg["accum_steps"]) < 1:
             raise RecipeError(f"train.accum_steps must be >= 1, got {tcfg['accum_steps']}")
         if not self.resume_path and not dry_run and (self.out_dir / "last.pth").exists():
-            raise ValueError(f"output folder {self.out_dir} already holds a run (last.pth): pass --resume to "
+            raise InputError(f"output folder {self.out_dir} already holds a run (last.pth): pass --resume to "
                              f"continue it, or choose another output folder")
         self._stop_signal: Optional[int] = None
         self.skipped_images = 0
@@ -388,7 +388,7 @@ class Trainer:
         model = self.task.build_model()
         if tcfg["grad_checkpointing"]:
             if not hasattr(model, "set_grad_checkpointing"):
-                raise ValueError(f"{type(model).__name__} has no set_grad_checkpointing()")
+                raise InputError(f"{type(model).__name__} has no set_grad_checkpointing()")
             model.set_grad_checkpointing(True)
         model.to(rt.device)
         if rt.channels_last:
@@ -412,7 +412,7 @@ class Trainer:
             pin_memory=rt.device.type == "cuda", generator=torch.Generator().manual_seed(seed))
         self.updates_per_epoch = (self.train_sampler.num_samples // self.batch_per_device) // accum
         if self.updates_per_epoch == 0:
-            raise ValueError(f"the training set ({len(train_ds)} samples, {self.train_sampler.num_samples} per "
+            raise InputError(f"the training set ({len(train_ds)} samples, {self.train_sampler.num_samples} per "
                              f"process) is smaller than one batch ({self.batch_per_device} per process x "
                              f"{accum} accumulation steps); lower batch_size")
         val_ds = self.task.val_dataset()
@@ -549,7 +549,7 @@ class Trainer:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise ValueError("train.tensorboard needs the tensorboard package "
+                raise InputError("train.tensorboard needs the tensorboard package "
                                  "(pip install 'pale-transformer[tensorboard]')") from None
             self.tb = SummaryWriter(str(self.out_dir / "tensorboard"))
         self._log(f"{rt.world_size} process(es) on {rt.device.type}, amp={rt.amp_dtype}, batch {self.cfg['batch_size']} "
