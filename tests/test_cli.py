@@ -80,6 +80,15 @@ def test_best_without_metrics_of_both_sets_is_raw_and_says_so(ckpt):
     assert which == "raw" and float(state["w"][0]) == 1.0 and "without validation" in why
 
 
+def test_best_falls_back_to_the_history_entry_of_these_weights():
+    history = [dict(epoch=1, val_top1=50.0, ema_val_top1=20.0), dict(epoch=2, val_top1=70.0, ema_val_top1=75.0)]
+    ckpt = dict(model=_sd(1.0), model_ema=_sd(2.0), history=history, best=dict(metric="ema_val_top1"), epoch=2, step=0)
+    assert pio.select_weights(ckpt, "best")[1:] == ("ema", "validated better: top1 75 (ema) vs 70")
+    # saved mid-epoch (interrupted): the last entry validated older weights
+    assert "without validation" in pio.select_weights(dict(ckpt, step=3), "best")[2]
+    assert "without validation" in pio.select_weights(dict(ckpt, epoch=3), "best")[2]
+
+
 def test_single_set_files_refuse_ema(tmp_path):
     no_ema = dict(model=_sd(1.0), model_ema=None, val_metrics={"raw": {"top1": 5.0}}, best_metric="top1")
     assert pio.select_weights(no_ema, "best")[1] == "raw"

@@ -266,8 +266,9 @@ def select_weights(obj: Mapping[str, Any], weights: str = "best",
     ``val_metrics`` (``{"raw": {...}, "ema": {...}}``) and ``best_metric`` (higher is better).
 
     * ``'raw'`` / ``'ema'``: that set; asking for EMA weights a file does not hold is an error.
-    * ``'best'``: the set whose ``val_metrics[set][best_metric]`` is higher (a tie goes to raw). With
-      one set only, that one. With both sets but no recorded validation of both, the raw weights:
+    * ``'best'``: the set whose ``val_metrics[set][best_metric]`` is higher (a tie goes to raw); a
+      checkpoint without ``val_metrics`` uses the last entry of its ``history`` when that entry
+      validated these very weights. With one set only, that one. With both sets but no recorded validation of both, the raw weights:
       they are what the optimiser trained, while EMA weights of a short run can still sit near the
       initialisation; the reason then says the choice was not validated.
     """
@@ -285,8 +286,9 @@ def select_weights(obj: Mapping[str, Any], weights: str = "best",
         return dict(raw), "raw", "raw weights, as asked"
     if not has_ema:
         return dict(raw), "raw", "the only weights in the file"
-    metric = obj.get("best_metric")
-    scores = obj.get("val_metrics") if isinstance(obj.get("val_metrics"), Mapping) else {}
+    metric, scores = obj.get("best_metric"), obj.get("val_metrics")
+    if not isinstance(scores, Mapping):
+        metric, scores = _metrics_from_history(obj)
     values = {k: (scores.get(k) or {}).get(metric) if isinstance(scores.get(k), Mapping) else None
               for k in ("raw", "ema")}
     if metric and all(isinstance(v, (int, float)) for v in values.values()):
@@ -295,6 +297,20 @@ def select_weights(obj: Mapping[str, Any], weights: str = "best",
             f"validated better: {metric} {values[pick]:.4g} ({pick}) vs {values['raw' if pick == 'ema' else 'ema']:.4g}"
     return dict(raw), "raw", ("raw weights chosen without validation: the file records no validation "
                               "metrics of both sets (pass --weights ema for the EMA weights)")
+
+
+def _metrics_from_history(obj: Mapping[str, Any]) -> Tuple[Optional[str], Dict[str, Dict[str, float]]]:
+    """``(metric, {"raw": {...}, "ema": {...}})`` from the per-epoch ``history`` that checkpoints
+    without ``val_metrics`` keep (``val_<m>`` / ``ema_val_<m>`` keys), when its last entry is the
+    validation of exactly these weights (saved at the end of that epoch)."""
+    history, best = obj.get("history"), obj.get("best")
+    if not (isinstance(history, list) and history and isinstance(history[-1], Mapping) and isinstance(best, Mapping)):
+        return None, {}
+    last = history[-1]
+    if last.get("epoch") != obj.get("epoch") or obj.get("step", 0) != 0:
+        return None, {}
+    metric = str(best.get("metric", "")).removeprefix("ema_val_").removeprefix("val_")
+    return metric, {"raw": {metric: last.get(f"val_{metric}")}, "ema": {metric: last.get(f"ema_val_{metric}")}}
 
 
 def _single_set(state: Dict[str, torch.Tensor], info: Dict[str, Any], weights: str,
