@@ -232,6 +232,11 @@ def test_short_training_lowers_loss_and_eval_reproduces_it(toy, tmp_path):
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["miou"] == pytest.approx(last["val_miou"], abs=1e-6)
     assert metrics["aacc"] == pytest.approx(last["val_aacc"], abs=1e-6)
+    assert metrics["amp"] == "none" and metrics["weights"] == "raw"  # fp32 unless asked
+    assert pale_main(["seg", "eval", "-c", str(out / "last.pth"), "--data", str(toy), "--test-scale", "0", "0",
+                      "--amp", "bf16", "-o", str(tmp_path / "bf16.json")]) == 0
+    bf16 = json.loads((tmp_path / "bf16.json").read_text())
+    assert bf16["amp"] == "bfloat16" and bf16["miou"] == pytest.approx(metrics["miou"], abs=5.0)
     assert summary["epochs"] == 3
     # resume continues from the checkpoint with the stored recipe
     run_training(SegmentationTask, None, ["epochs=4"], None, resume=out / "last.pth")
