@@ -138,7 +138,7 @@ def test_outputs_and_eval_reload_give_the_same_top1(folder, straight, tmp_path, 
     best = summary["best"]
     assert best["metric"] == "ema_val_top1"
     assert best["value"] == max(h["ema_val_top1"] for h in history)
-    assert main(["eval", str(out / "best.pth"), "--data", str(folder / "val"), "--output",
+    assert main(["eval", str(out / "best.pth"), "--weights", "ema", "--data", str(folder / "val"), "--output",
                  str(tmp_path / "eval.json")]) == 0
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["top1"] == best["value"] and result["n"] == 12
@@ -148,7 +148,7 @@ def test_outputs_and_eval_reload_give_the_same_top1(folder, straight, tmp_path, 
     assert "top1" in capsys.readouterr().out
     # the safetensors export loads through timm's own pretrained path and gives the same logits
     import timm
-    model_pth, info = create_model_from_file(out / "best.pth")
+    model_pth, info = create_model_from_file(out / "best.pth", weights="ema")  # the export holds the EMA weights
     model_st = timm.create_model("pale_tiny", pretrained=True, num_classes=3, **TINY_MODEL,
                                  pretrained_cfg_overlay=dict(file=str(out / "best.safetensors"), num_classes=3)).eval()
     x = torch.randn(2, 3, 32, 32)
@@ -247,7 +247,7 @@ def test_bad_input_errors_name_the_problem(folder, tmp_path, capsys):
     fails(base + ["--data", str(folder), "--set", "aug.mixup_alpha=0.2"], "unknown recipe key 'aug.mixup_alpha'")
     empty = make_folder(tmp_path / "empty", n_train=6, n_val=3)
     (empty / "train" / "dog").mkdir()
-    fails(base + ["--data", str(empty)], "class folder", str(empty / "train" / "dog"), "has no images")
+    fails(base + ["--data", str(empty)], "class folder", str(empty / "train" / "dog"), "holds no images")
     broken = make_folder(tmp_path / "broken", n_train=12, n_val=6)
     bad = broken / "train" / "bee" / "corrupt.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)

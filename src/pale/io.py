@@ -112,10 +112,10 @@ def load_image(path: PathLike, mode: str = "RGB") -> Any:
         raise BadImageError(f"cannot read image {path}: {err}") from None
 
 
-def find_images(inputs: Any, what: str = "image or folder") -> List[Path]:
+def find_images(inputs: Any, what: str = "image or folder", folder: str = "folder") -> List[Path]:
     """The image files named: files as given, folders searched recursively for
-    :data:`IMAGE_EXTENSIONS` (sorted). A path that does not exist, or a folder without images, is an
-    error naming it."""
+    :data:`IMAGE_EXTENSIONS` (sorted). A path that does not exist (``what``), or a folder without
+    images (``folder``), is an error naming it."""
     found: List[Path] = []
     for item in [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs:
         p = Path(item)
@@ -124,7 +124,7 @@ def find_images(inputs: Any, what: str = "image or folder") -> List[Path]:
         if p.is_dir():
             files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
             if not files:
-                raise InputError(f"folder {p} holds no images (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+                raise InputError(f"{folder} {p} holds no images (extensions: {', '.join(IMAGE_EXTENSIONS)})")
             found += files
         else:
             found.append(p)

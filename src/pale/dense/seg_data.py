@@ -50,7 +50,7 @@ def scan_segmentation_folder(root: Path, split: str = "") -> List[Tuple[str, str
         raise MissingFileError(f"image folder not found: {img_dir} (expected {root}/images/{split or ''}"
                                 f"{'/' if split else ''}<name>.jpg and {root}/annotations/...)")
     pairs = []
-    for img in find_images(img_dir, "image folder"):
+    for img in find_images(img_dir, "image folder", "image folder"):
         ann = (ann_dir / img.relative_to(img_dir)).with_suffix(".png")
         if not ann.is_file():
             raise MissingFileError(f"annotation {ann} for image {img} not found")

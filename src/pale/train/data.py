@@ -66,7 +66,7 @@ def scan_image_folder(root: Path, class_names: Optional[Sequence[str]] = None,
     index = {n: i for i, n in enumerate(class_names)}
     samples: List[Tuple[str, int]] = []
     for folder in folders:
-        samples += [(str(f), index[folder.name]) for f in find_images(folder, "class folder")]
+        samples += [(str(f), index[folder.name]) for f in find_images(folder, "class folder", "class folder")]
     return samples, list(class_names)
 
 
