@@ -256,7 +256,7 @@ def test_predict_into_a_closed_pipe_exits_quietly(trained):
 
 # ---- progress ------------------------------------------------------------------------------------
 
-def test_progress_in_a_log_is_plain_lines(capsys):
+def test_progress_in_a_log_is_plain_lines(capsys, monkeypatch):
     from pale.progress import LineProgress, progress
 
     assert isinstance(progress(range(3)), LineProgress)  # pytest's stderr is not a terminal
@@ -272,6 +272,8 @@ def test_progress_in_a_log_is_plain_lines(capsys):
     quiet.update(100)
     quiet.close()
     assert capsys.readouterr().err == ""  # short work: no line at all
+    monkeypatch.setenv("PALE_PROGRESS_INTERVAL", "0")
+    assert progress(total=2).interval == 0.0
 
 
 # ---- layering ------------------------------------------------------------------------------------

@@ -9,13 +9,15 @@ one line per step.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any, Iterable, Iterator, Optional, TextIO
 
 __all__ = ["LineProgress", "progress", "log"]
 
-#: seconds between two lines of :class:`LineProgress`
+#: seconds between two lines of :class:`LineProgress` (environment variable ``PALE_PROGRESS_INTERVAL``
+#: overrides it, e.g. 0 for a line per step)
 LINE_INTERVAL = 10.0
 
 
@@ -83,15 +85,18 @@ class _Silent(LineProgress):
 
 def progress(iterable: Optional[Iterable[Any]] = None, *, total: Optional[int] = None, desc: str = "",
              unit: str = "it", initial: int = 0, enabled: bool = True, leave: bool = False,
-             interval: float = LINE_INTERVAL) -> Any:
+             interval: Optional[float] = None) -> Any:
     """A progress report over ``iterable`` (or for ``total`` steps counted with ``update``):
-    a tqdm bar when stderr is a terminal, a :class:`LineProgress` otherwise, nothing when not ``enabled``."""
+    a tqdm bar when stderr is a terminal, a :class:`LineProgress` otherwise (a line every ``interval``
+    seconds, default ``PALE_PROGRESS_INTERVAL`` or 10), nothing when not ``enabled``."""
     if not enabled:
         return _Silent(iterable, total, desc, unit, initial)
     if sys.stderr.isatty():
         from tqdm import tqdm
 
         return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, leave=leave, dynamic_ncols=True)
+    if interval is None:
+        interval = float(os.environ.get("PALE_PROGRESS_INTERVAL", LINE_INTERVAL))
     return LineProgress(iterable, total, desc, unit, initial, interval)
 
 
