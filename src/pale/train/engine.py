@@ -369,7 +369,7 @@ class Trainer:
 
     def _export_weights(self, name: str) -> None:
         """Weights only (EMA when enabled), as safetensors with the model description as metadata."""
-        info = self.task.model_info()
+        info = dict(self.task.model_info(), weights="ema" if self.ema is not None else "raw")
         weights = (self.ema.module if self.ema is not None else _unwrap(self.model)).state_dict()
         pio.save_safetensors(weights, self.out_dir / name, metadata=info)
 
