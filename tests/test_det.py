@@ -189,22 +189,27 @@ def test_dataset_targets_and_flip(toy):
 
 # ---- training on the engine --------------------------------------------------------------------------
 
-def test_short_training_lowers_loss_and_eval_reproduces_it(toy, tmp_path):
+def test_short_training_lowers_loss_and_eval_reproduces_it(toy, tmp_path, capsys):
     out = tmp_path / "run"
     run_training(DetectionTask, None, tiny_overrides(toy, epochs=3), out)
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
-    assert pale_main(["det", "eval", "--checkpoint", str(out / "last.pth"), "--data", str(toy), "--split", "val",
-                      "--json-out", str(tmp_path / "m.json")]) == 0
+    assert pale_main(["det", "eval", "-c", str(out / "last.pth"), "--data", str(toy), "--split", "val",
+                      "-o", str(tmp_path / "m.json"), "--device", "auto"]) == 0
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["bbox_ap"] == pytest.approx(history[-1]["val_bbox_ap"], abs=1e-6)
     assert metrics["segm_ap"] == pytest.approx(history[-1]["val_segm_ap"], abs=1e-6)
     odd = tmp_path / "odd.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (75, 101, 3), dtype=np.uint8)).save(odd)
-    assert pale_main(["det", "predict", str(odd), "--checkpoint", str(out / "last.safetensors"), "-o",
-                      str(tmp_path / "pred"), "--score-thr", "0"]) == 0
+    assert pale_main(["det", "predict", str(odd), "-c", str(out / "last.safetensors"), "-o",
+                      str(tmp_path / "pred"), "--score-thr", "0", "--device", "auto"]) == 0
     assert Image.open(tmp_path / "pred" / "odd_overlay.png").size == (101, 75)
     assert isinstance(json.loads((tmp_path / "pred" / "odd_detections.json").read_text()), list)
+    capsys.readouterr()
+    # the dense recipes train without EMA: asking for EMA weights is a one-line error
+    assert pale_main(["det", "eval", "-c", str(out / "last.pth"), "--data", str(toy), "--split", "val",
+                      "--weights", "ema"]) == 1
+    assert "holds no EMA weights" in capsys.readouterr().err
 
 
 @pytest.mark.slow

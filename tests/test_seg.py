@@ -14,7 +14,8 @@ from PIL import Image
 from pale import io as pio
 from pale.cli import main as pale_main
 from pale.dense.engine import run_training
-from pale.dense.seg_data import SegmentationFolder, SegTrainTransform, load_label
+from pale.dense.overlay import palette
+from pale.dense.seg_data import SegmentationFolder, SegTrainTransform, label_lookup, load_label, scan_label_ids
 from pale.dense.seg_eval import confusion_matrix, segment, segmentation_metrics
 from pale.dense.seg_task import SegmentationTask, evaluate_segmenter, inference_settings
 from pale.train import resolve_recipe
@@ -162,10 +163,22 @@ def _write(path: Path, array: np.ndarray) -> None:
 
 def test_reduce_zero_label_and_ranges(tmp_path):
     _write(tmp_path / "l.png", np.array([[0, 1, 2, 3]], dtype=np.uint8))
-    assert load_label(str(tmp_path / "l.png"), (1, 4), "img", 3, True).tolist() == [[255, 0, 1, 2]]
-    assert load_label(str(tmp_path / "l.png"), (1, 4), "img", 4, False).tolist() == [[0, 1, 2, 3]]
-    with pytest.raises(ValueError, match=r"l\.png has label value\(s\) 3 outside the 3 classes"):
-        load_label(str(tmp_path / "l.png"), (1, 4), "img", 3, False)
+    path = str(tmp_path / "l.png")
+    assert load_label(path, (1, 4), "img", label_lookup([1, 2, 3], True)).tolist() == [[255, 0, 1, 2]]
+    assert load_label(path, (1, 4), "img", label_lookup([0, 1, 2, 3], False)).tolist() == [[0, 1, 2, 3]]
+    with pytest.raises(ValueError, match=r"l\.png has label id\(s\) 3 that are not among the 3 classes \(ids 0\.\.2"):
+        load_label(path, (1, 4), "img", label_lookup([0, 1, 2], False))
+
+
+def test_sparse_label_ids_map_to_consecutive_classes(tmp_path):
+    _write(tmp_path / "l.png", np.array([[0, 1, 3, 255, 3]], dtype=np.uint8))
+    lookup = label_lookup([1, 3], reduce_zero_label=True)
+    assert load_label(str(tmp_path / "l.png"), (1, 5), "img", lookup).tolist() == [[255, 0, 1, 255, 1]]
+    assert scan_label_ids([("img", str(tmp_path / "l.png"))], reduce_zero_label=True) == [1, 3]
+    assert scan_label_ids([("img", str(tmp_path / "l.png"))], reduce_zero_label=False) == [0, 1, 3]
+    _write(tmp_path / "e.png", np.array([[0, 255]], dtype=np.uint8))
+    with pytest.raises(ValueError, match="hold no class ids besides ignore"):
+        scan_label_ids([("img", str(tmp_path / "e.png"))], reduce_zero_label=True)
 
 
 def test_bad_data_errors_name_the_file(tmp_path):
@@ -178,7 +191,7 @@ def test_bad_data_errors_name_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"a\.png is 30x21 \(WxH\) but its image .*a\.jpg is 30x20"):
         ds[0]
     _write(tmp_path / "annotations" / "training" / "a.png", np.full((20, 30), 7, dtype=np.uint8))
-    with pytest.raises(ValueError, match=r"a\.png has label value\(s\) 7"):
+    with pytest.raises(ValueError, match=r"a\.png has label id\(s\) 7"):
         SegmentationFolder(tmp_path, "training", 3)[0]
     (tmp_path / "images" / "empty").mkdir()
     with pytest.raises(ValueError, match=r"images/empty holds no images"):
@@ -219,6 +232,11 @@ def test_short_training_lowers_loss_and_eval_reproduces_it(toy, tmp_path):
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["miou"] == pytest.approx(last["val_miou"], abs=1e-6)
     assert metrics["aacc"] == pytest.approx(last["val_aacc"], abs=1e-6)
+    assert metrics["amp"] == "none" and metrics["weights"] == "raw"  # fp32 unless asked
+    assert pale_main(["seg", "eval", "-c", str(out / "last.pth"), "--data", str(toy), "--test-scale", "0", "0",
+                      "--amp", "bf16", "-o", str(tmp_path / "bf16.json")]) == 0
+    bf16 = json.loads((tmp_path / "bf16.json").read_text())
+    assert bf16["amp"] == "bfloat16" and bf16["miou"] == pytest.approx(metrics["miou"], abs=5.0)
     assert summary["epochs"] == 3
     # resume continues from the checkpoint with the stored recipe
     run_training(SegmentationTask, None, ["epochs=4"], None, resume=out / "last.pth")
@@ -236,9 +254,55 @@ def test_predict_writes_overlays_of_the_input_size(toy, tmp_path):
                       "-o", str(tmp_path / "pred"), "--test-scale", "0", "0", "--flip"]) == 0
     overlay = Image.open(tmp_path / "pred" / "odd_overlay.png")
     labels = np.asarray(Image.open(tmp_path / "pred" / "odd_labels.png"))
-    assert overlay.size == (101, 75) and labels.shape == (75, 101) and labels.max() < 3
+    # the overlay is the image plus a legend strip below it
+    assert overlay.width == 101 and overlay.height > 75 and labels.shape == (75, 101) and labels.max() < 3
     assert pale_main(["seg", "predict", str(tmp_path / "missing.jpg"), "--checkpoint",
                       str(tmp_path / "m.safetensors")]) == 1
+
+
+def _remapped_copy(toy: Path, dest: Path, mapping: dict) -> Path:
+    """The toy data set with annotation ids replaced through ``mapping``."""
+    import shutil
+
+    shutil.copytree(toy, dest)
+    for ann in (dest / "annotations").rglob("*.png"):
+        label = np.asarray(Image.open(ann))
+        _write(ann, np.vectorize(mapping.get)(label).astype(np.uint8))
+    return dest
+
+
+def test_predictions_use_the_data_sets_own_ids_and_the_overlay_has_a_legend(toy, tmp_path, capsys):
+    data = _remapped_copy(toy, tmp_path / "ids13", {0: 1, 1: 3, 2: 3})  # ground truth uses ids {1, 3}
+    overrides = [o for o in tiny_overrides(data) if not o.startswith("data.num_classes=")]
+    task = SegmentationTask(resolve_recipe({}, overrides, SegmentationTask.defaults))
+    assert task.label_ids == [1, 3] and task.num_classes == 2  # counted from the data, no default of 150
+    info = task.model_info()
+    assert info["model_kwargs"]["num_classes"] == 2 and info["data_config"]["label_ids"] == [1, 3]
+    torch.manual_seed(0)
+    pio.save_safetensors(task.build_model().state_dict(), tmp_path / "m.safetensors", metadata=info)
+    photo = next((data / "images" / "validation").iterdir())
+    assert pale_main(["seg", "predict", str(photo), "-c", str(tmp_path / "m.safetensors"), "-o", str(tmp_path / "p"),
+                      "--test-scale", "0", "0", "--device", "auto"]) == 0
+    labels = np.asarray(Image.open(tmp_path / "p" / f"{photo.stem}_labels.png"))
+    assert set(np.unique(labels).tolist()) <= {1, 3}
+    image = Image.open(photo)
+    overlay = Image.open(tmp_path / "p" / f"{photo.stem}_overlay.png")
+    assert overlay.width == image.width and overlay.height > image.height  # legend strip below the image
+    legend = np.asarray(overlay)[image.height:]
+    colours = palette(2)
+    for k in np.unique(labels):  # each predicted class's swatch is drawn in its colour
+        assert (legend == colours[[1, 3].index(int(k))]).all(-1).any()
+    # eval reads the same ids from the checkpoint: a ground-truth id it does not know is named
+    assert pale_main(["seg", "eval", "-c", str(tmp_path / "m.safetensors"), "--data", str(toy), "--test-scale", "0", "0",
+                      "-o", str(tmp_path / "e.json")]) == 1
+    assert "label id(s) 0" in capsys.readouterr().err
+
+
+def test_segmentation_data_without_class_ids_is_refused(toy, tmp_path):
+    data = _remapped_copy(toy, tmp_path / "empty", {0: 255, 1: 255, 2: 255})
+    overrides = [o for o in tiny_overrides(data) if not o.startswith("data.num_classes=")]
+    with pytest.raises(ValueError, match="hold no class ids besides ignore"):
+        SegmentationTask(resolve_recipe({}, overrides, SegmentationTask.defaults))
 
 
 def test_empty_data_folder_fails_before_training(tmp_path):

@@ -284,7 +284,7 @@ def test_bad_input_errors_name_the_problem(folder, tmp_path, capsys):
     fails(base + ["--data", str(folder), "--set", "aug.mixup_alpha=0.2"], "unknown recipe key 'aug.mixup_alpha'")
     empty = make_folder(tmp_path / "empty", n_train=6, n_val=3)
     (empty / "train" / "dog").mkdir()
-    fails(base + ["--data", str(empty)], "class folder", str(empty / "train" / "dog"), "has no images")
+    fails(base + ["--data", str(empty)], "class folder", str(empty / "train" / "dog"), "holds no images")
     broken = make_folder(tmp_path / "broken", n_train=12, n_val=6)
     bad = broken / "train" / "bee" / "corrupt.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)

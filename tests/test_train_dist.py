@@ -201,13 +201,15 @@ def test_sigkill_mid_epoch_then_the_same_command_resumes_to_an_uninterrupted_run
     run = tmp_path / "killed"
     cmd = [sys.executable, "-m", "pale", "train", "--recipe", str(recipe), "--data", str(folder), "-o", str(run),
            "--resume", "auto"]  # the job command: the same on the first start and on every restart
-    proc = subprocess.Popen(cmd, env=ENV, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    # stderr is a pipe: pale.progress logs plain lines, here one per update
+    proc = subprocess.Popen(cmd, env=dict(ENV, PALE_PROGRESS_INTERVAL="0"), stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True)
     reader = _Reader(proc.stderr)
     reader.start()
     deadline = time.time() + 240
-    # kill once epoch 2 has made at least one update (tqdm shows "epoch 2/3: ... k/6" with k >= 1)
+    # kill once epoch 2 has made at least one update ("epoch 2/3: k/6 updates" with k >= 1)
     while time.time() < deadline and proc.poll() is None:
-        if re.search(r"epoch 2/3:[^\r\n]*\| [1-5]/6", reader.text):
+        if re.search(r"epoch 2/3: [1-5]/6 updates", reader.text):
             break
         time.sleep(0.005)
     assert proc.poll() is None, "the run ended before it could be killed:\n" + reader.text[-2000:]

@@ -40,6 +40,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from .errors import InputError
+
 Pair = Tuple[int, int]
 DTYPES = ("fp32", "bf16")
 MODES = ("infer", "train")
@@ -59,7 +61,7 @@ def create_model(name: str, img_size: Pair) -> nn.Module:
     import pale  # noqa: F401  (registers the Pale models)
 
     if name not in timm.list_models() and name not in PEERS:
-        raise ValueError(f"unknown model {name!r}; try pale_tiny, pale_small, pale_base or one of {sorted(PEERS)}")
+        raise InputError(f"unknown model {name!r}; try pale_tiny, pale_small, pale_base or one of {sorted(PEERS)}")
     kwargs = PEERS[name](img_size) if name in PEERS else {}
     return timm.create_model(name, pretrained=False, **kwargs)
 
@@ -173,9 +175,9 @@ class Setting:
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+            raise InputError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.batch_size < 1 or min(self.img_size) < 1:
-            raise ValueError(f"batch size and image size must be positive, got {self.batch_size}, {self.img_size}")
+            raise InputError(f"batch size and image size must be positive, got {self.batch_size}, {self.img_size}")
 
 
 class Runner:
@@ -183,7 +185,7 @@ class Runner:
 
     def __init__(self, setting: Setting, mode: str, seed: int = 0):
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+            raise InputError(f"mode must be one of {MODES}, got {mode!r}")
         torch.manual_seed(seed)
         self.setting, self.mode = setting, mode
         self.model = create_model(setting.model, setting.img_size)

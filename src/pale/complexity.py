@@ -33,6 +33,8 @@ import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from .errors import InputError
+
 __all__ = [
     "ModelCost", "measure_cost", "measured_cost", "parameters_on_meta",
     "LayerMacs", "AnalyticCost", "PaleConfig", "analytic_cost",
@@ -205,7 +207,7 @@ def attention_matmul_macs(mode: str, h: int, w: int, c: int, group_size: Pair,
             paper's pales are defined on the padded map).
     """
     if formula not in ("code", "paper"):
-        raise ValueError(f"formula must be 'code' or 'paper', got {formula!r}")
+        raise InputError(f"formula must be 'code' or 'paper', got {formula!r}")
     padded = formula == "code"
     s_r, s_c = group_size
     if mode in ("parallel", "axial", "cross_shaped"):
@@ -222,7 +224,7 @@ def attention_matmul_macs(mode: str, h: int, w: int, c: int, group_size: Pair,
         n = pale_count(h, w, group_size)
         tokens = s_r * n * s_c + s_c * n * s_r - s_r * s_c   # P = s_r Wp + s_c Hp - s_r s_c
         return 2 * c * n * tokens * tokens
-    raise ValueError(f"unknown attention mode {mode!r}")
+    raise InputError(f"unknown attention mode {mode!r}")
 
 
 # ============================================================================================
@@ -242,7 +244,7 @@ def _per_stage_pairs(value: Any, num_stages: int, name: str) -> Tuple[Pair, ...]
         return (_as_pair(value, name),) * num_stages
     if isinstance(value, (tuple, list)) and len(value) == num_stages:
         return tuple(_as_pair(v, name) for v in value)
-    raise ValueError(f"{name} must be an int, a pair, or one entry per stage ({num_stages}), got {value!r}")
+    raise InputError(f"{name} must be an int, a pair, or one entry per stage ({num_stages}), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -270,12 +272,12 @@ class PaleConfig:
         args = {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
         args.update(kwargs)
         if args["attn_mode"] not in ATTN_MODES:
-            raise ValueError(f"unknown attention mode {args['attn_mode']!r}; expected one of {ATTN_MODES}")
+            raise InputError(f"unknown attention mode {args['attn_mode']!r}; expected one of {ATTN_MODES}")
         if args["pos_embed"] not in POS_EMBEDS:
-            raise ValueError(f"unknown position encoding {args['pos_embed']!r}; expected one of {POS_EMBEDS}")
+            raise InputError(f"unknown position encoding {args['pos_embed']!r}; expected one of {POS_EMBEDS}")
         n = len(args["depths"])
         if not (len(args["embed_dims"]) == len(args["num_heads"]) == n):
-            raise ValueError("embed_dims, depths and num_heads must have one entry per stage")
+            raise InputError("embed_dims, depths and num_heads must have one entry per stage")
         return cls(tuple(args["embed_dims"]), tuple(args["depths"]), tuple(args["num_heads"]),
                    _per_stage_pairs(args["pale_size"], n, "pale_size"), args["attn_mode"],
                    _per_stage_pairs(args["stripe_width"], n, "stripe_width"), float(args["mlp_ratio"]),
@@ -288,7 +290,7 @@ class PaleConfig:
         from .models.pale_transformer import MODEL_ARGS
 
         if model_name not in MODEL_ARGS:
-            raise ValueError(f"no analytic cost model for {model_name!r}; known: {sorted(MODEL_ARGS)}")
+            raise InputError(f"no analytic cost model for {model_name!r}; known: {sorted(MODEL_ARGS)}")
         return cls.from_kwargs(**dict(MODEL_ARGS[model_name], **overrides))
 
     def group_size(self, stage: int) -> Pair:
@@ -395,7 +397,7 @@ def analytic_cost(cfg: PaleConfig, img_size: Pair) -> AnalyticCost:
     ``(1, in_chans, H, W)`` image. Layer names follow the model's module paths."""
     h_img, w_img = _as_pair(tuple(img_size), "img_size")
     if h_img < 3 or w_img < 3:
-        raise ValueError(f"images must be at least 3x3 for the 7x7/stride-4 stem, got {(h_img, w_img)}")
+        raise InputError(f"images must be at least 3x3 for the 7x7/stride-4 stem, got {(h_img, w_img)}")
     dims = cfg.embed_dims
     layers: List[LayerMacs] = []
     params: Dict[str, int] = {}
@@ -529,7 +531,7 @@ def compare_paper(tables: Sequence[str] = ("7", "8", "9"), measure: bool = True,
     Identical configurations (size 7 = parallel = CPE) are measured once."""
     unknown = [t for t in tables if t not in PAPER_TABLES]
     if unknown:
-        raise ValueError(f"unknown paper table(s) {unknown}; expected some of {sorted(PAPER_TABLES)}")
+        raise InputError(f"unknown paper table(s) {unknown}; expected some of {sorted(PAPER_TABLES)}")
     measured: Dict[PaleConfig, ModelCost] = {}
     out = []
     for table in tables:

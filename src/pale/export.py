@@ -23,13 +23,13 @@ import contextlib
 import json
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from . import io as pio
+from .errors import InputError
 
 __all__ = ["EXPORTERS", "OnnxCheck", "OnnxExport", "attention_layers", "padding_trace_size",
            "export_onnx", "check_onnx", "export_safetensors", "load_model_for_export"]
@@ -93,7 +93,7 @@ def padding_trace_size(model: nn.Module, start: int = 64, stop: int = 512) -> Si
         sides = [(layer, h) for layer, h, _ in _attention_input_sizes(model, (side, 3), in_chans)]
         if all(_pads_everywhere(layer, h, h) for layer, h in sides):
             return side, side
-    raise ValueError(f"no image size in [{start}, {stop}) makes every attention layer pad; "
+    raise InputError(f"no image size in [{start}, {stop}) makes every attention layer pad; "
                      f"pass a trace size explicitly")
 
 
@@ -102,7 +102,7 @@ def _check_dynamic_export_supported(model: nn.Module) -> None:
     if "vanilla" in modes:
         # per_pale_attention picks the pale count with max(ceil(h/s_r), ceil(w/s_c)): a Python choice
         # on sizes that a trace freezes, so one graph cannot serve every size.
-        raise ValueError("ONNX export with dynamic height and width does not support attn_mode='vanilla' "
+        raise InputError("ONNX export with dynamic height and width does not support attn_mode='vanilla' "
                          "(its pale count is a size-dependent Python choice); use --static")
 
 
@@ -133,10 +133,10 @@ def export_onnx(model: nn.Module, path: pio.PathLike, *, exporter: str = "auto",
         rtol: largest allowed ``max|onnx - torch| / max|torch|``.
         metadata: stored as ONNX ``metadata_props`` (values JSON-encoded).
     Raises:
-        ValueError: no exporter gave a graph that matches; the target is then untouched.
+        InputError: no exporter gave a graph that matches; the target is then untouched.
     """
     if exporter not in EXPORTERS + ("auto",):
-        raise ValueError(f"unknown exporter {exporter!r}; expected auto or one of {EXPORTERS}")
+        raise InputError(f"unknown exporter {exporter!r}; expected auto or one of {EXPORTERS}")
     model = model.eval()
     if dynamic:
         _check_dynamic_export_supported(model)
@@ -153,7 +153,7 @@ def export_onnx(model: nn.Module, path: pio.PathLike, *, exporter: str = "auto",
             failed[name] = str(err)
             continue
         return OnnxExport(name, used_opset, trace_size, checks, failed)
-    raise ValueError("; ".join(f"{msg}" for msg in failed.values()) + f"; {path} was not written")
+    raise InputError("; ".join(f"{msg}" for msg in failed.values()) + f"; {path} was not written")
 
 
 def _export_checked(model: nn.Module, path: pio.PathLike, exporter: str, opset: int, trace_size: Size,
@@ -190,19 +190,19 @@ def _export_checked(model: nn.Module, path: pio.PathLike, exporter: str, opset: 
         checks = check_onnx(tmp, model, sizes, batch=batch)
         worst = max(checks, key=lambda c: c.max_rel_err)
         if not worst.max_rel_err <= rtol:
-            raise ValueError(f"the {exporter} ONNX export does not match PyTorch: relative error "
+            raise InputError(f"the {exporter} ONNX export does not match PyTorch: relative error "
                              f"{worst.max_rel_err:.3g} > {rtol:g} at input {worst.shape}")
     return checks
 
 
 @contextlib.contextmanager
 def _clear_exporter_errors(exporter: str) -> Iterator[None]:
-    """An operator the exporter cannot translate becomes one ValueError line, not a graph dump."""
+    """An operator the exporter cannot translate becomes one InputError line, not a graph dump."""
     try:
         yield
     except torch.onnx.errors.OnnxExporterError as err:
         first = str(err).strip().splitlines()[-1 if exporter == "legacy" else 0]
-        raise ValueError(f"the {exporter} ONNX exporter cannot export this model: {first}") from None
+        raise InputError(f"the {exporter} ONNX exporter cannot export this model: {first}") from None
 
 
 def check_onnx(path: pio.PathLike, model: nn.Module, sizes: Sequence[Size], batch: int = 2,
@@ -221,27 +221,37 @@ def check_onnx(path: pio.PathLike, model: nn.Module, sizes: Sequence[Size], batc
             ref = model(x).double()
         out = torch.from_numpy(session.run(None, {name: x.numpy()})[0]).double()
         if out.shape != ref.shape:
-            raise ValueError(f"ONNX output shape {tuple(out.shape)} != PyTorch {tuple(ref.shape)} at input {tuple(x.shape)}")
+            raise InputError(f"ONNX output shape {tuple(out.shape)} != PyTorch {tuple(ref.shape)} at input {tuple(x.shape)}")
         abs_err = float((out - ref).abs().max())
         checks.append(OnnxCheck(tuple(x.shape), abs_err, abs_err / max(float(ref.abs().max()), 1e-12)))
     return checks
 
 
-def load_model_for_export(model_name: str, checkpoint: Optional[pio.PathLike]) -> Tuple[nn.Module, Dict[str, Any]]:
-    """The model a checkpoint holds (checked against ``model_name``), or a freshly initialised one."""
+def load_model_for_export(model_name: Optional[str], checkpoint: Optional[pio.PathLike],
+                          weights: str = "best") -> Tuple[nn.Module, Dict[str, Any]]:
+    """The model a checkpoint holds (``model_name``, when given, must match the one it records), or
+    a freshly initialised ``model_name``. A bare state dict needs ``model_name``."""
     import timm
 
-    import pale  # noqa: F401  (registers the models)
+    from . import register_models
 
+    register_models()
+    if model_name is not None and not timm.is_model(model_name):
+        known = ", ".join(timm.list_models("pale_*"))
+        raise InputError(f"unknown model {model_name!r} (Pale models: {known}; any timm model name works)")
     if checkpoint is None:
-        return timm.create_model(model_name).eval(), dict(model_name=model_name, model_kwargs={}, class_names=None)
-    state, info = pio.read_model_file(checkpoint)
+        if model_name is None:
+            raise InputError("nothing to export: give a checkpoint (-c FILE) or a model name for fresh weights")
+        return timm.create_model(model_name).eval(), dict(model_name=model_name, model_kwargs={}, class_names=None,
+                                                          weights="raw", weights_reason="freshly initialised")
+    state, info = pio.read_model_file(checkpoint, weights)
     stored = info.get("model_name")
-    if stored and stored != model_name:
-        raise ValueError(f"{checkpoint} holds a {stored}, not a {model_name}")
+    if stored and model_name and stored != model_name:
+        raise InputError(f"{checkpoint} holds a {stored}, not a {model_name}")
     if stored:
-        model, info = pio.create_model_from_file(checkpoint)
-        return model, info
+        return pio.create_model_from_file(checkpoint, weights=weights)
+    if model_name is None:
+        raise InputError(f"{checkpoint} does not record its model: give the model name, e.g. pale export pale_tiny -c FILE")
     # A bare state dict: build MODEL with the checkpoint's class count.
     kwargs: Dict[str, Any] = {}
     if "head.fc.weight" in state:
@@ -252,10 +262,10 @@ def load_model_for_export(model_name: str, checkpoint: Optional[pio.PathLike]) -
 
 
 def export_safetensors(model: nn.Module, info: Mapping[str, Any], path: pio.PathLike) -> None:
-    """Weights alone, with ``model_name``, ``model_kwargs``, ``class_names`` and, when known,
-    ``data_config`` as metadata; loadable by :func:`pale.io.create_model_from_file` and by timm's
+    """Weights alone, with ``model_name``, ``model_kwargs``, ``class_names``, ``weights`` (which set:
+    raw or ema) and, when known, ``data_config`` as metadata; loadable by :func:`pale.io.create_model_from_file` and by timm's
     ``pretrained_cfg_overlay=dict(file=...)``."""
-    meta = {k: info.get(k) for k in ("model_name", "model_kwargs", "class_names")}
+    meta = {k: info.get(k) for k in ("model_name", "model_kwargs", "class_names", "weights")}
     if info.get("data_config") is not None:
         meta["data_config"] = info["data_config"]
     pio.save_safetensors(model.state_dict(), path, metadata=meta)

@@ -5,10 +5,16 @@
 * Loading never executes pickled code: ``torch.load(..., weights_only=True)`` or safetensors.
 * Loading weights into a model reports every missing, unexpected and mis-shaped key at once.
 
+* Images load through one function, :func:`load_image`, and folders are searched through one,
+  :func:`find_images`, with one list of extensions (torchvision's :data:`IMAGE_EXTENSIONS`).
+
 Checkpoint layout (a ``.pth`` written by :func:`save_checkpoint`): a dict with ``model`` (state dict),
 ``model_name`` and ``model_kwargs`` (to rebuild it with ``timm.create_model``), ``class_names``, and
-whatever training state the caller adds (``optimizer``, ``epoch``, ...). Weights-only exports are
-``.safetensors`` files whose metadata holds ``model_name``, ``model_kwargs`` and ``class_names`` as JSON.
+whatever training state the caller adds (``optimizer``, ``epoch``, ...). A training checkpoint may
+also hold ``model_ema`` (the EMA weights), ``val_metrics`` (``{"raw": {metric: value}, "ema": {...}}``)
+and ``best_metric`` (the metric name, higher is better); :func:`select_weights` picks one set from
+them. Weights-only exports are ``.safetensors`` files whose metadata holds ``model_name``,
+``model_kwargs`` and ``class_names`` (and ``weights``: which set they are) as JSON.
 """
 from __future__ import annotations
 
@@ -26,17 +32,25 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from torchvision.datasets.folder import IMG_EXTENSIONS as IMAGE_EXTENSIONS
+
+from .errors import InputError, MissingFileError, settings_error
+
 PathLike = Union[str, os.PathLike]
+# IMAGE_EXTENSIONS: what find_images looks for in folders (torchvision's ImageFolder list; no .gif,
+# whose files may hold many frames). A file named explicitly loads whatever its extension.
 
 __all__ = [
-    "CheckpointError", "WeightsMismatchError", "LoadReport", "atomic_path", "atomic_write_bytes", "atomic_write_text",
+    "IMAGE_EXTENSIONS", "WEIGHT_CHOICES", "BadImageError", "load_image", "find_images", "resolve_device",
+    "select_weights", "CheckpointError", "WeightsMismatchError", "LoadReport", "atomic_path", "atomic_write_bytes", "atomic_write_text",
     "atomic_write_json", "atomic_savefig", "save_torch", "load_torch", "save_safetensors",
     "load_safetensors", "load_state_dict_file", "load_weights", "save_checkpoint", "read_model_file",
+    "describe_weights",
     "create_model_from_file",
 ]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A weights or checkpoint file that cannot be used (missing, truncated, corrupt, unsafe)."""
 
 
@@ -70,6 +84,68 @@ class LoadReport:
         if self.unexpected:
             lines.append(f"{len(self.unexpected)} keys the model does not have: " + ", ".join(self.unexpected[:limit]))
         return "\n".join(lines)
+
+
+# ---- images and devices --------------------------------------------------------------------------
+
+class BadImageError(InputError):
+    """An image file that cannot be decoded."""
+
+
+def load_image(path: PathLike, mode: str = "RGB") -> Any:
+    """Open and fully decode an image as a PIL image in ``mode`` (``'RGB'``, ``'L'``, ...).
+
+    A missing file is a :class:`~pale.errors.MissingFileError`; anything PIL cannot decode is a
+    :class:`BadImageError`; both name ``path``.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise MissingFileError(f"image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert(mode)
+    except UnidentifiedImageError:
+        raise BadImageError(f"not an image (or an unsupported format): {path}") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise BadImageError(f"cannot read image {path}: {err}") from None
+
+
+def find_images(inputs: Any, what: str = "image or folder", folder: str = "folder") -> List[Path]:
+    """The image files named: files as given, folders searched recursively for
+    :data:`IMAGE_EXTENSIONS` (sorted). A path that does not exist (``what``), or a folder without
+    images (``folder``), is an error naming it."""
+    found: List[Path] = []
+    for item in [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs:
+        p = Path(item)
+        if not p.exists():
+            raise MissingFileError(f"{what} not found: {p}")
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            if not files:
+                raise InputError(f"{folder} {p} holds no images (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+            found += files
+        else:
+            found.append(p)
+    if not found:
+        raise InputError("no images given")
+    return found
+
+
+def resolve_device(device: Union[str, torch.device] = "auto") -> torch.device:
+    """``'auto'``: CUDA when available, else the CPU; otherwise the device named, checked."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"unknown device {device!r}; expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} asked for, but CUDA is not available here (use --device auto or cpu)")
+    return dev
 
 
 # ---- atomic writes -------------------------------------------------------------------------------
@@ -158,7 +234,7 @@ def save_torch(obj: Any, path: PathLike) -> None:
 def _require_file(path: PathLike, what: str) -> Path:
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"{what} not found: {p}")
+        raise MissingFileError(f"{what} not found: {p}")
     if not p.is_file():
         raise CheckpointError(f"{what} is not a file: {p}")
     if p.stat().st_size == 0:
@@ -211,26 +287,112 @@ def load_safetensors(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str,
     return tensors, meta
 
 
-def read_model_file(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+#: ``--weights`` choices: the set that validated better, the EMA weights, the raw (trained) weights.
+WEIGHT_CHOICES = ("best", "ema", "raw")
+
+
+def select_weights(obj: Mapping[str, Any], weights: str = "best",
+                   source: str = "checkpoint") -> Tuple[Dict[str, torch.Tensor], str, str]:
+    """One set of weights from a checkpoint dict: ``(state dict, 'raw' or 'ema', why)``.
+
+    ``obj`` holds ``model`` (raw weights) and, from a training run with EMA, ``model_ema``,
+    ``val_metrics`` (``{"raw": {...}, "ema": {...}}``) and ``best_metric`` (higher is better).
+
+    * ``'raw'`` / ``'ema'``: that set; asking for EMA weights a file does not hold is an error.
+    * ``'best'``: the set whose ``val_metrics[set][best_metric]`` is higher (a tie goes to raw); a
+      checkpoint without ``val_metrics`` uses the last entry of its ``history`` when that entry
+      validated these very weights. With one set only, that one. With both sets but no recorded validation of both, the raw weights:
+      they are what the optimiser trained, while EMA weights of a short run can still sit near the
+      initialisation; the reason then says the choice was not validated.
+    """
+    if weights not in WEIGHT_CHOICES:
+        raise InputError(f"unknown weights {weights!r}; expected one of {', '.join(WEIGHT_CHOICES)}")
+    raw, ema = obj.get("model"), obj.get("model_ema")
+    if not isinstance(raw, Mapping):
+        raise CheckpointError(f"{source} has no model weights (expected a 'model' entry)")
+    has_ema = isinstance(ema, Mapping)
+    if weights == "ema":
+        if not has_ema:
+            raise CheckpointError(f"{source} holds no EMA weights (trained without EMA); use --weights raw or best")
+        return dict(ema), "ema", "EMA weights, as asked"
+    if weights == "raw":
+        return dict(raw), "raw", "raw weights, as asked"
+    if not has_ema:
+        return dict(raw), "raw", "the only weights in the file"
+    metric, scores = obj.get("best_metric"), obj.get("val_metrics")
+    if not isinstance(scores, Mapping):
+        metric, scores = _metrics_from_history(obj)
+    values = {k: (scores.get(k) or {}).get(metric) if isinstance(scores.get(k), Mapping) else None
+              for k in ("raw", "ema")}
+    if metric and all(isinstance(v, (int, float)) for v in values.values()):
+        pick = "ema" if values["ema"] > values["raw"] else "raw"
+        return dict(ema if pick == "ema" else raw), pick, \
+            f"validated better: {metric} {values[pick]:.4g} ({pick}) vs {values['raw' if pick == 'ema' else 'ema']:.4g}"
+    return dict(raw), "raw", ("raw weights chosen without validation: the file records no validation "
+                              "metrics of both sets (pass --weights ema for the EMA weights)")
+
+
+def _metrics_from_history(obj: Mapping[str, Any]) -> Tuple[Optional[str], Dict[str, Dict[str, float]]]:
+    """``(metric, {"raw": {...}, "ema": {...}})`` from the per-epoch ``history`` that checkpoints
+    without ``val_metrics`` keep (``val_<m>`` / ``ema_val_<m>`` keys), when its last entry is the
+    validation of exactly these weights (saved at the end of that epoch)."""
+    history, best = obj.get("history"), obj.get("best")
+    if not (isinstance(history, list) and history and isinstance(history[-1], Mapping) and isinstance(best, Mapping)):
+        return None, {}
+    last = history[-1]
+    if last.get("epoch") != obj.get("epoch") or obj.get("step", 0) != 0:
+        return None, {}
+    metric = str(best.get("metric", "")).removeprefix("ema_val_").removeprefix("val_")
+    return metric, {"raw": {metric: last.get(f"val_{metric}")}, "ema": {metric: last.get(f"ema_val_{metric}")}}
+
+
+def _single_set(state: Dict[str, torch.Tensor], info: Dict[str, Any], weights: str,
+                source: str) -> Tuple[Dict[str, torch.Tensor], str, str]:
+    """A file with one set of weights (a state dict or an export); ``info['weights']`` may say which."""
+    if weights not in WEIGHT_CHOICES:
+        raise InputError(f"unknown weights {weights!r}; expected one of {', '.join(WEIGHT_CHOICES)}")
+    held = info.get("weights") if info.get("weights") in ("raw", "ema") else "raw"
+    if weights not in ("best", held):
+        raise CheckpointError(f"{source} holds one set of weights ({held}), not {weights} ones; "
+                              f"use --weights best or {held}")
+    return state, held, "the only weights in the file"
+
+
+def read_model_file(path: PathLike, weights: str = "best") -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """The model state dict and the description (``model_name``, ``model_kwargs``, ``class_names``,
-    ...) stored in a ``.safetensors`` export or a ``.pth`` checkpoint; EMA weights when present."""
+    ...) stored in a ``.safetensors`` export or a ``.pth`` checkpoint.
+
+    ``weights`` picks the set of a checkpoint holding raw and EMA weights (:func:`select_weights`);
+    the description then has ``weights`` (``'raw'`` or ``'ema'``) and ``weights_reason``.
+    """
     if str(path).endswith(".safetensors"):
-        return load_safetensors(path)
+        state, info = load_safetensors(path)
+        state, which, why = _single_set(state, info, weights, str(path))
+        return state, dict(info, weights=which, weights_reason=why)
     obj = load_torch(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} does not hold a state dict or a checkpoint dict")
     info = {k: v for k, v in obj.items() if k not in ("model", "model_ema", "state_dict", "optimizer",
                                                        "scheduler", "scaler", "rng")}
-    for key in ("model_ema", "model", "state_dict"):
-        if isinstance(obj.get(key), dict):
-            return obj[key], info
-    if all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj, {}
-    raise CheckpointError(f"{path} has no model weights (expected a 'model' or 'state_dict' entry)")
+    if isinstance(obj.get("model"), dict):
+        state, which, why = select_weights(obj, weights, str(path))
+    elif isinstance(obj.get("state_dict"), dict):
+        state, which, why = _single_set(obj["state_dict"], info, weights, str(path))
+    elif obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        state, which, why = _single_set(obj, {}, weights, str(path))
+        info = {}
+    else:
+        raise CheckpointError(f"{path} has no model weights (expected a 'model' or 'state_dict' entry)")
+    return state, dict(info, weights=which, weights_reason=why)
 
 
-def load_state_dict_file(path: PathLike) -> Dict[str, torch.Tensor]:
-    return read_model_file(path)[0]
+def describe_weights(info: Mapping[str, Any]) -> str:
+    """The line commands print about the weights they loaded, e.g. ``weights: ema (validated better: ...)``."""
+    return f"weights: {info.get('weights', 'raw')} ({info.get('weights_reason', 'the only weights in the file')})"
+
+
+def load_state_dict_file(path: PathLike, weights: str = "best") -> Dict[str, torch.Tensor]:
+    return read_model_file(path, weights)[0]
 
 
 def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True,
@@ -266,22 +428,33 @@ def save_checkpoint(path: PathLike, model: nn.Module, model_name: str, model_kwa
     save_torch(obj, path)
 
 
-def create_model_from_file(path: PathLike, strict: bool = True, **overrides: Any) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Rebuild the model a checkpoint or export describes and load its weights.
+def create_model_from_file(path: PathLike, strict: bool = True, weights: str = "best",
+                           **overrides: Any) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Rebuild the Pale classifier a checkpoint or export describes and load its weights
+    (``weights``: see :func:`read_model_file`).
 
-    Returns the model (in eval mode) and the file's description (``class_names`` etc.).
+    Returns the model (in eval mode) and the file's description (``class_names``, ``weights`` etc.).
+    A checkpoint of another task (``pale seg train``, ``pale det train``) is refused by name.
     """
     import timm
 
-    import pale  # noqa: F401  (registers the models)
+    from . import register_models
 
-    state_dict, info = read_model_file(path)
+    register_models()
+    state_dict, info = read_model_file(path, weights)
+    task = info.get("task")
+    if task not in (None, "classification"):
+        raise CheckpointError(f"{path} is a {task} checkpoint ({info.get('model_name')}); "
+                              f"use `pale {'seg' if task == 'segmentation' else 'det'}` commands with it")
     name = info.get("model_name")
     if not name:
         raise CheckpointError(f"{path} does not say which model it holds (no 'model_name'); "
                               f"build the model yourself and use pale.io.load_weights")
+    if not timm.is_model(name):
+        raise CheckpointError(f"{path} holds a {name!r}, which is not a model timm knows")
     kwargs = dict(info.get("model_kwargs") or {}, **overrides)
-    model = timm.create_model(name, **kwargs)
+    with settings_error(f"{path}: cannot build {name} from its stored settings"):
+        model = timm.create_model(name, **kwargs)
     report = load_weights(model, state_dict, strict=strict, source=str(path))
     if not report.ok:
         warnings.warn(f"{path}: loaded the weights that fit; left out:\n{report.describe()}", stacklevel=2)

@@ -7,18 +7,16 @@ Preprocessing is the checkpoint's own when it stores one, else the model's pretr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
 from . import io as pio
+from .errors import InputError
 
-__all__ = ["IMAGE_EXTENSIONS", "Classifier", "resolve_preprocessing", "load_classifier", "find_images",
-           "load_image", "predict", "format_table"]
+__all__ = ["Classifier", "resolve_preprocessing", "load_classifier", "predict", "format_table"]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 _PREPROC_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 
 
@@ -31,6 +29,7 @@ class Classifier:
     data_config: Dict[str, Any]
     transform: Callable[[Any], torch.Tensor]
     source: str
+    info: Dict[str, Any]
 
     @property
     def in_chans(self) -> int:
@@ -57,12 +56,12 @@ def resolve_preprocessing(info: Mapping[str, Any], model: nn.Module) -> Dict[str
 
     Looked up key by key, first found wins: the checkpoint's ``data_config`` (what ``pale train``
     resolved), the ``data`` section of its recipe (``config``), then the model's ``pretrained_cfg``
-    through ``timm.data.resolve_data_config``. Entries of the wrong type are ignored. The channel
+    through ``timm.data.resolve_model_data_config``. Entries of the wrong type are ignored. The channel
     count is always the model's ``in_chans``; mean and std of another length are an error.
     """
-    from timm.data import resolve_data_config
+    from timm.data import resolve_model_data_config
 
-    base = resolve_data_config({}, model=model)
+    base = resolve_model_data_config(model)
     layers = [info.get("data_config") if isinstance(info.get("data_config"), Mapping) else {},
               _from_recipe(info.get("config"))]
     cfg: Dict[str, Any] = {}
@@ -79,7 +78,7 @@ def resolve_preprocessing(info: Mapping[str, Any], model: nn.Module) -> Dict[str
     try:
         h, w = int(size[-2]), int(size[-1])
     except (TypeError, ValueError, IndexError):
-        raise ValueError(f"stored input_size {size!r} is not (C, H, W)") from None
+        raise InputError(f"stored input_size {size!r} is not (C, H, W)") from None
     cfg["input_size"] = (in_chans, h, w)
     for key in ("mean", "std"):
         value = cfg[key]
@@ -87,69 +86,38 @@ def resolve_preprocessing(info: Mapping[str, Any], model: nn.Module) -> Dict[str
         if len(value) == 1:
             value = value * in_chans
         if len(value) != in_chans:
-            raise ValueError(f"stored {key} {value} has {len(value)} entries, the model takes {in_chans} channels")
+            raise InputError(f"stored {key} {value} has {len(value)} entries, the model takes {in_chans} channels")
         cfg[key] = value
     cfg["crop_pct"] = float(cfg.get("crop_pct") or 1.0)
     cfg.setdefault("crop_mode", "center")
     return cfg
 
 
-def load_classifier(checkpoint: pio.PathLike, device: str = "cpu", strict: bool = True) -> Classifier:
-    """Rebuild the classifier a checkpoint (``.pth``) or export (``.safetensors``) describes."""
+def load_classifier(checkpoint: pio.PathLike, device: str = "auto", strict: bool = True,
+                    weights: str = "best") -> Classifier:
+    """Rebuild the classifier a checkpoint (``.pth``) or export (``.safetensors``) describes
+    (``weights``: :func:`pale.io.select_weights`; ``device``: :func:`pale.io.resolve_device`)."""
     from timm.data import create_transform
 
-    model, info = pio.create_model_from_file(checkpoint, strict=strict)
+    model, info = pio.create_model_from_file(checkpoint, strict=strict, weights=weights)
     names = info.get("class_names")
     if not names:
-        raise ValueError(f"{checkpoint} stores no class names: save it with "
+        raise InputError(f"{checkpoint} stores no class names: save it with "
                          f"pale.io.save_checkpoint(..., class_names=[...]) (pale train does)")
     num_classes = getattr(model, "num_classes", len(names))
     if len(names) != num_classes:
-        raise ValueError(f"{checkpoint} stores {len(names)} class names for a model with {num_classes} classes")
+        raise InputError(f"{checkpoint} stores {len(names)} class names for a model with {num_classes} classes")
     cfg = resolve_preprocessing(info, model)
     transform = create_transform(cfg["input_size"], is_training=False, interpolation=cfg["interpolation"],
                                  mean=cfg["mean"], std=cfg["std"], crop_pct=cfg["crop_pct"],
                                  crop_mode=cfg["crop_mode"])
-    return Classifier(model.to(device).eval(), [str(n) for n in names], cfg, transform, str(checkpoint))
-
-
-def find_images(inputs: Iterable[pio.PathLike]) -> List[Path]:
-    """The image files named: files as given, folders searched recursively for image extensions
-    (sorted). A path that does not exist, or a folder without images, is an error naming it."""
-    found: List[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if not p.exists():
-            raise FileNotFoundError(f"image or folder not found: {p}")
-        if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
-            if not files:
-                raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {p}")
-            found += files
-        else:
-            found.append(p)
-    if not found:
-        raise ValueError("no images given")
-    return found
-
-
-def load_image(path: pio.PathLike, channels: int = 3):
-    """Open an image as a PIL image with ``channels`` channels (RGB, or L for 1); a clear error otherwise."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("L" if channels == 1 else "RGB")
-    except UnidentifiedImageError:
-        raise ValueError(f"not an image (or an unsupported format): {path}") from None
-    except (OSError, SyntaxError) as err:
-        raise ValueError(f"cannot read image {path}: {err}") from None
+    return Classifier(model.to(pio.resolve_device(device)).eval(), [str(n) for n in names], cfg, transform,
+                      str(checkpoint), info)
 
 
 @torch.no_grad()
 def predict(classifier: Classifier, paths: Sequence[pio.PathLike], topk: int = 5, batch_size: int = 16,
-            progress: bool = True, skip_bad: bool = False) -> Dict[str, Any]:
+            show_progress: bool = True, skip_bad: bool = False) -> Dict[str, Any]:
     """Top-k predictions for every image.
 
     Returns:
@@ -157,23 +125,26 @@ def predict(classifier: Classifier, paths: Sequence[pio.PathLike], topk: int = 5
         "skipped": [{"path", "error"}, ...]}`` in the order of ``paths``; probabilities are softmax
         outputs, sorted, largest first. Unreadable images raise unless ``skip_bad``.
     """
-    from tqdm import tqdm
+    from .progress import progress
 
     if topk < 1:
-        raise ValueError(f"topk must be >= 1, got {topk}")
+        raise InputError(f"topk must be >= 1, got {topk}")
+    if batch_size < 1:
+        raise InputError(f"batch size must be >= 1, got {batch_size}")
     k = min(topk, len(classifier.class_names))
     device = next(classifier.model.parameters()).device
     predictions: List[Dict[str, Any]] = []
     skipped: List[Dict[str, str]] = []
-    bar = tqdm(total=len(paths), unit="img", desc="predict", disable=not progress or len(paths) <= 1)
+    bar = progress(total=len(paths), unit="images", desc="predict", enabled=show_progress and len(paths) > 1)
     try:
         for start in range(0, len(paths), batch_size):
             chunk, tensors = [], []
             for p in paths[start:start + batch_size]:
                 try:
-                    tensors.append(classifier.transform(load_image(p, classifier.in_chans)))
+                    image = pio.load_image(p, "L" if classifier.in_chans == 1 else "RGB")
+                    tensors.append(classifier.transform(image))
                     chunk.append(p)
-                except ValueError as err:
+                except pio.BadImageError as err:
                     if not skip_bad:
                         raise
                     skipped.append(dict(path=str(p), error=str(err)))
@@ -186,8 +157,8 @@ def predict(classifier: Classifier, paths: Sequence[pio.PathLike], topk: int = 5
             bar.update(len(paths[start:start + batch_size]))
     finally:
         bar.close()
-    return dict(checkpoint=classifier.source, data_config=_jsonable(classifier.data_config),
-                predictions=predictions, skipped=skipped)
+    return dict(checkpoint=classifier.source, weights=classifier.info.get("weights"),
+                data_config=_jsonable(classifier.data_config), predictions=predictions, skipped=skipped)
 
 
 def _jsonable(cfg: Mapping[str, Any]) -> Dict[str, Any]:

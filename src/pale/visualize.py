@@ -24,6 +24,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import io as pio
+from .errors import InputError
 
 __all__ = ["TWO_BRANCH_MODES", "branch_channels", "group_masks", "receptive_field", "RFLayout",
            "RF_COLORS", "render_receptive_fields", "token_attention", "StageAttention",
@@ -83,7 +84,7 @@ def group_masks(layer: nn.Module, h: int, w: int, token: Tuple[int, int]) -> Dic
 def _check_token(token: Sequence[int], h: int, w: int, what: str = "map") -> Tuple[int, int]:
     ty, tx = int(token[0]), int(token[1])
     if not (0 <= ty < h and 0 <= tx < w):
-        raise ValueError(f"token ({ty}, {tx}) is outside the {h}x{w} {what}")
+        raise InputError(f"token ({ty}, {tx}) is outside the {h}x{w} {what}")
     return ty, tx
 
 
@@ -268,15 +269,18 @@ def stage_attention(model: nn.Module, image: Tensor, token: Tuple[float, float],
         block: which block of each stage (Python index; -1 = last).
     """
     if image.ndim != 4 or image.shape[0] != 1:
-        raise ValueError(f"expected one preprocessed image of shape (1, C, H, W), got {tuple(image.shape)}")
+        raise InputError(f"expected one preprocessed image of shape (1, C, H, W), got {tuple(image.shape)}")
     size = tuple(image.shape[-2:])
     _check_token(token, *size, what="image")
     stages = getattr(model, "stages", None)
     if stages is None or not all(hasattr(getattr(st, "blocks", [None])[0], "attn") for st in stages):
-        raise ValueError(f"{type(model).__name__} is not a Pale Transformer (no stages[i].blocks[j].attn)")
+        raise InputError(f"{type(model).__name__} is not a Pale Transformer (no stages[i].blocks[j].attn)")
     captured: Dict[int, Tuple[nn.Module, int, Tensor]] = {}
     hooks = []
     for i, stage in enumerate(model.stages):
+        if not -len(stage.blocks) <= block < len(stage.blocks):
+            raise InputError(f"block {block} does not exist: stage {i + 1} has {len(stage.blocks)} block(s) "
+                             f"(valid: {-len(stage.blocks)}..{len(stage.blocks) - 1})")
         j = range(len(stage.blocks))[block]
         attn = stage.blocks[j].attn
         hooks.append(attn.register_forward_pre_hook(
@@ -292,7 +296,7 @@ def stage_attention(model: nn.Module, image: Tensor, token: Tuple[float, float],
         grid = tuple(x.shape[1:3])
         gt = _token_on_grid(token, size, grid)
         weights = token_attention(layer, x, gt).mean(0)
-        result.append(StageAttention(i, j, layer.mode, gt, weights.float().numpy()))
+        result.append(StageAttention(i, j, layer.mode, gt, weights.float().cpu().numpy()))
     return result
 
 

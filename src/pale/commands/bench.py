@@ -11,6 +11,8 @@ import json
 import sys
 from typing import List, Tuple
 
+from ..errors import InputError
+
 DEFAULT_MODELS = ["pale_tiny", "swin_tiny_patch4_window7_224", "convnext_tiny", "deit_small_patch16_224"]
 
 
@@ -64,9 +66,9 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.warmup < 1 or args.repeats < 1:
-        raise ValueError(f"--warmup and --repeats must be >= 1, got {args.warmup} and {args.repeats}")
+        raise InputError(f"--warmup and --repeats must be >= 1, got {args.warmup} and {args.repeats}")
     if any(b < 1 for b in args.batch_size):
-        raise ValueError(f"batch sizes must be >= 1, got {args.batch_size}")
+        raise InputError(f"batch sizes must be >= 1, got {args.batch_size}")
     log = (lambda s: None) if args.quiet else (lambda s: print(f"[bench] {s}", file=sys.stderr, flush=True))
     info = machine_info()
     log(f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}, load average {info['loadavg']}")

@@ -14,14 +14,14 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Tuple
 
-import torch
+from ..errors import InputError
 
-from ..complexity import (PAPER_TABLES, AnalyticCost, ComparisonRow, PaleConfig, analytic_cost, compare_paper,
-                          global_attention_macs, global_model_macs, measure_cost, pale_attention_macs, parameters_on_meta,
-                          relative_difference, stage_sizes)
-from ..io import atomic_savefig, atomic_write_text
+if TYPE_CHECKING:  # the command imports torch only when it runs, so `pale --help` stays fast
+    import torch
+
+    from ..complexity import AnalyticCost, ComparisonRow
 
 Pair = Tuple[int, int]
 MODES = ("parallel", "sequential", "vanilla", "axial", "cross_shaped")
@@ -42,9 +42,11 @@ def _ceil_to(x: int, s: int) -> int:
 
 
 def _check(what: str, measured: int, analytic: int) -> float:
+    from ..complexity import relative_difference
+
     diff = relative_difference(measured, analytic)
     if diff > TOLERANCE:
-        raise ValueError(f"{what}: measured {measured} and analytic {analytic} multiply-adds differ by "
+        raise InputError(f"{what}: measured {measured} and analytic {analytic} multiply-adds differ by "
                          f"{100 * diff:.2f}% (> {100 * TOLERANCE:.0f}%)")
     return diff
 
@@ -66,10 +68,18 @@ def _two_way_padded(cost: AnalyticCost) -> int:
 
 # ---- timing -------------------------------------------------------------------------------------
 
-@torch.inference_mode()
 def time_forward(models: Dict[str, torch.nn.Module], sides: Sequence[int], repeats: int) -> Dict[str, List[float]]:
     """Best-of-``repeats`` seconds of a batch-1 forward pass per model and side. Models take turns
     (round-robin) after one warm-up pass each, so a burst of load from other jobs hits all of them."""
+    import torch
+
+    with torch.inference_mode():
+        return _time_forward(models, sides, repeats)
+
+
+def _time_forward(models: Dict[str, torch.nn.Module], sides: Sequence[int], repeats: int) -> Dict[str, List[float]]:
+    import torch
+
     best: Dict[str, List[float]] = {name: [] for name in models}
     for side in sides:
         x = torch.randn(1, 3, side, side)
@@ -89,6 +99,8 @@ def time_forward(models: Dict[str, torch.nn.Module], sides: Sequence[int], repea
 # ---- report -------------------------------------------------------------------------------------
 
 def _paper_table_md(rows: Sequence[ComparisonRow]) -> List[str]:
+    from ..complexity import PAPER_TABLES
+
     out: List[str] = []
     table = None
     for row in rows:
@@ -100,7 +112,7 @@ def _paper_table_md(rows: Sequence[ComparisonRow]) -> List[str]:
                     "|---|---|---|---|---|---|---|---|---|"]
         diff = _check(f"Table {table} {row.paper.label}", row.measured_macs, row.analytic_macs)
         if row.measured_params != row.analytic_params:
-            raise ValueError(f"Table {table} {row.paper.label}: measured params {row.measured_params} != "
+            raise InputError(f"Table {table} {row.paper.label}: measured params {row.measured_params} != "
                              f"analytic {row.analytic_params}")
         out.append(f"| {row.paper.label} | {row.paper.params / 1e6:.0f}M | {_m(row.analytic_params)} | "
                    f"{_m(row.measured_params)} | {row.paper.macs / 1e9:.1f}G | {_g(row.analytic_macs)} | "
@@ -115,6 +127,12 @@ def build_report(sides: Sequence[int], repeats: int, threads: int, count_device:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import timm
+    import torch
+
+    from ..complexity import (PaleConfig, analytic_cost, compare_paper, global_attention_macs, global_model_macs,
+                              measure_cost, pale_attention_macs, parameters_on_meta, relative_difference,
+                              stage_sizes)
+    from ..io import atomic_savefig
 
     import pale  # noqa: F401
 
@@ -315,10 +333,12 @@ def build_report(sides: Sequence[int], repeats: int, threads: int, count_device:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..io import atomic_write_text
+
     if args.repeats < 1 or args.threads < 1:
-        raise ValueError("--repeats and --threads must be >= 1")
+        raise InputError("--repeats and --threads must be >= 1")
     if not args.sides or min(args.sides) < 32:
-        raise ValueError(f"--sides must be input sides of at least 32 pixels, got {args.sides}")
+        raise InputError(f"--sides must be input sides of at least 32 pixels, got {args.sides}")
     out = Path(args.out)
     plot_path = out.with_suffix(".png")
     text = build_report(args.sides, args.repeats, args.threads, args.count_device, plot_path.name, plot_path)

@@ -5,6 +5,8 @@ import argparse
 import os
 import sys
 
+from ._options import nonnegative_int, positive_int
+
 
 def _passive_openmp() -> None:
     """Re-start this command with OMP_WAIT_POLICY=PASSIVE unless the user chose a policy.
@@ -38,9 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="train a small Pale on real handwritten digits (a few minutes on CPU)")
     p.add_argument("--output", "-o", default="runs/demo", help="run folder (default runs/demo)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key of the demo_digits recipe")
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--epochs", type=positive_int)
     p.add_argument("--seed", type=int, help="training seed (default: the recipe's, 0); the data split stays the same")
     p.add_argument("--device", help="auto, cpu, cuda")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"])
-    p.add_argument("--workers", type=int)
+    p.add_argument("--workers", type=nonnegative_int)
     p.set_defaults(func=run)

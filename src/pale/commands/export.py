@@ -1,20 +1,26 @@
-"""``pale export MODEL --checkpoint FILE --format onnx|safetensors``: files for deployment."""
+"""``pale export -c CHECKPOINT -o FILE [--format onnx|safetensors]``: files for deployment."""
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+from ._options import add_checkpoint, add_weights, positive_float, positive_int
 
 
 def run(args: argparse.Namespace) -> int:
     from .. import export as ex
+    from ..io import describe_weights
 
-    model, info = ex.load_model_for_export(args.model, args.checkpoint)
-    out = Path(args.output) if args.output else Path(f"{args.model}.{args.format}")
+    model, info = ex.load_model_for_export(args.model, args.checkpoint, args.weights)
+    name = info["model_name"]
+    print(describe_weights(info), file=sys.stderr)
+    out = Path(args.output) if args.output else Path(f"{name}.{args.format}")
     if args.format == "safetensors":
         ex.export_safetensors(model, info, out)
-        print(f"wrote {out} (weights of {args.model}; metadata: model_name, model_kwargs, class_names"
-              f"{', data_config' if info.get('data_config') else ''})")
+        print(f"wrote {out} ({info['weights']} weights of {name}; metadata: model_name, model_kwargs, class_names, "
+              f"weights{', data_config' if info.get('data_config') else ''})")
         return 0
 
     from ..predict import resolve_preprocessing
@@ -22,8 +28,8 @@ def run(args: argparse.Namespace) -> int:
     data_config = resolve_preprocessing(info, model)
     default_size = tuple(data_config["input_size"][1:])
     check_sizes = [tuple(s) for s in args.check_size] if args.check_size else [default_size, (97, 131)]
-    meta = dict(model_name=info.get("model_name", args.model), model_kwargs=info.get("model_kwargs") or {},
-                class_names=info.get("class_names"),
+    meta = dict(model_name=name, model_kwargs=info.get("model_kwargs") or {},
+                class_names=info.get("class_names"), weights=info.get("weights"),
                 data_config={k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()})
     result = ex.export_onnx(
         model, out, exporter=args.exporter, opset=args.opset,
@@ -35,8 +41,8 @@ def run(args: argparse.Namespace) -> int:
                               trace_size=list(trace_size), dynamic=not args.static,
                               checks=[c.as_dict() for c in checks], failed=result.failed), indent=2))
         return 0
-    for name, why in result.failed.items():
-        print(f"{name} exporter failed: {why}")
+    for exporter, why in result.failed.items():
+        print(f"{exporter} exporter failed: {why}")
     axes = "dynamic batch, height and width" if not args.static else f"fixed size {trace_size[0]}x{trace_size[1]}"
     print(f"wrote {out} ({result.exporter} exporter, opset {result.opset}, {axes}; traced at "
           f"{trace_size[0]}x{trace_size[1]})")
@@ -49,20 +55,22 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="export a model to ONNX (dynamic sizes, checked) or safetensors weights")
-    p.add_argument("model", help="model name, e.g. pale_tiny (must match the checkpoint's)")
-    p.add_argument("--checkpoint", "-c", help="a .pth checkpoint or .safetensors export (default: fresh weights)")
+    p.add_argument("model", nargs="?", help="model name, e.g. pale_tiny: optional with a checkpoint that records it "
+                   "(then it must match); without a checkpoint, the model with fresh weights")
+    add_checkpoint(p, "a .pth checkpoint or .safetensors export", required=False)
+    add_weights(p)
     p.add_argument("--format", "-f", choices=["onnx", "safetensors"], default="onnx")
-    p.add_argument("--output", "-o", help="output file (default MODEL.FORMAT)")
+    p.add_argument("--output", "-o", metavar="FILE", help="output file (default MODEL.FORMAT)")
     p.add_argument("--exporter", choices=["auto", "legacy", "dynamo"], default="auto",
                    help="ONNX exporter: legacy TorchScript trace, torch.export, or auto (default: legacy, "
                         "then dynamo if legacy fails; docs/deploy.md)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17; dynamo uses at least 18)")
+    p.add_argument("--opset", type=positive_int, default=17, help="ONNX opset (default 17; dynamo uses at least 18)")
     p.add_argument("--static", action="store_true", help="fixed input size instead of dynamic batch/height/width")
-    p.add_argument("--trace-size", type=int, nargs=2, metavar=("H", "W"),
+    p.add_argument("--trace-size", type=positive_int, nargs=2, metavar=("H", "W"),
                    help="example size for the trace (default: one at which every attention layer pads)")
-    p.add_argument("--check-size", type=int, nargs=2, action="append", metavar=("H", "W"),
+    p.add_argument("--check-size", type=positive_int, nargs=2, action="append", metavar=("H", "W"),
                    help="check onnxruntime against PyTorch at this size (repeatable; "
                         "default: the model's input size and 97x131, plus the trace size)")
-    p.add_argument("--rtol", type=float, default=1e-4, help="largest allowed max|onnx-torch|/max|torch| (default 1e-4)")
+    p.add_argument("--rtol", type=positive_float, default=1e-4, help="largest allowed max|onnx-torch|/max|torch| (default 1e-4)")
     p.add_argument("--json", action="store_true", help="print the checks as JSON")
     p.set_defaults(func=run)

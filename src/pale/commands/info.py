@@ -2,7 +2,7 @@
 ``pale info --compare-paper``: one table of the paper's Tables 1-4 and 7-9 next to our analytic and
 measured values (:mod:`pale.conformance`).
 
-What is counted is chosen by ``--kind`` from :data:`MODEL_KINDS` (name -> :class:`ModelKind`). To add
+What is counted is chosen by ``--kind`` from :func:`model_kinds` (name -> :class:`ModelKind`). To add
 a full model (a segmenter, a detector), add one entry: how to build it from a backbone name and
 constructor overrides, its default input size, and, if it takes something other than one
 ``(1, 3, H, W)`` tensor, how to make its input.
@@ -14,14 +14,22 @@ import contextlib
 import json
 import functools
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
 
-import torch.nn as nn
+from ._options import positive_int
 
-from ..complexity import AnalyticCost, ModelCost, PaleConfig, analytic_cost, measure_cost, parameters_on_meta
-from ..conformance import TABLES, conformance_rows, format_conformance
+if TYPE_CHECKING:
+    import torch.nn as nn
+
+    from ..complexity import AnalyticCost, ModelCost
 
 Pair = Tuple[int, int]
+#: ``--kind`` choices, known without importing torch (:func:`model_kinds` builds them on use)
+KIND_HELP = {"classifier": "the ImageNet classifier (backbone + head)",
+             "upernet": "UperNet + Pale (ADE20K's 150 classes), as the paper counts it",
+             "maskrcnn": "Mask R-CNN + Pale (COCO's 80 classes), as the paper counts it"}
+#: ``--table`` choices (pale.conformance.TABLES, known without importing torch; a test checks they agree)
+PAPER_TABLE_NAMES = ("1", "2", "3", "4", "7", "8", "9")
 
 
 @dataclass(frozen=True)
@@ -48,24 +56,21 @@ def _build_classifier(name: str, overrides: Dict[str, Any]) -> nn.Module:
 
 
 def _classifier_analytic(name: str, overrides: Dict[str, Any], img_size: Pair) -> AnalyticCost:
+    from ..complexity import PaleConfig, analytic_cost
+
     return analytic_cost(PaleConfig.from_model_name(name, **overrides), img_size)
 
 
-MODEL_KINDS: Dict[str, ModelKind] = {
-    "classifier": ModelKind(_build_classifier, (224, 224), "the ImageNet classifier (backbone + head)",
-                            analytic=_classifier_analytic),
-}
-
-
-def _add_dense_kinds() -> None:
-    """UperNet and Mask R-CNN (pale.dense.cost builds them lazily, so this imports no dense libraries)."""
+@functools.lru_cache(maxsize=None)
+def model_kinds() -> Dict[str, ModelKind]:
+    """What ``--kind`` counts: the classifier, and UperNet and Mask R-CNN from :mod:`pale.dense.cost`."""
     from ..dense.cost import dense_model_kinds, paper_note
 
+    kinds = {"classifier": ModelKind(_build_classifier, (224, 224), KIND_HELP["classifier"],
+                                     analytic=_classifier_analytic)}
     for name, kind in dense_model_kinds(ModelKind).items():
-        MODEL_KINDS[name] = replace(kind, paper_note=functools.partial(paper_note, name))
-
-
-_add_dense_kinds()
+        kinds[name] = replace(kind, paper_note=functools.partial(paper_note, name))
+    return kinds
 
 
 def _human(n: Optional[float], digits: int = 2) -> str:
@@ -109,27 +114,41 @@ def model_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..complexity import measure_cost, parameters_on_meta
+    from ..errors import InputError, settings_error
+
     if args.compare_paper:
+        from ..conformance import conformance_rows, format_conformance
+
         if args.model is not None:
-            raise ValueError(f"--compare-paper covers Pale-T/S/B and the paper's dense models itself; "
+            raise InputError(f"--compare-paper covers Pale-T/S/B and the paper's dense models itself; "
                              f"give no MODEL (got {args.model!r})")
-        rows = conformance_rows(args.table or TABLES, measure=not args.no_measure)
+        rows = conformance_rows(args.table or PAPER_TABLE_NAMES, measure=not args.no_measure)
         if args.json:
             print(json.dumps([dict(asdict(r), ratio=r.ratio, agrees=r.agrees) for r in rows], indent=2))
         else:
             print(format_conformance(rows))
         return 0
     if args.model is None:
-        raise ValueError("pale info needs a MODEL (e.g. pale_tiny), or --compare-paper")
-    kind = MODEL_KINDS[args.kind]
+        raise InputError("pale info needs a MODEL (e.g. pale_tiny), or --compare-paper")
+    if not args.model.startswith("pale_"):
+        raise InputError(f"pale info counts Pale models (pale_tiny, pale_small, pale_base), not {args.model!r}")
+    kind = model_kinds()[args.kind]
     kwargs = model_kwargs(args)
     img_size = tuple(args.img_size) if args.img_size else kind.default_img_size
-    if min(img_size) < 1:
-        raise ValueError(f"--img-size must be positive, got {img_size}")
-    analytic = kind.analytic(args.model, kwargs, img_size) if kind.analytic else None
-    with parameters_on_meta() if args.meta else contextlib.nullcontext():
-        model = kind.build(args.model, kwargs)
-    cost = measure_cost(model, img_size, make_input=kind.make_input)
+    with settings_error(f"{args.model} with {kwargs or 'its defaults'}"):
+        analytic = kind.analytic(args.model, kwargs, img_size) if kind.analytic else None
+        with parameters_on_meta() if args.meta else contextlib.nullcontext():
+            model = kind.build(args.model, kwargs)
+    try:
+        cost = measure_cost(model, img_size, make_input=kind.make_input)
+    except NotImplementedError as err:
+        if not args.meta:
+            raise
+        # e.g. Mask R-CNN's RoI selection (torch.nonzero): its output shape depends on values
+        raise InputError(f"--meta cannot count the {args.kind}: it runs an operator whose output shape depends on "
+                         f"values, which the meta device does not have ({str(err).split('.')[0]}); "
+                         f"run without --meta") from None
     if args.json:
         out = dict(model=args.model, kind=args.kind, settings=kwargs, img_size=list(img_size),
                    params=cost.params, macs=cost.macs, params_by_part=cost.params_by_part,
@@ -155,19 +174,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "and from the analytic model of pale.complexity. --compare-paper prints the paper's "
                     "Tables 1-4 and 7-9 next to both, with a reason for every value more than 2% off.")
     p.add_argument("model", nargs="?", help="a timm model name, e.g. pale_tiny")
-    p.add_argument("--kind", default="classifier", choices=sorted(MODEL_KINDS),
+    p.add_argument("--kind", default="classifier", choices=sorted(KIND_HELP),
                    help="which model around the backbone to count: " + "; ".join(
-                       f"{name}: {kind.help}" for name, kind in sorted(MODEL_KINDS.items())))
-    p.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the kind's)")
+                       f"{name}: {text}" for name, text in sorted(KIND_HELP.items())))
+    p.add_argument("--img-size", type=positive_int, nargs=2, metavar=("H", "W"), help="input size (default: the kind's)")
     p.add_argument("--attn-mode", help="attention mode (parallel, sequential, vanilla, axial, cross_shaped)")
     p.add_argument("--pos-embed", help="position encoding (cpe, ape, none)")
-    p.add_argument("--pale-size", type=int, help="pale size for every stage")
+    p.add_argument("--pale-size", type=positive_int, help="pale size for every stage")
     p.add_argument("--compare-paper", action="store_true",
                    help="one table, paper / analytic / measured: Table 1 (Pale-T/S/B), params and FLOPs of "
                         "Pale-T/S/B (Table 2), UperNet and Mask R-CNN (Tables 3, 4), and Tables 7-9 in all "
                         "three columns (ImageNet 224, ADE20K 512x2048, COCO 1280x800); models are counted on "
                         "the meta device")
-    p.add_argument("--table", action="append", choices=TABLES,
+    p.add_argument("--table", action="append", choices=PAPER_TABLE_NAMES,
                    help="with --compare-paper: only this table of the paper (repeatable)")
     p.add_argument("--no-measure", action="store_true",
                    help="with --compare-paper: analytic values only (the dense decoders are still measured once)")

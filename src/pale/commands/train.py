@@ -5,6 +5,9 @@ import argparse
 from pathlib import Path
 from typing import List
 
+from ..errors import MissingFileError
+from ._options import nonnegative_int, positive_int
+
 
 def overrides_from_args(args: argparse.Namespace) -> List[str]:
     """The shortcut options as recipe overrides, before the explicit ``--set`` ones."""
@@ -40,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     if resume == "":  # bare --resume: the run in the output folder
         resume = out
     if resume not in (None, "auto") and not Path(resume).exists():
-        raise FileNotFoundError(f"checkpoint to resume not found: {resume}")
+        raise MissingFileError(f"checkpoint to resume not found: {resume}")
     summary = train(args.recipe, overrides, out, resume=resume, dry_run=args.dry_run)
     best = summary.get("best") or {}
     if best:
@@ -60,11 +63,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set optim.lr_base=5e-4 --set model.kwargs.pale_size=[7,7] "
                         "(repeatable)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="total batch size over all processes and accumulation steps")
+    p.add_argument("--epochs", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int, help="total batch size over all processes and accumulation steps")
     p.add_argument("--device", help="auto, cpu, cuda")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"])
-    p.add_argument("--workers", type=int, help="data loader processes per training process")
+    p.add_argument("--workers", type=nonnegative_int, help="data loader processes per training process")
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT|auto",
                    help="continue a run exactly: from CHECKPOINT (a file or run folder; default: the newest "

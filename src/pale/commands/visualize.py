@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+from ._options import add_checkpoint, add_device, add_weights, nonnegative_int, positive_int
 
 
 def run_receptive_field(args: argparse.Namespace) -> int:
@@ -15,11 +18,14 @@ def run_receptive_field(args: argparse.Namespace) -> int:
     h, w = args.size
     token = tuple(args.token) if args.token else (h // 2, w // 2)
     modes = args.mode or list(ATTN_MODES)
+    from ..errors import settings_error
+
     fields = {}
     for mode in modes:
-        layer = PSAttention(args.dim, args.heads, pale_size=args.pale_size, mode=mode,
-                            direction=args.direction if mode == "sequential" else None,
-                            stripe_width=args.stripe_width)
+        with settings_error(f"--dim {args.dim} --heads {args.heads} ({mode})"):
+            layer = PSAttention(args.dim, args.heads, pale_size=args.pale_size, mode=mode,
+                                direction=args.direction if mode == "sequential" else None,
+                                stripe_width=args.stripe_width)
         label = f"{mode} ({args.direction})" if mode == "sequential" else mode
         fields[label] = receptive_field(layer, (h, w), token)
     picture = render_receptive_fields(fields, token, cell=args.cell)
@@ -39,19 +45,22 @@ def run_attention(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from ..predict import load_image, resolve_preprocessing
     from .. import io as pio
+    from ..errors import InputError
+    from ..predict import resolve_preprocessing
     from ..visualize import render_attention_overlay, stage_attention
 
-    model, info = pio.create_model_from_file(args.checkpoint)
+    img = pio.load_image(args.image)  # checked before the model is built
+    device = pio.resolve_device(args.device)
+    model, info = pio.create_model_from_file(args.checkpoint, weights=args.weights)
+    print(pio.describe_weights(info), file=sys.stderr)
     cfg = resolve_preprocessing(info, model)
-    if not Path(args.image).exists():
-        raise FileNotFoundError(f"image not found: {args.image}")
-    img = load_image(args.image, cfg["input_size"][0])
+    if cfg["input_size"][0] == 1:
+        img = img.convert("L")
     iw, ih = img.size
     ty, tx = args.token
     if not (0 <= ty < ih and 0 <= tx < iw):
-        raise ValueError(f"--token {ty} {tx} is outside the {ih}x{iw} image {args.image}")
+        raise InputError(f"--token {ty} {tx} is outside the {ih}x{iw} image {args.image}")
     # The whole image, shorter side resized to the model's input size (no crop), normalised.
     short = args.short_side or min(cfg["input_size"][1:])
     scale = short / min(ih, iw)
@@ -62,7 +71,7 @@ def run_attention(args: argparse.Namespace) -> int:
     arr = arr[..., None] if arr.ndim == 2 else arr
     x = (torch.from_numpy(arr).permute(2, 0, 1) - torch.tensor(cfg["mean"]).view(-1, 1, 1)) \
         / torch.tensor(cfg["std"]).view(-1, 1, 1)
-    maps = stage_attention(model, x[None], (ty * rh / ih, tx * rw / iw), block=args.block)
+    maps = stage_attention(model.to(device), x[None].to(device), (ty * rh / ih, tx * rw / iw), block=args.block)
     out = Path(args.output)
     size = render_attention_overlay(np.asarray(img), maps, (ty, tx), out,
                                     title=f"{Path(args.image).name}: attention of pixel ({ty}, {tx}), head average")
@@ -75,27 +84,29 @@ def run_attention(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("visualize", help="pictures of PS-attention: receptive fields, attention maps")
-    sub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
+    sub = p.add_subparsers(dest="action", metavar="WHAT", required=True)
 
     rf = sub.add_parser("receptive-field", help="tokens one attention layer reaches from a reference token, per mode")
     rf.add_argument("--mode", action="append", choices=["parallel", "sequential", "vanilla", "axial", "cross_shaped"],
                     help="mode to draw (repeatable; default all five side by side)")
-    rf.add_argument("--size", type=int, nargs=2, default=(12, 12), metavar=("H", "W"), help="map size (default 12 12)")
-    rf.add_argument("--token", type=int, nargs=2, metavar=("Y", "X"), help="reference token (default the centre)")
-    rf.add_argument("--pale-size", type=int, default=3, help="pale size for parallel/sequential/vanilla (default 3)")
-    rf.add_argument("--stripe-width", type=int, default=3, help="stripe width for cross_shaped (default 3)")
+    rf.add_argument("--size", type=positive_int, nargs=2, default=(12, 12), metavar=("H", "W"), help="map size (default 12 12)")
+    rf.add_argument("--token", type=nonnegative_int, nargs=2, metavar=("Y", "X"), help="reference token (default the centre)")
+    rf.add_argument("--pale-size", type=positive_int, default=3, help="pale size for parallel/sequential/vanilla (default 3)")
+    rf.add_argument("--stripe-width", type=positive_int, default=3, help="stripe width for cross_shaped (default 3)")
     rf.add_argument("--direction", choices=["row", "column"], default="row", help="direction for sequential")
-    rf.add_argument("--dim", type=int, default=8, help="channels of the layer (default 8)")
-    rf.add_argument("--heads", type=int, default=2, help="heads of the layer (default 2)")
-    rf.add_argument("--cell", type=int, default=16, help="pixels per token (default 16)")
+    rf.add_argument("--dim", type=positive_int, default=8, help="channels of the layer (default 8)")
+    rf.add_argument("--heads", type=positive_int, default=2, help="heads of the layer (default 2)")
+    rf.add_argument("--cell", type=positive_int, default=16, help="pixels per token (default 16)")
     rf.add_argument("--output", "-o", default="receptive_field.png")
     rf.set_defaults(func=run_receptive_field)
 
     at = sub.add_parser("attention", help="attention weights of one token in every stage, over the image")
     at.add_argument("image", help="an image file")
-    at.add_argument("--checkpoint", "-c", required=True, help="a .pth checkpoint or .safetensors export")
-    at.add_argument("--token", type=int, nargs=2, required=True, metavar=("Y", "X"), help="pixel of the image")
+    add_checkpoint(at, "a .pth checkpoint or .safetensors export")
+    add_weights(at)
+    add_device(at)
+    at.add_argument("--token", type=nonnegative_int, nargs=2, required=True, metavar=("Y", "X"), help="pixel of the image")
     at.add_argument("--block", type=int, default=-1, help="block of each stage (Python index, default -1 = last)")
-    at.add_argument("--short-side", type=int, help="model input's shorter side (default the checkpoint's input size)")
+    at.add_argument("--short-side", type=positive_int, help="model input's shorter side (default the checkpoint's input size)")
     at.add_argument("--output", "-o", default="attention.png")
     at.set_defaults(func=run_attention)

@@ -16,11 +16,11 @@ import os
 from collections import OrderedDict
 from typing import Any, Dict, Mapping, Sequence, Union
 
-import torch
 import torch.nn as nn
 from torch import Tensor
 
 from .. import io as pio
+from ..errors import InputError
 
 __all__ = ["create_pale_features", "with_ape_size", "load_backbone_weights", "LayerNorm2d", "PaleFPNBackbone"]
 
@@ -42,13 +42,14 @@ def create_pale_features(name: str, **kwargs: Any) -> nn.Module:
     """``timm.create_model(name, features_only=True)``: Pale's four stage outputs as NCHW maps."""
     import timm
 
-    import pale  # noqa: F401  (registers the Pale models)
+    from .. import register_models
 
+    register_models()
     try:
         return timm.create_model(name, features_only=True, **kwargs)
     except RuntimeError as err:
         if "Unknown model" in str(err):
-            raise ValueError(f"unknown backbone {name!r} (expected pale_tiny, pale_small or pale_base)") from None
+            raise InputError(f"unknown backbone {name!r} (expected pale_tiny, pale_small or pale_base)") from None
         raise
 
 

@@ -18,6 +18,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ..errors import InputError
+
 __all__ = ["PAPER", "DenseCost", "UperNetCostView", "MaskRCNNCostView", "dense_model_kinds", "paper_note",
            "dense_cost", "format_dense_cost"]
 
@@ -156,7 +158,7 @@ def dense_cost(name: str, img_size: Optional[Tuple[int, int]] = None, **pale_kwa
     kind, _, backbone = name.partition("_")
     kinds = dense_model_kinds(lambda build, size, help: (build, size))
     if kind not in kinds or not backbone.startswith("pale_"):
-        raise ValueError(f"unknown dense model {name!r}; expected upernet_pale_* or maskrcnn_pale_*")
+        raise InputError(f"unknown dense model {name!r}; expected upernet_pale_* or maskrcnn_pale_*")
     build, default_size = kinds[kind]
     view = build(backbone, pale_kwargs)
     cost = measure_cost(view, tuple(img_size or default_size))

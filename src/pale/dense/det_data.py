@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..train.data import BadImageError, load_image
+from ..errors import InputError, MissingFileError
+from ..io import BadImageError, load_image
 
 __all__ = ["CocoInstances", "load_coco", "detection_collate"]
 
@@ -34,23 +35,23 @@ def load_coco(ann_file: Path):
 
     ann_file = Path(ann_file)
     if not ann_file.is_file():
-        raise FileNotFoundError(f"COCO annotation file not found: {ann_file}")
+        raise MissingFileError(f"COCO annotation file not found: {ann_file}")
     try:
         data = json.loads(ann_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"annotation file {ann_file} is not valid JSON: {err}") from None
+        raise InputError(f"annotation file {ann_file} is not valid JSON: {err}") from None
     if not isinstance(data, dict) or "images" not in data or "categories" not in data:
-        raise ValueError(f"annotation file {ann_file} is not COCO instances format (needs 'images', "
+        raise InputError(f"annotation file {ann_file} is not COCO instances format (needs 'images', "
                          f"'annotations', 'categories')")
     data.setdefault("annotations", [])
     if not data["images"]:
-        raise ValueError(f"annotation file {ann_file} lists no images")
+        raise InputError(f"annotation file {ann_file} lists no images")
     if not data["categories"]:
-        raise ValueError(f"annotation file {ann_file} declares no categories")
+        raise InputError(f"annotation file {ann_file} declares no categories")
     cat_ids = {c["id"] for c in data["categories"]}
     for ann in data["annotations"]:
         if ann.get("category_id") not in cat_ids:
-            raise ValueError(f"annotation file {ann_file}: annotation {ann.get('id')} (image {ann.get('image_id')}) "
+            raise InputError(f"annotation file {ann_file}: annotation {ann.get('id')} (image {ann.get('image_id')}) "
                              f"has category_id {ann.get('category_id')}, not among the declared categories "
                              f"{sorted(cat_ids)}")
     coco = COCO()
@@ -75,7 +76,7 @@ class CocoInstances(Dataset):
                  skip_bad: bool = False):
         self.image_dir, self.ann_file = Path(image_dir), Path(ann_file)
         if not self.image_dir.is_dir():
-            raise FileNotFoundError(f"image folder not found: {self.image_dir}")
+            raise MissingFileError(f"image folder not found: {self.image_dir}")
         self.coco = load_coco(self.ann_file)
         self.cat_ids = sorted(self.coco.getCatIds())
         self.label_of = {c: i + 1 for i, c in enumerate(self.cat_ids)}
@@ -84,7 +85,7 @@ class CocoInstances(Dataset):
         if train:
             ids = [i for i in ids if any(not a.get("iscrowd", 0) for a in self.coco.imgToAnns[i])]
             if not ids:
-                raise ValueError(f"annotation file {self.ann_file} has no image with a (non-crowd) annotation to train on")
+                raise InputError(f"annotation file {self.ann_file} has no image with a (non-crowd) annotation to train on")
         self.ids = ids
         self.train, self.flip, self.skip_bad = train, flip, skip_bad
 
@@ -99,10 +100,10 @@ class CocoInstances(Dataset):
         info = self.coco.imgs[image_id]
         path = self.image_path(image_id)
         if not path.is_file():
-            raise FileNotFoundError(f"image {path} (id {image_id} in {self.ann_file}) not found")
+            raise MissingFileError(f"image {path} (id {image_id} in {self.ann_file}) not found")
         img = load_image(str(path))
         if (img.height, img.width) != (info["height"], info["width"]):
-            raise ValueError(f"image {path} is {img.width}x{img.height} but {self.ann_file} says "
+            raise InputError(f"image {path} is {img.width}x{img.height} but {self.ann_file} says "
                              f"{info['width']}x{info['height']}")
         boxes, labels, masks = [], [], []
         for ann in self.coco.imgToAnns[image_id]:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..errors import InputError, MissingFileError
 from ..train import Runtime, Task
 from .det_data import CocoInstances, detection_collate
 from .engine import dense_defaults, fill_variant_defaults, load_dense_model
@@ -135,17 +136,17 @@ class DetectionTask(Task):
         super().__init__(fill_variant_defaults(cfg, self.variant_defaults))
         d = cfg["data"]
         if not d["root"]:
-            raise ValueError("data.root is not set: pass --data FOLDER (COCO layout: <split>/ images and "
+            raise InputError("data.root is not set: pass --data FOLDER (COCO layout: <split>/ images and "
                              "annotations/instances_<split>.json)")
         self.root = Path(d["root"])
         if not self.root.exists():
-            raise FileNotFoundError(f"detection data folder not found: {self.root}")
+            raise MissingFileError(f"detection data folder not found: {self.root}")
         self.train_set = self._coco(d["train_split"], train=True)
         self.val_set = self._coco(d["val_split"], train=False) if d["val_split"] is not None else None
         self.class_names = self.train_set.class_names
         self.cat_ids = self.train_set.cat_ids
         if self.val_set is not None and self.val_set.cat_ids != self.cat_ids:
-            raise ValueError(f"{self.val_set.ann_file} declares categories {self.val_set.cat_ids}, but "
+            raise InputError(f"{self.val_set.ann_file} declares categories {self.val_set.cat_ids}, but "
                              f"{self.train_set.ann_file} declares {self.cat_ids}")
 
     def _coco(self, split: str, train: bool) -> CocoInstances:
@@ -193,6 +194,6 @@ class DetectionTask(Task):
         return evaluate_detector(model, batches, rt, self.val_set.coco, self.cat_ids)
 
 
-def load_detector(path: str, device: str = "cpu") -> Tuple[nn.Module, Dict[str, Any]]:
-    """A trained Mask R-CNN (EMA weights when present) and its description."""
-    return load_dense_model(path, "detection", "pale det train", build_mask_rcnn, device)
+def load_detector(path: str, device: str = "auto", weights: str = "best") -> Tuple[nn.Module, Dict[str, Any]]:
+    """A trained Mask R-CNN and its description (``weights``: :func:`pale.io.read_model_file`)."""
+    return load_dense_model(path, "detection", "pale det train", build_mask_rcnn, device, weights)

@@ -9,28 +9,29 @@ from __future__ import annotations
 
 import copy
 import os
-from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Type, Union
 
 from .. import io as pio
-from ..train import ENGINE_DEFAULTS, Task, Trainer, merge, resolve_recipe
+from ..train import ENGINE_DEFAULTS, Task, merge, register_task, resolve_config, train
+from ..train.recipe import RecipeError
 
 __all__ = ["dense_defaults", "fill_variant_defaults", "load_dense_model", "resolve_dense_config", "run_training"]
 
 
 def load_dense_model(path: Union[str, os.PathLike], task: str, command: str, build: Any,
-                     device: str = "cpu") -> Any:
-    """``(model, info)`` of a checkpoint written by ``command`` for ``task`` (EMA weights when present).
+                     device: str = "auto", weights: str = "best") -> Any:
+    """``(model, info)`` of a checkpoint written by ``command`` for ``task``; ``weights`` as in
+    :func:`pale.io.read_model_file`, ``device`` as in :func:`pale.io.resolve_device`.
 
     ``build(model_kwargs)`` makes the empty model; a checkpoint of another task is refused by name.
     """
-    state, info = pio.read_model_file(path)
+    state, info = pio.read_model_file(path, weights)
     if info.get("task") != task:
         raise pio.CheckpointError(f"{path} is not a {task} checkpoint of `{command}` "
                                   f"(task: {info.get('task', 'classification')!r})")
     model = build(info["model_kwargs"])
     pio.load_weights(model, state, source=str(path))
-    return model.to(device).eval(), info
+    return model.to(pio.resolve_device(device)).eval(), info
 
 
 def dense_defaults(engine_overrides: Mapping[str, Any], sections: Mapping[str, Any]) -> Dict[str, Any]:
@@ -52,31 +53,23 @@ def fill_variant_defaults(cfg: Dict[str, Any], per_variant: Mapping[str, Mapping
         section, key = dotted.split(".")
         if cfg[section][key] is None:
             if dotted not in values:
-                raise ValueError(f"{dotted} is not set and backbone {name!r} has no paper default for it "
-                                 f"(known: {', '.join(sorted(per_variant))}); set it with --set {dotted}=VALUE")
+                raise RecipeError(f"{dotted} is not set and backbone {name!r} has no paper default for it "
+                                  f"(known: {', '.join(sorted(per_variant))}); set it with --set {dotted}=VALUE")
             cfg[section][key] = values[dotted]
     return cfg
 
 
 def resolve_dense_config(task_cls: Type[Task], recipe: Union[str, os.PathLike, Mapping[str, Any], None],
                          overrides: Optional[Iterable[str]] = None) -> Dict[str, Any]:
-    cfg = resolve_recipe(recipe if recipe is not None else {}, overrides, task_cls.defaults)
+    register_task(task_cls.defaults["task"], task_cls)
+    cfg = resolve_config(recipe if recipe is not None else {}, overrides, task=task_cls.defaults["task"])
     return fill_variant_defaults(cfg, getattr(task_cls, "variant_defaults", {}))
 
 
 def run_training(task_cls: Type[Task], recipe: Union[str, os.PathLike, Mapping[str, Any], None],
                  overrides: Optional[Iterable[str]], out_dir: Optional[os.PathLike],
                  resume: Optional[os.PathLike] = None, dry_run: bool = False) -> Dict[str, Any]:
-    """Train ``task_cls`` from a recipe (or continue ``resume`` with its stored recipe + overrides)."""
-    if resume is not None:
-        ckpt = pio.load_torch(resume)
-        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
-            raise pio.CheckpointError(f"{resume} is not a training checkpoint (no stored recipe)")
-        cfg = resolve_dense_config(task_cls, ckpt["config"], overrides)
-        del ckpt
-        out_dir = Path(out_dir) if out_dir is not None else Path(resume).parent
-    else:
-        cfg = resolve_dense_config(task_cls, recipe, overrides)
-        if out_dir is None:
-            raise ValueError("no output folder given (--output)")
-    return Trainer(task_cls(cfg), cfg, Path(out_dir), resume=resume, dry_run=dry_run).fit()
+    """:func:`pale.train.train` for ``task_cls`` (its recipe defaults when ``recipe`` is None)."""
+    register_task(task_cls.defaults["task"], task_cls)
+    return train(recipe if recipe is not None else {}, overrides, out_dir, resume=resume, dry_run=dry_run,
+                 task=task_cls.defaults["task"])

@@ -17,6 +17,7 @@ from typing import Any, Dict, Sequence, Union
 import torch.nn as nn
 
 from .. import io as pio
+from ..errors import InputError
 from .backbone import PaleFPNBackbone, with_ape_size
 
 __all__ = ["build_mask_rcnn", "load_backbone", "APE_IMG_SIZE"]
@@ -56,7 +57,7 @@ def build_mask_rcnn(spec: Dict[str, Any]) -> nn.Module:
     the tables are sized at :data:`APE_IMG_SIZE`)."""
     num_classes = int(spec["num_classes"])
     if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        raise InputError(f"num_classes must be >= 1, got {num_classes}")
     backbone = PaleFPNBackbone(spec["backbone"], int(spec.get("fpn_channels", 256)),
                                **with_ape_size(spec.get("pale_kwargs") or {}, APE_IMG_SIZE))
     min_size = spec.get("min_size", 800)

@@ -1,9 +1,12 @@
 """ADE20K-layout segmentation data and mmseg-style augmentation.
 
 Layout: ``root/images/<split>/<name>.<jpg|png|...>`` and ``root/annotations/<split>/<name>.png``
-(``<split>`` may be empty for a flat ``images/`` + ``annotations/`` pair). Annotation PNGs hold one
-class index per pixel; 255 is ignored. With ``reduce_zero_label`` (ADE20K: 0 = "other", not a class)
-0 becomes 255 and every other label drops by one, as in mmseg.
+(``<split>`` may be empty for a flat ``images/`` + ``annotations/`` pair; sub-folders are searched,
+with the same relative path on both sides). Annotation PNGs hold one class id per pixel; 255 is
+ignored, and so is 0 with ``reduce_zero_label`` (ADE20K: 0 = "other", not a class). The classes are
+a list of ids (``label_ids``): given, ``0..K-1`` (``1..K`` with ``reduce_zero_label``) for a class count
+``K``, or the ids the training annotations use (:func:`scan_label_ids`). Class ``i`` of the model is
+id ``label_ids[i]``, so predictions are written back in the data set's own ids.
 
 Training pipeline (mmseg's for ADE20K, Swin/CSWin/Pale): random rescale of the ``(2048, 512)`` scale
 by a ratio in [0.5, 2.0] keeping the aspect ratio, random 512x512 crop (re-drawn up to 10 times while
@@ -12,13 +15,13 @@ saturation, hue, each with probability 0.5), normalisation, padding to the crop 
 with 255). Evaluation images keep their size; :mod:`pale.dense.seg_eval` rescales them.
 
 Errors name the file: an empty image folder, a missing annotation, an annotation whose size differs
-from its image's, a label outside ``[0, num_classes)`` (other than 255).
+from its image's, a label id that is not a class (other than the ignored ones).
 """
 from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -26,10 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..train.data import IMG_EXTENSIONS, load_image
+from ..errors import InputError, MissingFileError
+from ..io import find_images, load_image
 
 __all__ = ["IGNORE_INDEX", "SegmentationFolder", "SegTrainTransform", "normalize", "scan_segmentation_folder",
-           "load_label", "rescale_size", "list_collate"]
+           "contiguous_label_ids", "scan_label_ids", "label_lookup", "load_label", "rescale_size", "list_collate"]
 
 IGNORE_INDEX = 255
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -41,47 +45,94 @@ def scan_segmentation_folder(root: Path, split: str = "") -> List[Tuple[str, str
     root = Path(root)
     img_dir, ann_dir = root / "images" / split, root / "annotations" / split
     if not root.exists():
-        raise FileNotFoundError(f"segmentation data folder not found: {root}")
+        raise MissingFileError(f"segmentation data folder not found: {root}")
     if not img_dir.is_dir():
-        raise FileNotFoundError(f"image folder not found: {img_dir} (expected {root}/images/{split or ''}"
+        raise MissingFileError(f"image folder not found: {img_dir} (expected {root}/images/{split or ''}"
                                 f"{'/' if split else ''}<name>.jpg and {root}/annotations/...)")
-    images = sorted(p for p in img_dir.iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
-    if not images:
-        raise ValueError(f"image folder {img_dir} holds no images (extensions: {', '.join(IMG_EXTENSIONS)})")
     pairs = []
-    for img in images:
-        ann = ann_dir / f"{img.stem}.png"
+    for img in find_images(img_dir, "image folder", "image folder"):
+        ann = (ann_dir / img.relative_to(img_dir)).with_suffix(".png")
         if not ann.is_file():
-            raise FileNotFoundError(f"annotation {ann} for image {img} not found")
+            raise MissingFileError(f"annotation {ann} for image {img} not found")
         pairs.append((str(img), str(ann)))
     return pairs
 
 
-def load_label(path: str, image_size: Tuple[int, int], image_path: str, num_classes: int,
-               reduce_zero_label: bool) -> np.ndarray:
-    """The ``(H, W)`` int64 label map of ``path``, checked against its image and the class range."""
+def contiguous_label_ids(num_classes: int, reduce_zero_label: bool) -> List[int]:
+    """The annotation ids of ``num_classes`` classes numbered from 0 (or from 1 with ``reduce_zero_label``)."""
+    start = 1 if reduce_zero_label else 0
+    return list(range(start, start + int(num_classes)))
+
+
+def _read_annotation(path: str) -> np.ndarray:
     from PIL import Image
 
     try:
         with Image.open(path) as ann:
             if ann.mode not in ("L", "P", "I", "I;16"):
-                raise ValueError(f"annotation {path} has mode {ann.mode}; expected a single-channel PNG of class indices")
-            label = np.array(ann, dtype=np.int64)
+                raise InputError(f"annotation {path} has mode {ann.mode}; expected a single-channel PNG of class ids")
+            return np.array(ann, dtype=np.int64)
     except OSError as err:
-        raise ValueError(f"cannot read annotation {path}: {err}") from None
-    if label.shape != tuple(image_size):
-        raise ValueError(f"annotation {path} is {label.shape[1]}x{label.shape[0]} (WxH) but its image "
-                         f"{image_path} is {image_size[1]}x{image_size[0]}")
+        raise InputError(f"cannot read annotation {path}: {err}") from None
+
+
+def scan_label_ids(pairs: Sequence[Tuple[str, str]], reduce_zero_label: bool) -> List[int]:
+    """The class ids the annotations of ``pairs`` use (sorted; without 255, and without 0 when
+    ``reduce_zero_label``): what a data set's classes are when no class count is given."""
+    seen: set = set()
+    for _, ann in pairs:
+        seen.update(int(v) for v in np.unique(_read_annotation(ann)))
+    ids = sorted(seen - {IGNORE_INDEX} - ({0} if reduce_zero_label else set()))
+    if not ids:
+        raise InputError(f"the annotations ({len(pairs)} files, e.g. {pairs[0][1] if pairs else '-'}) "
+                         f"hold no class ids besides ignore")
+    return ids
+
+
+def label_lookup(label_ids: Sequence[int], reduce_zero_label: bool) -> np.ndarray:
+    """Annotation id -> class index (``IGNORE_INDEX`` for 255, and for 0 with ``reduce_zero_label``;
+    -1 for an id that is not a class)."""
+    ids = [int(i) for i in label_ids]
+    if len(set(ids)) != len(ids) or min(ids) < 0:
+        raise InputError(f"label ids must be distinct and >= 0, got {ids}")
+    if IGNORE_INDEX in ids or (reduce_zero_label and 0 in ids):
+        raise InputError(f"label ids {ids} include an ignored id (255{', 0' if reduce_zero_label else ''})")
+    table = np.full(max(max(ids) + 1, IGNORE_INDEX + 1), -1, dtype=np.int64)
+    table[IGNORE_INDEX] = IGNORE_INDEX
     if reduce_zero_label:
-        label = np.where(label == 0, IGNORE_INDEX, label - 1)
-        label[label == IGNORE_INDEX - 1] = IGNORE_INDEX
-    bad = np.unique(label[(label != IGNORE_INDEX) & ((label < 0) | (label >= num_classes))])
-    if bad.size:
-        shown = ", ".join(str(int(v) + (1 if reduce_zero_label else 0)) for v in bad[:10])
-        raise ValueError(f"annotation {path} has label value(s) {shown} outside the {num_classes} classes "
-                         f"(allowed: {'1' if reduce_zero_label else '0'}..{num_classes - (0 if reduce_zero_label else 1)}"
-                         f"{', 0 = ignore' if reduce_zero_label else ''}, 255 = ignore)")
-    return label
+        table[0] = IGNORE_INDEX
+    table[ids] = np.arange(len(ids))
+    return table
+
+
+def load_label(path: str, image_size: Tuple[int, int], image_path: str, lookup: np.ndarray) -> np.ndarray:
+    """The ``(H, W)`` int64 class-index map of annotation ``path`` (ids mapped through ``lookup`` of
+    :func:`label_lookup`), checked against its image's size and the known ids."""
+    label = _read_annotation(path)
+    if label.shape != tuple(image_size):
+        raise InputError(f"annotation {path} is {label.shape[1]}x{label.shape[0]} (WxH) but its image "
+                         f"{image_path} is {image_size[1]}x{image_size[0]}")
+    outside = (label < 0) | (label >= len(lookup))
+    mapped = np.where(outside, -1, lookup[np.clip(label, 0, len(lookup) - 1)])
+    if (mapped < 0).any():
+        bad = ", ".join(str(int(v)) for v in np.unique(label[mapped < 0])[:10])
+        known = np.flatnonzero((lookup >= 0) & (lookup != IGNORE_INDEX))
+        raise InputError(f"annotation {path} has label id(s) {bad} that are not among the {len(known)} classes "
+                         f"(ids {_ranges(known)}; ignored: {_ranges(np.flatnonzero(lookup == IGNORE_INDEX))})")
+    return mapped
+
+
+def _ranges(values: Sequence[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``'0..2, 5'``."""
+    out, values = [], [int(v) for v in values]
+    start = prev = values[0] if values else None
+    for v in values[1:] + [None]:
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        out.append(str(start) if start == prev else f"{start}..{prev}")
+        start = prev = v
+    return ", ".join(out)
 
 
 def normalize(image: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Tensor:
@@ -181,11 +232,21 @@ class SegmentationFolder(Dataset):
     file's own size.
     """
 
-    def __init__(self, root: Path, split: str, num_classes: int, reduce_zero_label: bool = False,
+    def __init__(self, root: Path, split: str, num_classes: Optional[int], reduce_zero_label: bool = False,
                  transform: Optional[SegTrainTransform] = None, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD, length: Optional[int] = None):
+                 std: Sequence[float] = IMAGENET_STD, length: Optional[int] = None,
+                 label_ids: Optional[Sequence[int]] = None):
         self.samples = scan_segmentation_folder(root, split)
-        self.num_classes, self.reduce_zero_label = int(num_classes), bool(reduce_zero_label)
+        self.reduce_zero_label = bool(reduce_zero_label)
+        if label_ids is None:
+            if num_classes is None:
+                raise InputError("give the class count or the label ids of the data")
+            label_ids = contiguous_label_ids(num_classes, reduce_zero_label)
+        self.label_ids = [int(i) for i in label_ids]
+        if num_classes is not None and int(num_classes) != len(self.label_ids):
+            raise InputError(f"{num_classes} classes but {len(self.label_ids)} label ids {self.label_ids}")
+        self.num_classes = len(self.label_ids)
+        self.lookup = label_lookup(self.label_ids, self.reduce_zero_label)
         self.transform, self.mean, self.std = transform, tuple(mean), tuple(std)
         self.length = length  # iteration-based training: index modulo the number of images
 
@@ -196,7 +257,7 @@ class SegmentationFolder(Dataset):
         """Image in [0, 1] ``(3, H, W)``, label ``(H, W)`` and the image path."""
         img_path, ann_path = self.samples[index % len(self.samples)]
         img = load_image(img_path)
-        label = load_label(ann_path, (img.height, img.width), img_path, self.num_classes, self.reduce_zero_label)
+        label = load_label(ann_path, (img.height, img.width), img_path, self.lookup)
         image = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
         return image, torch.from_numpy(label), img_path
 

@@ -7,13 +7,14 @@ means); aAcc = correct pixels / labelled pixels. Pixels labelled 255 are ignored
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import InputError
 from .seg_data import IGNORE_INDEX, rescale_size
 
 __all__ = ["confusion_matrix", "segmentation_metrics", "slide_logits", "segment"]
@@ -70,7 +71,7 @@ def segment(model: nn.Module, image: Tensor, num_classes: int, test_scale: Optio
     window, optionally also flipped; softmax outputs are resized back and averaged.
     """
     if mode not in ("whole", "slide"):
-        raise ValueError(f"inference mode must be 'whole' or 'slide', got {mode!r}")
+        raise InputError(f"inference mode must be 'whole' or 'slide', got {mode!r}")
     size = tuple(image.shape[-2:])
     total = None
     n = 0

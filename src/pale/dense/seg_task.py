@@ -12,16 +12,18 @@ test scale, cat_max_ratio 0.75, evaluation every 16k iterations.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import InputError
 from ..train import Runtime, Task
-from ..train.data import BadImageError
+from ..io import BadImageError
 from .engine import dense_defaults, fill_variant_defaults, load_dense_model
-from .seg_data import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, SegmentationFolder, SegTrainTransform, list_collate
+from .seg_data import (IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, SegmentationFolder, SegTrainTransform,
+                       contiguous_label_ids, list_collate, scan_label_ids, scan_segmentation_folder)
 from .seg_eval import confusion_matrix, segment, segmentation_metrics
 from .upernet import PaleUperNet, build_upernet
 
@@ -53,7 +55,8 @@ SEG_DEFAULTS: Dict[str, Any] = dense_defaults(
         "root": None,              # images/<split>/*.jpg + annotations/<split>/*.png
         "train_split": "training",
         "val_split": "validation",  # null: no validation
-        "num_classes": 150,
+        "num_classes": None,        # null: the classes are the ids the training annotations use
+        "label_ids": None,          # annotation id of each class (null: from num_classes, or from the data)
         "class_names": None,
         "reduce_zero_label": True,  # ADE20K: 0 = ignore, labels 1..150 -> 0..149
         "iters_per_epoch": 500,     # iteration-based schedule: one "epoch" = this many updates; null: one pass
@@ -117,15 +120,24 @@ class SegmentationTask(Task):
         super().__init__(fill_variant_defaults(cfg, self.variant_defaults))
         d = cfg["data"]
         if not d["root"]:
-            raise ValueError("data.root is not set: pass --data FOLDER (with images/<split>/ and annotations/<split>/)")
+            raise InputError("data.root is not set: pass --data FOLDER (with images/<split>/ and annotations/<split>/)")
         self.root = Path(d["root"])
-        self.num_classes = int(d["num_classes"])
-        if self.num_classes < 1:
-            raise ValueError(f"data.num_classes must be >= 1, got {self.num_classes}")
+        reduce = bool(d["reduce_zero_label"])
+        if d["label_ids"] is not None:
+            self.label_ids = [int(i) for i in d["label_ids"]]
+        elif d["num_classes"] is not None:
+            if int(d["num_classes"]) < 1:
+                raise InputError(f"data.num_classes must be >= 1, got {d['num_classes']}")
+            self.label_ids = contiguous_label_ids(int(d["num_classes"]), reduce)
+        else:  # neither given: the classes are the ids the training annotations use
+            self.label_ids = scan_label_ids(scan_segmentation_folder(self.root, d["train_split"] or ""), reduce)
+        self.num_classes = len(self.label_ids)
+        if d["num_classes"] is not None and int(d["num_classes"]) != self.num_classes:
+            raise InputError(f"data.num_classes is {d['num_classes']} but data.label_ids has {self.num_classes} ids")
         names = d["class_names"]
         if names is not None and len(names) != self.num_classes:
-            raise ValueError(f"data.class_names has {len(names)} names for {self.num_classes} classes")
-        self.class_names = list(names) if names else [str(i) for i in range(self.num_classes)]
+            raise InputError(f"data.class_names has {len(names)} names for {self.num_classes} classes")
+        self.class_names = list(names) if names else [str(i) for i in self.label_ids]
         # fail early (before the model is built) on a missing folder, empty list or missing annotation
         self.train_set = self._folder(d["train_split"], train=True)
         self.val_set = self._folder(d["val_split"], train=False) if d["val_split"] is not None else None
@@ -152,6 +164,7 @@ class SegmentationTask(Task):
                     class_names=self.class_names,
                     data_config=dict(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
                                      reduce_zero_label=bool(self.cfg["data"]["reduce_zero_label"]),
+                                     label_ids=list(self.label_ids),
                                      test=dict(self.cfg["test"])))
 
     # -- data --
@@ -165,7 +178,7 @@ class SegmentationTask(Task):
             if d["iters_per_epoch"]:
                 length = int(d["iters_per_epoch"]) * int(self.cfg["batch_size"])
         return _SkippingFolder(self.root, split or "", self.num_classes, bool(d["reduce_zero_label"]), transform,
-                               length=length, skip_bad=bool(d["skip_bad_images"]))
+                               length=length, label_ids=self.label_ids, skip_bad=bool(d["skip_bad_images"]))
 
     def train_dataset(self) -> SegmentationFolder:
         return self.train_set
@@ -205,6 +218,13 @@ class _SkippingFolder(SegmentationFolder):
             raise
 
 
-def load_segmenter(path: str, device: str = "cpu") -> Tuple[PaleUperNet, Dict[str, Any]]:
-    """A trained segmenter (EMA weights when present) and its description, from a ``.pth`` or ``.safetensors``."""
-    return load_dense_model(path, "segmentation", "pale seg train", build_upernet, device)
+def load_segmenter(path: str, device: str = "auto", weights: str = "best") -> Tuple[PaleUperNet, Dict[str, Any]]:
+    """A trained segmenter and its description, from a ``.pth`` or ``.safetensors`` (``weights``:
+    :func:`pale.io.read_model_file`). The description's ``label_ids`` (class index -> annotation id)
+    are filled in for checkpoints that predate them (ids from 0, or from 1 with ``reduce_zero_label``)."""
+    model, info = load_dense_model(path, "segmentation", "pale seg train", build_upernet, device, weights)
+    dc = dict(info.get("data_config") or {})
+    if dc.get("label_ids") is None:
+        dc["label_ids"] = contiguous_label_ids(int(info["model_kwargs"]["num_classes"]),
+                                               bool(dc.get("reduce_zero_label", False)))
+    return model, dict(info, data_config=dc)

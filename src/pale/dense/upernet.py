@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import io as pio
+from ..errors import InputError
 from .backbone import load_backbone_weights, with_ape_size
 
 __all__ = ["PaleUperNet", "FCNHead", "pad_to_multiple", "APE_IMG_SIZE"]
@@ -81,9 +82,9 @@ class PaleUperNet(nn.Module):
         import pale  # noqa: F401  (registers the Pale models with timm, so smp finds tu-pale_*)
 
         if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+            raise InputError(f"num_classes must be >= 1, got {num_classes}")
         if not backbone.startswith("pale_"):
-            raise ValueError(f"backbone must be one of pale_tiny, pale_small, pale_base; got {backbone!r}")
+            raise InputError(f"backbone must be one of pale_tiny, pale_small, pale_base; got {backbone!r}")
         self.num_classes = num_classes
         self.upernet = smp.UPerNet(encoder_name=f"tu-{backbone}", encoder_weights=None,
                                    decoder_channels=decoder_channels, classes=num_classes,
@@ -111,7 +112,7 @@ class PaleUperNet(nn.Module):
 
     def check_input(self, x: Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected an image batch of shape (B, 3, H, W), got {tuple(x.shape)}")
+            raise InputError(f"expected an image batch of shape (B, 3, H, W), got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"expected a floating-point image tensor, got {x.dtype}")
 

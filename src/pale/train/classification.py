@@ -14,13 +14,14 @@ accepts 0 bits on every Pillow (:func:`make_pillow_safe`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import io as pio
+from ..errors import InputError, MissingFileError
 from .data import ImageFolderDataset
 from .engine import Runtime, Task
 from .recipe import RecipeError
@@ -229,11 +230,11 @@ class ClassificationTask(Task):
         check_model_kwargs(cfg["model"]["name"], cfg["model"]["kwargs"])
         d = cfg["data"]
         if not d["root"]:
-            raise ValueError("data.root is not set: pass --data FOLDER (a folder with "
+            raise InputError("data.root is not set: pass --data FOLDER (a folder with "
                              f"{d['train_split']}/<class>/<image> and {d['val_split']}/<class>/<image>)")
         self.root = Path(d["root"])
         if not self.root.exists():
-            raise FileNotFoundError(f"data folder not found: {self.root}")
+            raise MissingFileError(f"data folder not found: {self.root}")
         from .data import scan_image_folder
         self.train_dir = self.root / d["train_split"]
         _, self.class_names = scan_image_folder(self.train_dir, what="training folder")
@@ -256,8 +257,12 @@ class ClassificationTask(Task):
         m = self.cfg["model"]
         try:
             model = timm.create_model(m["name"], **self.model_kwargs())
+        except RuntimeError as err:
+            if "Unknown model" in str(err):
+                raise InputError(f"model.name: unknown model {m['name']!r}") from None
+            raise
         except TypeError as err:
-            raise ValueError(f"model.kwargs do not fit {m['name']}: {err}") from None
+            raise InputError(f"model.kwargs do not fit {m['name']}: {err}") from None
         if m["pretrained"]:
             state, _ = pio.read_model_file(m["pretrained"])
             own = model.state_dict()

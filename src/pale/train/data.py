@@ -23,11 +23,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler, default_collate
 
-__all__ = ["IMG_EXTENSIONS", "BadImageError", "AugmentationError", "scan_image_folder", "ImageFolderDataset", "load_image",
+from ..errors import InputError, MissingFileError
+from ..io import BadImageError, find_images, load_image
+
+__all__ = ["BadImageError", "AugmentationError", "scan_image_folder", "ImageFolderDataset", "load_image",
            "SeededDataset", "EpochSampler", "ShardSampler", "SkipCollate", "clean_worker_error", "usable_cores",
            "loader_workers"]
-
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 def usable_cores() -> int:
@@ -48,15 +49,11 @@ def loader_workers(setting: Any, processes_per_node: int = 1) -> int:
         share = usable_cores() // max(1, processes_per_node)
         return max(0, min(8, share - 1))
     if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
-        raise ValueError(f"train.workers must be a number >= 0 or null (from the cores), got {setting!r}")
+        raise InputError(f"train.workers must be a number >= 0 or null (from the cores), got {setting!r}")
     return setting
 
 
-class BadImageError(ValueError):
-    """An image file that cannot be decoded."""
-
-
-class AugmentationError(ValueError):
+class AugmentationError(InputError):
     """A transform failed on an image (the message names the step and the file)."""
 
 
@@ -98,40 +95,25 @@ def scan_image_folder(root: Path, class_names: Optional[Sequence[str]] = None,
     """
     root = Path(root)
     if not root.exists():
-        raise FileNotFoundError(f"{what} not found: {root}")
+        raise MissingFileError(f"{what} not found: {root}")
     if not root.is_dir():
-        raise ValueError(f"{what} is not a folder: {root}")
+        raise InputError(f"{what} is not a folder: {root}")
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
-        raise ValueError(f"{what} {root} has no class sub-folders (expected {root}/<class>/<image>)")
+        raise InputError(f"{what} {root} has no class sub-folders (expected {root}/<class>/<image>)")
     names = [p.name for p in folders]
     if class_names is None:
         class_names = names
     else:
         unknown = [n for n in names if n not in class_names]
         if unknown:
-            raise ValueError(f"{what} {root} has classes the model does not know: {', '.join(unknown[:10])} "
+            raise InputError(f"{what} {root} has classes the model does not know: {', '.join(unknown[:10])} "
                              f"(known: {', '.join(list(class_names)[:10])}{', ...' if len(class_names) > 10 else ''})")
     index = {n: i for i, n in enumerate(class_names)}
     samples: List[Tuple[str, int]] = []
     for folder in folders:
-        files = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
-        if not files:
-            raise ValueError(f"class folder {folder} has no images (extensions: {', '.join(IMG_EXTENSIONS)})")
-        samples += [(f, index[folder.name]) for f in files]
+        samples += [(str(f), index[folder.name]) for f in find_images(folder, "class folder", "class folder")]
     return samples, list(class_names)
-
-
-def load_image(path: str, mode: str = "RGB"):
-    """Open and fully decode an image; any failure is a :class:`BadImageError` naming ``path``."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert(mode)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise BadImageError(f"cannot read image {path}: {err}") from None
 
 
 class ImageFolderDataset(Dataset):

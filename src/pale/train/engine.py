@@ -9,8 +9,8 @@ accumulation and clipping, channels-last and gradient checkpointing, timm's opti
 the best validation metric; optionally every ``train.checkpoint_every_updates`` updates, the last
 ``train.keep_checkpoints`` kept as ``last.pth``, ``last-1.pth``, ...) with exact ``resume`` (``"auto"``: continue
 the run in the folder if there is one, else start it), non-finite-loss handling, SIGTERM/SIGUSR1/Ctrl-C checkpoints,
-skipped-bad-image counting, a tqdm bar, ``metrics.jsonl``, ``curves.png``, ``summary.json`` and optional
-TensorBoard. Only rank 0 writes files.
+skipped-bad-image counting, progress (:mod:`pale.progress`), ``metrics.jsonl``, ``curves.png``,
+``summary.json`` and optional TensorBoard. Only rank 0 writes files.
 
 A :class:`Task` supplies what is specific to a problem: the model, the datasets, the loss of one batch,
 the evaluation, and which metric is "best". Its recipe sections (``defaults``) are merged with the
@@ -63,12 +63,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import random
 import re
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +79,9 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from .. import io as pio
+from ..errors import InputError
 from ..models.attention_kernels import kernel_choices, load_kernel_choices
+from ..progress import log, progress
 from .data import (AugmentationError, BadImageError, EpochSampler, SeededDataset, ShardSampler, SkipCollate,
                    clean_worker_error, loader_workers, usable_cores)
 from .recipe import RecipeError, dump_recipe, ema_decay, schedule_warnings
@@ -93,7 +93,7 @@ __all__ = ["Task", "Runtime", "Trainer", "NonFiniteLossError", "TrainingInterrup
 Config = Dict[str, Any]
 
 
-class NonFiniteLossError(ValueError):
+class NonFiniteLossError(InputError):
     """The loss became NaN or infinite (and ``train.on_nonfinite`` is ``stop``)."""
 
 
@@ -164,12 +164,8 @@ def setup_runtime(device: str = "auto", amp: str = "auto", channels_last: bool =
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = pio.resolve_device(device)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
         dev = torch.device("cuda", local_rank if world > 1 or dev.index is None else dev.index)
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
@@ -183,9 +179,9 @@ def setup_runtime(device: str = "auto", amp: str = "auto", channels_last: bool =
             amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     amp_dtypes = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     if amp not in amp_dtypes:
-        raise ValueError(f"train.amp must be one of auto, {', '.join(amp_dtypes)}; got {amp!r}")
+        raise InputError(f"train.amp must be one of auto, {', '.join(amp_dtypes)}; got {amp!r}")
     if amp == "fp16" and dev.type != "cuda":
-        raise ValueError("train.amp=fp16 needs a CUDA device; use bf16 (or none) on the CPU")
+        raise InputError("train.amp=fp16 needs a CUDA device; use bf16 (or none) on the CPU")
     return Runtime(dev, amp_dtypes[amp], rank, world, local_rank, channels_last)
 
 
@@ -256,7 +252,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any], up
         warmup = float(scfg["warmup_updates"]) / updates_per_epoch
     milestones = list(scfg.get("decay_milestones") or [])
     if scfg["sched"] == "multistep" and not milestones:
-        raise ValueError("sched.sched=multistep needs sched.decay_milestones (epochs), e.g. [8, 11]")
+        raise InputError("sched.sched=multistep needs sched.decay_milestones (epochs), e.g. [8, 11]")
     return create_scheduler_v2(
         optimizer, sched=scfg["sched"], num_epochs=int(cfg["epochs"]), warmup_epochs=warmup,
         warmup_lr=float(scfg["warmup_lr"]), min_lr=float(scfg["min_lr"]), cooldown_epochs=scfg["cooldown_epochs"],
@@ -342,10 +338,9 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: Path, metrics: Seque
 # ---- checkpoints of a run folder --------------------------------------------------------------------
 
 def _log_main(text: str) -> None:
-    """A message on stderr from rank 0 only (above a tqdm bar if one is shown)."""
+    """A message on stderr from rank 0 only (:func:`pale.progress.log`, above a progress bar if one is shown)."""
     if int(os.environ.get("RANK", "0")) == 0:
-        from tqdm import tqdm
-        tqdm.write(text, file=sys.stderr)
+        log(text)
 
 
 def checkpoint_files(folder: os.PathLike) -> List[Path]:
@@ -460,7 +455,7 @@ class Trainer:
                 self._check_same_run(*found)
                 self.resume_path, self._resume_ckpt = found
         elif not self.resume_path and not dry_run and checkpoint_files(self.out_dir):
-            raise ValueError(f"output folder {self.out_dir} already holds a run ({checkpoint_files(self.out_dir)[0].name}"
+            raise InputError(f"output folder {self.out_dir} already holds a run ({checkpoint_files(self.out_dir)[0].name}"
                              f"): pass --resume to continue it (--resume auto in a job script that must also start "
                              f"it), or choose another output folder")
         self._last_saved: Optional[Tuple[int, int]] = None  # (epoch, step) of the newest last.pth
@@ -561,7 +556,7 @@ class Trainer:
         model = self.task.build_model()
         if tcfg["grad_checkpointing"]:
             if not hasattr(model, "set_grad_checkpointing"):
-                raise ValueError(f"{type(model).__name__} has no set_grad_checkpointing()")
+                raise InputError(f"{type(model).__name__} has no set_grad_checkpointing()")
             model.set_grad_checkpointing(True)
         model.to(rt.device)
         if rt.channels_last:
@@ -586,7 +581,7 @@ class Trainer:
             pin_memory=rt.device.type == "cuda", generator=torch.Generator().manual_seed(seed))
         self.updates_per_epoch = (self.train_sampler.num_samples // self.batch_per_device) // accum
         if self.updates_per_epoch == 0:
-            raise ValueError(f"the training set ({len(train_ds)} samples, {self.train_sampler.num_samples} per "
+            raise InputError(f"the training set ({len(train_ds)} samples, {self.train_sampler.num_samples} per "
                              f"process) is smaller than one batch ({self.batch_per_device} per process x "
                              f"{accum} accumulation steps); lower batch_size")
         for text in schedule_warnings(cfg, self.updates_per_epoch, len(train_ds), workers * per_node, usable_cores()):
@@ -672,7 +667,8 @@ class Trainer:
     # -- logging --
 
     def _log(self, text: str) -> None:
-        _log_main(text)
+        if self.rt.is_main:
+            log(text)
 
     # -- signals --
 
@@ -739,7 +735,7 @@ class Trainer:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise ValueError("train.tensorboard needs the tensorboard package "
+                raise InputError("train.tensorboard needs the tensorboard package "
                                  "(pip install 'pale-transformer[tensorboard]')") from None
             self.tb = SummaryWriter(str(self.out_dir / "tensorboard"))
         self._log(f"{rt.world_size} process(es) on {rt.device.type}, amp={rt.amp_dtype}, batch {self.cfg['batch_size']} "
@@ -781,7 +777,6 @@ class Trainer:
 
     def _train_epoch(self, epoch: int) -> Dict[str, Any]:
         from timm.utils import dispatch_clip_grad
-        from tqdm import tqdm
 
         rt, tcfg = self.rt, self.cfg["train"]
         model, opt = self.model, self.optimizer
@@ -793,8 +788,8 @@ class Trainer:
         self.train_sampler.set_epoch(epoch)
         self.train_sampler.set_start(start_step * self.accum * self.batch_per_device)
         total_updates = 2 if self.dry_run else self.updates_per_epoch
-        bar = tqdm(total=total_updates, initial=start_step, desc=f"epoch {epoch + 1}/{self.cfg['epochs']}",
-                   disable=not (rt.is_main and tcfg["progress"]), dynamic_ncols=True, leave=False)
+        bar = progress(total=total_updates, initial=start_step, desc=f"epoch {epoch + 1}/{self.cfg['epochs']}",
+                       unit="updates", enabled=rt.is_main and bool(tcfg["progress"]))
         step, micro, window_loss, window_n = start_step, 0, 0.0, 0
         clip = tcfg["clip_grad"]
         tick = time.time()

@@ -22,13 +22,15 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
 
 import yaml
 
+from ..errors import InputError
+
 __all__ = ["RecipeError", "ENGINE_DEFAULTS", "shipped_recipes", "recipe_path", "load_yaml", "merge",
            "parse_override", "apply_overrides", "resolve_recipe", "dump_recipe", "schedule_warnings", "ema_decay"]
 
 Config = Dict[str, Any]
 
 
-class RecipeError(ValueError):
+class RecipeError(InputError):
     """A recipe that cannot be used: unknown key, wrong type, missing file."""
 
 

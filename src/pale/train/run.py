@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Type, Union
 
 from .. import io as pio
+from ..errors import InputError, MissingFileError
 from .classification import ClassificationTask
 from .engine import Task, Trainer, load_latest_checkpoint
 from .recipe import ENGINE_DEFAULTS, RecipeError, apply_overrides, load_yaml, merge
@@ -27,10 +28,11 @@ def task_defaults(task: str) -> Dict[str, Any]:
 
 
 def resolve_config(recipe: Union[str, os.PathLike, Dict[str, Any], None],
-                   overrides: Optional[Iterable[str]] = None) -> Dict[str, Any]:
-    """The full, checked configuration: defaults of the recipe's task, the recipe, the overrides."""
+                   overrides: Optional[Iterable[str]] = None, task: Optional[str] = None) -> Dict[str, Any]:
+    """The full, checked configuration: defaults of the recipe's task (its ``task`` key, else
+    ``task``, else classification), the recipe, the overrides."""
     data = load_yaml(recipe) if isinstance(recipe, (str, os.PathLike)) else dict(recipe or {})
-    task = data.get("task", ENGINE_DEFAULTS["task"])
+    task = data.get("task", task or ENGINE_DEFAULTS["task"])
     for text in overrides or ():
         if text.split("=", 1)[0].strip() == "task":
             task = text.split("=", 1)[1].strip()
@@ -40,31 +42,31 @@ def resolve_config(recipe: Union[str, os.PathLike, Dict[str, Any], None],
 
 def train(recipe: Union[str, os.PathLike, Dict[str, Any], None], overrides: Optional[Iterable[str]] = None,
           out_dir: Optional[os.PathLike] = None, resume: Optional[os.PathLike] = None,
-          dry_run: bool = False) -> Dict[str, Any]:
+          dry_run: bool = False, task: Optional[str] = None) -> Dict[str, Any]:
     """Train from a recipe, or continue a run. Returns the run summary.
 
     ``resume`` is a checkpoint to continue (its stored recipe is used, then the overrides), a run folder
     (its newest checkpoint that loads), or ``"auto"`` (as the recipe key ``train.resume=auto``): continue the
     run in ``out_dir`` if it holds one of the same recipe, else start it -- the form for job scripts that
-    are started again after a crash or a requeue.
+    are started again after a crash or a requeue. ``task`` is the task of a recipe without a ``task`` key.
     """
     if resume is not None and str(resume) != "auto":
         resume = Path(resume)
         if resume.is_dir():
             found = load_latest_checkpoint(resume)
             if found is None:
-                raise FileNotFoundError(f"no checkpoint to resume in {resume} (no last.pth)")
+                raise MissingFileError(f"no checkpoint to resume in {resume} (no last.pth)")
             resume, ckpt = found
         else:
             ckpt = pio.load_torch(resume)
         if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
             raise pio.CheckpointError(f"{resume} is not a `pale train` checkpoint (no stored recipe)")
-        cfg = resolve_config(ckpt["config"], overrides)
+        cfg = resolve_config(ckpt["config"], overrides, task)
         del ckpt
         out_dir = Path(out_dir) if out_dir is not None else resume.parent
     else:
-        cfg = resolve_config(recipe, overrides)
+        cfg = resolve_config(recipe, overrides, task)
         if out_dir is None:
-            raise ValueError("no output folder given")
+            raise InputError("no output folder given (--output)")
     task = TASKS[cfg["task"]](cfg)
     return Trainer(task, cfg, Path(out_dir), resume=resume, dry_run=dry_run).fit()

@@ -1,12 +1,13 @@
-"""Shared pieces of ``pale seg`` and ``pale det``: training options and image listing."""
+"""What ``pale seg`` and ``pale det`` share: training options, resume handling, metric output."""
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Type
 
-from ..train.data import IMG_EXTENSIONS
+from ._options import add_amp, add_checkpoint, add_device, add_json_output, add_weights, nonnegative_int, positive_int
 
 
 def add_train_options(p: argparse.ArgumentParser, default_output: str) -> None:
@@ -16,17 +17,35 @@ def add_train_options(p: argparse.ArgumentParser, default_output: str) -> None:
                    help="override a recipe key, e.g. --set optim.lr=1e-4 (repeatable)")
     p.add_argument("--output", "-o", help=f"run folder (default: {default_output}; with --resume: the checkpoint's folder)")
     p.add_argument("--pretrained", help="ImageNet Pale checkpoint (.pth of `pale train` or .safetensors) for the backbone")
-    p.add_argument("--backbone", help="pale_tiny, pale_small or pale_base (model.name)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="total batch size over all processes and accumulation steps")
-    p.add_argument("--device", help="auto, cpu, cuda")
+    p.add_argument("--backbone", choices=("pale_tiny", "pale_small", "pale_base"), help="Pale variant (model.name)")
+    p.add_argument("--epochs", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int, help="total batch size over all processes and accumulation steps")
+    p.add_argument("--device", help="auto, cpu, cuda (default: the recipe's, auto)")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"])
-    p.add_argument("--workers", type=int)
+    p.add_argument("--workers", type=nonnegative_int)
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
                    help="continue a run exactly (default: <output>/last.pth)")
     p.add_argument("--dry-run", action="store_true", help="two updates and two evaluation batches, nothing written")
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+
+
+def add_eval_options(p: argparse.ArgumentParser, written_by: str) -> None:
+    """Options of ``seg eval`` and ``det eval`` (the same as ``pale eval``'s)."""
+    add_checkpoint(p, f".pth or .safetensors written by `{written_by}`")
+    add_weights(p)
+    p.add_argument("--workers", type=nonnegative_int, default=0, help="data loader processes (default 0)")
+    add_amp(p)
+    add_device(p)
+    add_json_output(p, "JSON result (default: eval-<split>.json next to the checkpoint)")
+
+
+def add_predict_options(p: argparse.ArgumentParser, written_by: str) -> None:
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders (searched recursively)")
+    add_checkpoint(p, f".pth or .safetensors written by `{written_by}`")
+    add_weights(p)
+    add_device(p)
+    p.add_argument("--output", "-o", default="predictions", metavar="FOLDER", help="output folder (default predictions)")
 
 
 def train_overrides(args: argparse.Namespace, extra: List[str]) -> List[str]:
@@ -41,8 +60,9 @@ def train_overrides(args: argparse.Namespace, extra: List[str]) -> List[str]:
 
 
 def run_train(args: argparse.Namespace, task_cls: Type, extra: List[str], default_output: str) -> int:
+    from ..dense.engine import resolve_dense_config, run_training
+    from ..errors import MissingFileError
     from ..train.recipe import dump_recipe
-    from .engine import resolve_dense_config, run_training
 
     overrides = train_overrides(args, extra)
     if args.print_config:
@@ -52,7 +72,7 @@ def run_train(args: argparse.Namespace, task_cls: Type, extra: List[str], defaul
     if resume == "auto":
         resume = str(Path(args.output or default_output) / "last.pth")
     if resume is not None and not Path(resume).exists():
-        raise FileNotFoundError(f"checkpoint to resume not found: {resume}")
+        raise MissingFileError(f"checkpoint to resume not found: {resume}")
     out = args.output if (args.output or resume) else default_output
     summary = run_training(task_cls, args.recipe, overrides, out, resume=resume, dry_run=args.dry_run)
     best = summary.get("best") or {}
@@ -61,29 +81,23 @@ def run_train(args: argparse.Namespace, task_cls: Type, extra: List[str], defaul
     return 0
 
 
-def list_images(inputs: List[str]) -> List[Path]:
-    """Files given, and the images inside folders given; an error names what is missing or empty."""
-    files: List[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if not p.exists():
-            raise FileNotFoundError(f"input not found: {p}")
-        if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS)
-            if not found:
-                raise ValueError(f"folder {p} holds no images (extensions: {', '.join(IMG_EXTENSIONS)})")
-            files += found
-        else:
-            files.append(p)
-    if not files:
-        raise ValueError("no input images given")
-    return files
+def report_metrics(args: argparse.Namespace, metrics: Dict[str, Any], default_name: str) -> None:
+    """The numbers on one line (or JSON with ``--json``), and the JSON file ``-o`` (default
+    ``default_name`` next to the checkpoint)."""
+    from ..io import atomic_write_json
 
-
-def print_metrics(metrics: Dict[str, Any], json_out: str = None) -> None:
-    from .. import io as pio
-
+    out = Path(args.output) if args.output else Path(args.checkpoint).with_name(default_name)
+    atomic_write_json(out, metrics)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+        return
     shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     print("  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
-    if json_out:
-        pio.atomic_write_json(json_out, metrics)
+    print(f"wrote {out}")
+
+
+def loaded(info: Dict[str, Any], device: Any, amp: str = "") -> None:
+    """The stderr line saying which weights (and precision) a command runs with."""
+    from ..io import describe_weights
+
+    print(f"{describe_weights(info)}; device: {device}{'; precision: ' + amp if amp else ''}", file=sys.stderr)
