@@ -100,7 +100,7 @@ def test_the_engine_updates_its_ema_during_training(tmp_path, monkeypatch):
         initial.update(float_state(model))
         return model
     monkeypatch.setattr(ClassificationTask, "build_model", recording_build)
-    train(tiny_recipe(data), [], tmp_path / "run")
+    train(tiny_recipe(data), ["ema.max_window=1.0"], tmp_path / "run")  # 2 updates: keep decay 0.5, uncapped
     ckpt = load_torch(tmp_path / "run" / "last.pth")
     assert ckpt["num_updates"] == 2
     assert initial, "the task's model was never built"

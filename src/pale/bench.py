@@ -192,7 +192,7 @@ class Runner:
         self.model.train(mode == "train")
         if setting.grad_checkpointing:
             if not hasattr(self.model, "set_grad_checkpointing"):
-                raise ValueError(f"{setting.model} has no set_grad_checkpointing()")
+                raise InputError(f"{setting.model} has no set_grad_checkpointing()")
             self.model.set_grad_checkpointing(True)
         self.forward = torch.compile(self.model) if setting.compile else self.model
         self.x = torch.randn(setting.batch_size, 3, *setting.img_size)
@@ -449,7 +449,7 @@ def attention_kernel_report(model: str, img_size: Pair, batch_size: int, dtype: 
     runner = Runner(Setting(model, img_size, batch_size, dtype), mode)
     stages = getattr(runner.model, "stages", None)
     if stages is None:
-        raise ValueError(f"{model} has no stages: the attention kernel report is for Pale models")
+        raise InputError(f"{model} has no stages: the attention kernel report is for Pale models")
     ak.clear_kernel_choices()
     starts: List[int] = []
     with ak.recording() as calls:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from .complexity import PAPER_TABLES, ModelCost, PaleConfig, analytic_cost, measure_cost, parameters_on_meta
+from .errors import InputError
 
 __all__ = ["TOLERANCE", "TABLES", "ConformanceRow", "conformance_rows", "format_conformance", "REASONS", "reason_for"]
 
@@ -230,7 +231,7 @@ def conformance_rows(tables: Sequence[str] = TABLES, measure: bool = True) -> Li
     """The rows of the paper's ``tables`` (a subset of :data:`TABLES`), with analytic and measured values."""
     unknown = [t for t in tables if t not in TABLES]
     if unknown:
-        raise ValueError(f"unknown paper table(s) {unknown}; expected some of {list(TABLES)}")
+        raise InputError(f"unknown paper table(s) {unknown}; expected some of {list(TABLES)}")
     from .dense.cost import PAPER as PAPER_DENSE
 
     counter = _Counter(measure)

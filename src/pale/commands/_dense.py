@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Type
 
-from ._options import add_amp, add_checkpoint, add_device, add_json_output, add_weights, nonnegative_int, positive_int
+from ._options import (add_amp, add_checkpoint, add_device, add_json_output, add_resume, add_weights, nonnegative_int,
+                       positive_int, print_best, resolve_resume)
 
 
 def add_train_options(p: argparse.ArgumentParser, default_output: str) -> None:
@@ -24,8 +25,7 @@ def add_train_options(p: argparse.ArgumentParser, default_output: str) -> None:
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"])
     p.add_argument("--workers", type=nonnegative_int)
     p.add_argument("--seed", type=int)
-    p.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
-                   help="continue a run exactly (default: <output>/last.pth)")
+    add_resume(p)
     p.add_argument("--dry-run", action="store_true", help="two updates and two evaluation batches, nothing written")
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
 
@@ -61,23 +61,15 @@ def train_overrides(args: argparse.Namespace, extra: List[str]) -> List[str]:
 
 def run_train(args: argparse.Namespace, task_cls: Type, extra: List[str], default_output: str) -> int:
     from ..dense.engine import resolve_dense_config, run_training
-    from ..errors import MissingFileError
     from ..train.recipe import dump_recipe
 
     overrides = train_overrides(args, extra)
     if args.print_config:
         print(dump_recipe(resolve_dense_config(task_cls, args.recipe, overrides)), end="")
         return 0
-    resume = args.resume
-    if resume == "auto":
-        resume = str(Path(args.output or default_output) / "last.pth")
-    if resume is not None and not Path(resume).exists():
-        raise MissingFileError(f"checkpoint to resume not found: {resume}")
-    out = args.output if (args.output or resume) else default_output
+    resume, out = resolve_resume(args.resume, args.output, default_output)
     summary = run_training(task_cls, args.recipe, overrides, out, resume=resume, dry_run=args.dry_run)
-    best = summary.get("best") or {}
-    if best:
-        print(f"best {best['metric']} {best['value']:.2f} at epoch {best['epoch']}")
+    print_best(summary)
     return 0
 
 

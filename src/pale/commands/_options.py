@@ -16,7 +16,7 @@ Old spellings still parse but are hidden from ``--help``: ``pale eval CHECKPOINT
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 AMP_CHOICES = ("none", "bf16", "fp16", "auto")
 
@@ -70,3 +70,36 @@ def add_json_output(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--output", "-o", metavar="FILE", help=help)
     p.add_argument("--json-out", dest="output", help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="print the result as JSON (instead of the summary line)")
+
+
+def add_resume(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT|auto",
+                   help="continue a run exactly: from CHECKPOINT (a file or run folder; default: the newest "
+                        "checkpoint in --output); auto: continue the run in --output if there is one, else "
+                        "start it (for job scripts that torchrun or a scheduler start again)")
+
+
+def resolve_resume(resume: Optional[str], output: Optional[str], default_output: str) -> Tuple[Optional[str], str]:
+    """``(resume, output)`` for :func:`pale.train.train` from ``--resume`` and ``--output``: a bare
+    ``--resume`` continues the run in the output folder, ``auto`` passes through (continue or start)."""
+    from pathlib import Path
+
+    from ..errors import MissingFileError
+
+    out = output
+    if out is None and resume in (None, "", "auto"):
+        out = default_output
+    if resume == "":
+        resume = out
+    if resume not in (None, "auto") and not Path(resume).exists():
+        raise MissingFileError(f"checkpoint to resume not found: {resume}")
+    return resume, out
+
+
+def print_best(summary: dict) -> None:
+    """The run's best validation, printed once (by rank 0 under torchrun)."""
+    import os
+
+    best = summary.get("best") or {}
+    if best and int(os.environ.get("RANK", "0")) == 0:
+        print(f"best {best['metric']} {best['value']:.3f} at epoch {best['epoch']}")

@@ -111,12 +111,12 @@ def _attention_kernels(args: argparse.Namespace, info: dict, bf16_note: str, log
 
     models = [m for m in args.models if m.startswith("pale_")]
     if not models:
-        raise ValueError(f"--attention-kernels needs a Pale model in --models, got {args.models}")
+        raise InputError(f"--attention-kernels needs a Pale model in --models, got {args.models}")
     dtypes = [d for d in args.dtype if d != "bf16" or info["native_bf16"]]
     if len(dtypes) < len(args.dtype):
         log("skipping bf16: emulated on this CPU, so its timings would not choose a bf16 kernel")
     if not dtypes:
-        raise ValueError("--attention-kernels: bf16 is emulated on this CPU and no other dtype was asked for")
+        raise InputError("--attention-kernels: bf16 is emulated on this CPU and no other dtype was asked for")
     rows = []
     for model in models:
         for size in args.img_size:

@@ -5,8 +5,7 @@ import argparse
 from pathlib import Path
 from typing import List
 
-from ..errors import MissingFileError
-from ._options import nonnegative_int, positive_int
+from ._options import add_resume, nonnegative_int, positive_int, print_best, resolve_resume
 
 
 def overrides_from_args(args: argparse.Namespace) -> List[str]:
@@ -37,17 +36,10 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_recipe(resolve_config(args.recipe, overrides)), end="")
         return 0
-    resume, out = args.resume, args.output
-    if out is None and resume in (None, "", "auto"):
-        out = str(Path("runs") / Path(args.recipe).name.removesuffix(".yaml"))
-    if resume == "":  # bare --resume: the run in the output folder
-        resume = out
-    if resume not in (None, "auto") and not Path(resume).exists():
-        raise MissingFileError(f"checkpoint to resume not found: {resume}")
+    resume, out = resolve_resume(args.resume, args.output,
+                                 str(Path("runs") / Path(args.recipe).name.removesuffix(".yaml")))
     summary = train(args.recipe, overrides, out, resume=resume, dry_run=args.dry_run)
-    best = summary.get("best") or {}
-    if best:
-        print(f"best {best['metric']} {best['value']:.3f} at epoch {best['epoch']}")
+    print_best(summary)
     return 0
 
 
@@ -69,10 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"])
     p.add_argument("--workers", type=nonnegative_int, help="data loader processes per training process")
     p.add_argument("--seed", type=int)
-    p.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT|auto",
-                   help="continue a run exactly: from CHECKPOINT (a file or run folder; default: the newest "
-                        "checkpoint in --output); auto: continue the run in --output if there is one, else "
-                        "start it (for job scripts that torchrun or a scheduler start again)")
+    add_resume(p)
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (counted) instead of failing")
     p.add_argument("--skip-nonfinite", action="store_true", help="skip batches whose loss is NaN/inf instead of stopping")
     p.add_argument("--dry-run", action="store_true", help="two updates and two evaluation batches, nothing written")

@@ -474,7 +474,7 @@ class Trainer:
         diffs = config_differences(ckpt.get("config") or {}, self.cfg)
         if diffs:
             shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
-            raise ValueError(f"{self.out_dir} holds another run ({path.name}: model {ckpt.get('model_name')}), "
+            raise InputError(f"{self.out_dir} holds another run ({path.name}: model {ckpt.get('model_name')}), "
                              f"whose recipe differs: {shown}. Choose another output folder, or continue that run "
                              f"with its own recipe: pale train --resume {path}")
 
