@@ -267,7 +267,8 @@ def per_pale_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, pale_siz
     n = pale_count(h, w, pale_size)
     hp, wp = n * pale_size[0], n * pale_size[1]
     # Python ints for the cached index (a trace sees sizes as tensors; vanilla exports only statically)
-    index, count = (torch.as_tensor(a, device=q.device) for a in _pale_index(int(n), tuple(int(s) for s in pale_size)))
+    cached = _pale_index(int(n), (int(pale_size[0]), int(pale_size[1])))
+    index, count = (torch.as_tensor(a, device=q.device) for a in cached)
     padded = (hp, wp) != (h, w)
     if padded:
         q, k, v = (F.pad(t, (0, 0, 0, wp - w, 0, hp - h)) for t in (q, k, v))
