@@ -1,6 +1,8 @@
 """pale.io's reading side where mutants survived the other tests: LoadReport's text, the report a
 WeightsMismatchError carries, which weights read_model_file picks, and create_model_from_file's
 strictness and overrides."""
+import re
+
 import pytest
 import torch
 
@@ -53,5 +55,18 @@ def test_create_model_from_file_is_strict_and_applies_overrides(tmp_path):
     save_checkpoint(tmp_path / "c.pth", model, "pale_tiny", TINY, ["a", "b", "c"])
     rebuilt, info = create_model_from_file(tmp_path / "c.pth", attn_mode="axial")
     assert rebuilt.attn_mode == "axial" and info["class_names"] == ["a", "b", "c"]
-    with pytest.raises(WeightsMismatchError):
+    with pytest.raises(WeightsMismatchError, match=re.escape(f"{tmp_path / 'c.pth'} does not fit PaleTransformer")):
         create_model_from_file(tmp_path / "c.pth", num_classes=5)
+    # Non-strict: a warning naming the file, attributed to the caller's line.
+    with pytest.warns(UserWarning, match=re.escape(f"{tmp_path / 'c.pth'}: loaded the weights that fit")) as caught:
+        create_model_from_file(tmp_path / "c.pth", strict=False, num_classes=5)
+    assert caught[0].filename == __file__
+
+
+def test_load_weights_strips_a_ddp_prefix_and_names_its_source():
+    model = torch.nn.Linear(2, 2)
+    wrapped = {"module." + k: v + 1 for k, v in model.state_dict().items()}
+    assert load_weights(model, wrapped).ok
+    assert all(torch.equal(model.state_dict()[k[len("module."):]], v) for k, v in wrapped.items())
+    with pytest.raises(WeightsMismatchError, match="^state dict does not fit Linear"):
+        load_weights(model, {})
