@@ -1,9 +1,16 @@
-"""pale.io.LoadReport's text and the report a WeightsMismatchError carries (mutants of these
-survived the other tests)."""
+"""pale.io's reading side where mutants survived the other tests: LoadReport's text, the report a
+WeightsMismatchError carries, which weights read_model_file picks, and create_model_from_file's
+strictness and overrides."""
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
-from pale.io import LoadReport, WeightsMismatchError, load_weights
+from pale.io import (LoadReport, WeightsMismatchError, create_model_from_file, load_weights, read_model_file,
+                     save_checkpoint, save_torch)
+
+TINY = dict(embed_dims=[8, 8, 8, 8], depths=[1, 1, 1, 1], num_heads=[2, 2, 2, 2], num_classes=3)
 
 
 def test_describe_lists_every_kind_of_difference_up_to_the_limit():
@@ -24,3 +31,43 @@ def test_mismatch_error_carries_its_report():
     report = info.value.report
     assert report.mismatched == [("weight", (4, 2), (3, 2))]
     assert report.missing == ["bias"] and report.unexpected == ["extra"]
+
+
+def test_read_model_file_prefers_the_ema_and_keeps_training_state_out_of_the_description(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    ema = {k: torch.full_like(v, 7.0) for k, v in model.state_dict().items()}
+    state = dict(optimizer={"lr": 1}, scheduler={}, scaler={}, rng=[1], epoch=3)
+    save_checkpoint(tmp_path / "c.pth", model, "m", {"a": 1}, ["x"], model_ema=ema, **state)
+    weights, info = read_model_file(tmp_path / "c.pth")
+    assert all(torch.equal(weights[k], ema[k]) for k in ema)
+    assert info == dict(model_name="m", model_kwargs={"a": 1}, class_names=["x"], epoch=3)
+
+    save_torch(dict(state_dict=model.state_dict(), epoch=1), tmp_path / "s.pth")
+    weights, info = read_model_file(tmp_path / "s.pth")
+    assert all(torch.equal(weights[k], model.state_dict()[k]) for k in weights) and info == {"epoch": 1}
+
+
+def test_create_model_from_file_is_strict_and_applies_overrides(tmp_path):
+    import timm
+
+    import pale  # noqa: F401
+
+    model = timm.create_model("pale_tiny", **TINY)
+    save_checkpoint(tmp_path / "c.pth", model, "pale_tiny", TINY, ["a", "b", "c"])
+    rebuilt, info = create_model_from_file(tmp_path / "c.pth", attn_mode="axial")
+    assert rebuilt.attn_mode == "axial" and info["class_names"] == ["a", "b", "c"]
+    with pytest.raises(WeightsMismatchError, match=re.escape(f"{tmp_path / 'c.pth'} does not fit PaleTransformer")):
+        create_model_from_file(tmp_path / "c.pth", num_classes=5)
+    # Non-strict: a warning naming the file, attributed to the caller (not to pale/io.py itself).
+    with pytest.warns(UserWarning, match=re.escape(f"{tmp_path / 'c.pth'}: loaded the weights that fit")) as caught:
+        create_model_from_file(tmp_path / "c.pth", strict=False, num_classes=5)
+    assert Path(caught[0].filename).name != "io.py"
+
+
+def test_load_weights_strips_a_ddp_prefix_and_names_its_source():
+    model = torch.nn.Linear(2, 2)
+    wrapped = {"module." + k: v + 1 for k, v in model.state_dict().items()}
+    assert load_weights(model, wrapped).ok
+    assert all(torch.equal(model.state_dict()[k[len("module."):]], v) for k, v in wrapped.items())
+    with pytest.raises(WeightsMismatchError, match="^state dict does not fit Linear"):
+        load_weights(model, {})
