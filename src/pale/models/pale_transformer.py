@@ -29,6 +29,8 @@ from timm.layers import ClassifierHead, DropPath, Mlp, resample_abs_pos_embed_nh
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
+from . import attention_kernels
+
 __all__ = ["PSAttention", "PaleBlock", "PaleStage", "PaleTransformer", "ATTN_MODES", "POS_EMBEDS"]
 
 AttnMode = Literal["parallel", "sequential", "vanilla", "axial", "cross_shaped"]
@@ -125,7 +127,7 @@ def row_group_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, group_s
         mask = valid_key_mask(h, hp, w, group_size, interlaced, q.device)
         mask = mask.unsqueeze(0).expand(b, groups, group_size * w).reshape(b * groups, 1, 1, -1)
     qg, kg, vg = (_split_heads(group_rows(t, group_size, interlaced), num_heads) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask)
+    out = attention_kernels.attention(qg, kg, vg, mask)
     out = ungroup_rows(_merge_heads(out), b, group_size, w, interlaced)
     return out[:, :h]
 
@@ -206,7 +208,7 @@ def pale_branch_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, group
         raise ValueError(f"pale_branch_attention needs a square map whose side is a multiple of the "
                          f"group size {group_size}, got {h}x{w}")
     qg, kg, vg = (_split_heads(group_branches(t, group_size, interlaced), num_heads) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(qg, kg, vg)
+    out = attention_kernels.attention(qg, kg, vg)
     return ungroup_branches(_merge_heads(out), b, group_size, interlaced)
 
 
@@ -569,7 +571,6 @@ class PaleTransformer(nn.Module):
         self.img_size = _pair(img_size, "img_size")
         self.attn_mode = attn_mode
         self.num_features = self.head_hidden_size = embed_dims[-1]
-        self.grad_checkpointing = False
 
         self.stem = ConvPatchMerging(in_chans, embed_dims[0], 7, 4, norm_layer)
         grids = stage_grids(self.img_size, num_stages) if pos_embed == "ape" else [None] * num_stages
@@ -622,7 +623,8 @@ class PaleTransformer(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
+        # Blocks are checkpointed inside each stage only (as timm's Swin): checkpointing the stages as
+        # well would nest, and every block would run its forward three times per training step.
         for stage in self.stages:
             stage.grad_checkpointing = enable
 
@@ -653,10 +655,7 @@ class PaleTransformer(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """``(B, C, H, W)`` -> normed final NHWC map ``(B, H/32, W/32, C4)``."""
         x = self._embed(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.stages, x)
-        else:
-            x = self.stages(x)
+        x = self.stages(x)
         return self.norm(x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
