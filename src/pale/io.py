@@ -29,7 +29,7 @@ import torch.nn as nn
 PathLike = Union[str, os.PathLike]
 
 __all__ = [
-    "CheckpointError", "WeightsMismatchError", "LoadReport", "atomic_path", "atomic_write_text",
+    "CheckpointError", "WeightsMismatchError", "LoadReport", "atomic_path", "atomic_write_bytes", "atomic_write_text",
     "atomic_write_json", "atomic_savefig", "save_torch", "load_torch", "save_safetensors",
     "load_safetensors", "load_state_dict_file", "load_weights", "save_checkpoint", "read_model_file",
     "create_model_from_file",
@@ -74,29 +74,61 @@ class LoadReport:
 
 # ---- atomic writes -------------------------------------------------------------------------------
 
+def _ordinary_mode() -> int:
+    """The permissions ``open(path, "w")`` gives a new file: ``0o666`` minus the umask."""
+    umask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path`` in one rename.
 
-    On an exception the temporary file is removed and ``path`` is left as it was.
+    The one way ``pale`` writes a file a user keeps. After the caller has written the temporary
+    file: its permissions are set to an ordinary new file's (``0o666`` minus the umask, whatever the
+    writer created it with), its data is flushed to disk (``fsync``) BEFORE the rename, so a crash
+    leaves the old file or the whole new one, then the directory entry is flushed too. On an
+    exception the temporary file is removed and ``path`` is left as it was.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    # mkstemp makes the file 0600; give it the permissions an ordinary open() would (0666 & ~umask).
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)
     try:
         yield tmp_path
-        with open(tmp_path, "rb") as f:
-            os.fsync(f.fileno())
+        # After the writer: some (safetensors) replace the file they are given by their own.
+        os.chmod(tmp_path, _ordinary_mode())
+        fd = os.open(tmp_path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp_path, target)
+        _fsync_dir(target.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Flush a directory entry (the rename) to disk; a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:
@@ -154,8 +186,9 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: PathLike,
 
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    with atomic_path(path) as tmp:
-        safetensors.torch.save_file(tensors, str(tmp), metadata=meta)
+    # Serialised in memory, not save_file: that writes its own temporary file and renames it over
+    # ours, with owner-only permissions.
+    atomic_write_bytes(path, safetensors.torch.save(tensors, metadata=meta))
 
 
 def load_safetensors(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
