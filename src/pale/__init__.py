@@ -2,7 +2,8 @@
 
 ``import pale`` registers ``pale_tiny``, ``pale_small`` and ``pale_base`` with timm.
 """
-from .models import ATTN_MODES, POS_EMBEDS, PaleBlock, PaleStage, PaleTransformer, PSAttention
+from .models import ATTN_MODES, POS_EMBEDS, PaleBlock, PaleStage, PaleTransformer, PSAttention, create_attention
 
 __version__ = "0.1.0"
-__all__ = ["ATTN_MODES", "POS_EMBEDS", "PaleBlock", "PaleStage", "PaleTransformer", "PSAttention", "__version__"]
+__all__ = ["ATTN_MODES", "POS_EMBEDS", "PaleBlock", "PaleStage", "PaleTransformer", "PSAttention", "create_attention",
+           "__version__"]

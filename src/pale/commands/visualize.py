@@ -8,7 +8,7 @@ from pathlib import Path
 def run_receptive_field(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from .. import ATTN_MODES, PSAttention
+    from .. import ATTN_MODES, create_attention
     from .. import io as pio
     from ..visualize import receptive_field, render_receptive_fields
 
@@ -17,9 +17,9 @@ def run_receptive_field(args: argparse.Namespace) -> int:
     modes = args.mode or list(ATTN_MODES)
     fields = {}
     for mode in modes:
-        layer = PSAttention(args.dim, args.heads, pale_size=args.pale_size, mode=mode,
-                            direction=args.direction if mode == "sequential" else None,
-                            stripe_width=args.stripe_width)
+        layer = create_attention(args.dim, args.heads, pale_size=args.pale_size, mode=mode,
+                                 direction=args.direction if mode == "sequential" else None,
+                                 stripe_width=args.stripe_width)
         label = f"{mode} ({args.direction})" if mode == "sequential" else mode
         fields[label] = receptive_field(layer, (h, w), token)
     picture = render_receptive_fields(fields, token, cell=args.cell)
