@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from pale import PSAttention, create_attention
+from pale import ATTN_MODES, PSAttention, PaleTransformer, create_attention
+from pale.models import GroupedAttention, attention_kernels
 from reference import mode_masks, reference_attention
 
 # (H, W, pale_size, heads): odd sizes, padding in one or both directions, a 1-row map, and 56x56.
@@ -216,3 +217,56 @@ def test_eval_projection_folds_batchnorm_exactly():
     proj.train()  # training uses batch statistics, so nothing is folded
     unfolded = proj.pw(proj.bn(proj.dw(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1))
     torch.testing.assert_close(proj(x), unfolded, rtol=1e-12, atol=1e-12)
+
+
+# ---- the attention backend switch ---------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ATTN_MODES)
+def test_explicit_attention_equals_the_default_in_float32(mode, monkeypatch):
+    """fused_attn=False runs softmax(q k^T) v and never the fused kernels; same outputs to 1e-5."""
+    model = PaleTransformer(embed_dims=(16, 32, 32, 64), depths=(1, 2, 1, 1), num_heads=(2, 2, 2, 2), pale_size=3,
+                            attn_mode=mode, num_classes=5).eval()
+    layers = [m for m in model.modules() if isinstance(m, GroupedAttention)]
+    assert len(layers) == 5 and all(layer.fused_attn for layer in layers)   # timm's use_fused_attn() default
+    # 48x48: maps 12/6/3/2, unpadded square ones (one-call path) and a padded one; 33x47 pads everywhere.
+    images = [torch.randn(2, 3, 48, 48), torch.randn(2, 3, 33, 47)]
+    with torch.no_grad():
+        fused = [model(x) for x in images]
+        for layer in layers:
+            layer.fused_attn = False
+
+        def no_fused_kernel(*args, **kwargs):
+            raise AssertionError("fused_attn=False called the fused attention kernel")
+        monkeypatch.setattr(attention_kernels, "attention", no_fused_kernel)
+        for x, want in zip(images, fused):
+            torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_layers_follow_timms_fused_attention_setting():
+    from timm.layers import set_fused_attn, use_fused_attn
+    assert use_fused_attn()
+    set_fused_attn(False)
+    try:
+        layer = create_attention(16, 2, 3)
+    finally:
+        set_fused_attn(True)
+    assert layer.fused_attn is False and create_attention(16, 2, 3).fused_attn is True
+
+
+@pytest.mark.parametrize("mode", ATTN_MODES)
+def test_kept_weights_are_softmax_rows_on_the_map(mode):
+    """keep_attn_weights (explicit path): one AttentionWeights per branch whose query rows sum to one
+    and cover exactly the keys of the mode's groups (tests/reference.py)."""
+    layer = create_attention(16, 4, (3, 2), mode=mode, stripe_width=2).double().eval()
+    layer.fused_attn, layer.keep_attn_weights = False, True
+    h, w = 7, 9
+    with torch.no_grad():
+        layer(torch.randn(2, h, w, 16, dtype=torch.float64))
+    masks = mode_masks(mode, h, w, layer.group_size, layer.direction or "row")
+    masks = masks if isinstance(masks, tuple) else (masks,)
+    assert len(layer.attn_weights) == len(masks)
+    for kept, mask in zip(layer.attn_weights, masks):
+        for token in (0, 4 * w + 5, h * w - 1):
+            weights = kept.of_query(token)                        # (B, heads, H W)
+            torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:2], dtype=torch.float64))
+            assert ((weights > 0) == mask[token]).all()
