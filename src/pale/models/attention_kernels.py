@@ -58,7 +58,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = ["CANDIDATES", "KernelKey", "attention", "attention_probs", "explicit_attention", "select_kernel", "kernel_key",
            "set_kernel", "get_kernel", "use_kernel", "set_memory_cap", "kernel_choices",
-           "load_kernel_choices", "clear_kernel_choices", "recording", "measure_seconds", "hardware_id"]
+           "load_kernel_choices", "clear_kernel_choices", "recording", "measure_seconds", "cpu_name", "hardware_id"]
 
 KernelFn = Callable[[Tensor, Tensor, Tensor, Optional[Tensor]], Tensor]
 
@@ -263,16 +263,19 @@ def clear_kernel_choices() -> None:
 # Saving and restoring the choices
 # --------------------------------------------------------------------------------------------
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def hardware_id() -> str:
     """The machine and software a measurement holds for: CPU model, instruction set, cores, torch
     threads, GPU name (when CUDA is available) and torch version."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    parts = [cpu, torch.backends.cpu.get_cpu_capability(), f"{os.cpu_count()} cores",
+    parts = [cpu_name(), torch.backends.cpu.get_cpu_capability(), f"{os.cpu_count()} cores",
              f"{torch.get_num_threads()} threads"]
     if torch.cuda.is_available():
         parts.append(torch.cuda.get_device_name())

@@ -110,7 +110,7 @@ def per_pale_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, pale_siz
     Returns:
         ``(B, H, W, C)``.
     """
-    if torch.jit.is_tracing():
+    if torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export():  # ONNX has no exceptions; its export is static
         q = _traced_size_check()(q, int(q.shape[1]), int(q.shape[2]))
     b, h, w, c = q.shape
     n = pale_count(h, w, pale_size)
