@@ -284,7 +284,8 @@ def attend_in_groups(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]
     """
     if keep is not None:
         probs = attention_kernels.attention_probs(q, k, key_mask)
-        keep.append(AttentionWeights(probs.unflatten(0, (-1, tokens.shape[0])), tokens, int(tokens.max()) + 1))
+        num_tokens = int(tokens.max()) + 1   # every token of the map is in some group
+        keep.append(AttentionWeights(probs.unflatten(0, (-1, tokens.shape[0])), tokens, num_tokens))
         return probs @ v
     if fused:
         return attention_kernels.attention(q, k, v, key_mask)
