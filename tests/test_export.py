@@ -130,8 +130,8 @@ def test_dynamo_exporter_also_matches(tiny_checkpoint, tmp_path):
     model, _ = pio.create_model_from_file(tiny_checkpoint)
     result = ex.export_onnx(model, tmp_path / "d.onnx", exporter="dynamo",
                             check_sizes=[(224, 224), (97, 131), (33, 47)])
-    assert result.exporter == "dynamo" and result.opset == 18
-    assert len(result.checks) == 4 and all(c.max_rel_err <= 1e-4 for c in result.checks)
+    assert result.exporter == "dynamo" and result.opset == 18 and result.trace_size == (224, 224)
+    assert len(result.checks) == 3 and all(c.max_rel_err <= 1e-4 for c in result.checks)
 
 
 @pytest.mark.slow

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .pale_transformer import (GroupedAttention, KeptWeights, attend_in_groups, column_group_attention,
-                               merge_heads, pale_count, register_attention, row_group_attention, split_heads)
+                               merge_heads, pale_count, register_attention, row_group_attention, split_heads,
+                               traced_for_any_size)
 
 __all__ = ["SequentialPSAttention", "sequential_attention", "VanillaPSAttention", "per_pale_attention", "pale_index"]
 
@@ -115,7 +116,9 @@ def per_pale_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, pale_siz
     b, h, w, c = q.shape
     n = pale_count(h, w, pale_size)
     hp, wp = n * pale_size[0], n * pale_size[1]
-    index, count = (t.to(q.device) for t in pale_index(n, tuple(pale_size)))
+    # The cache only outside graph capture: tensors made while tracing or exporting must not outlive it.
+    build = pale_index.__wrapped__ if traced_for_any_size() or torch.compiler.is_compiling() else pale_index
+    index, count = (t.to(q.device) for t in build(n, tuple(pale_size)))
     padded = (hp, wp) != (h, w)
     if padded:
         q, k, v = (F.pad(t, (0, 0, 0, wp - w, 0, hp - h)) for t in (q, k, v))
