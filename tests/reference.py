@@ -55,11 +55,9 @@ def mode_masks(mode: str, h: int, w: int, group_size: Tuple[int, int], direction
         if direction == "row":
             return same_row_group(h, w, interlaced_group_ids(h, s_r))
         return same_col_group(h, w, interlaced_group_ids(w, s_c))
-    if mode == "vanilla":
-        # the keys a token's output depends on: every token of the pales holding it (the output
-        # itself is the mean over those pales, see per_pale_reference)
+    if mode == "vanilla":  # a token reaches every token of the pales that hold it
         members = pale_members(h, w, group_size).double()
-        return (members.T @ members) > 0
+        return members.t() @ members > 0
     raise ValueError(mode)
 
 
@@ -91,7 +89,7 @@ def per_pale_reference(q: Tensor, k: Tensor, v: Tensor, num_heads: int, pale_siz
 
 
 def reference_attention(layer, x: Tensor) -> Tensor:
-    """What ``layer`` (a PSAttention) should compute on ``x``, by dense masked attention."""
+    """What ``layer`` (an attention layer of any mode) should compute on ``x``, by dense masked attention."""
     b, h, w, c = x.shape
     q, k, v = layer.q(x), layer.k(x), layer.v(x)
     if layer.mode == "vanilla":

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from pale import PSAttention
+from pale import ATTN_MODES, PSAttention, PaleTransformer, create_attention
+from pale.models import GroupedAttention, attention_kernels
 from reference import mode_masks, reference_attention
 
 # (H, W, pale_size, heads): odd sizes, padding in one or both directions, a 1-row map, and 56x56.
@@ -20,7 +21,7 @@ CASES = [
 
 
 def _layer(dim, heads, pale_size, **kw):
-    layer = PSAttention(dim, heads, pale_size, **kw).double().eval()
+    layer = create_attention(dim, heads, pale_size, **kw).double().eval()
     # Random BatchNorm statistics, so the eval-mode projections are not the identity on stats.
     for m in layer.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
@@ -76,7 +77,7 @@ def test_token_sees_only_its_pale():
 
 @pytest.mark.parametrize("pale_size", [7, (7, 7), (3, 5)])
 def test_pale_size_forms(pale_size):
-    layer = PSAttention(32, 4, pale_size)
+    layer = create_attention(32, 4, pale_size)
     assert layer.group_size == ((pale_size, pale_size) if isinstance(pale_size, int) else tuple(pale_size))
 
 
@@ -103,12 +104,12 @@ def test_fp32_close_to_fp64():
 ])
 def test_bad_construction_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        PSAttention(**kwargs)
+        create_attention(**kwargs)
 
 
 def test_odd_heads_allowed_for_single_branch_modes():
-    PSAttention(24, 3, mode="sequential")
-    PSAttention(24, 3, mode="vanilla")
+    create_attention(24, 3, mode="sequential")
+    create_attention(24, 3, mode="vanilla")
 
 
 @pytest.mark.parametrize("x,err,match", [
@@ -130,9 +131,10 @@ VANILLA_CASES = [  # (H, W, pale size, heads): padding in one or both directions
 @pytest.mark.parametrize("h,w,pale_size,heads", VANILLA_CASES)
 def test_per_pale_attention_matches_definition(h, w, pale_size, heads):
     """Values and gradients against attention inside each pale, averaged over a token's pales."""
-    from pale.models.pale_transformer import _pair, per_pale_attention
+    from pale.models.pale_ablations import per_pale_attention
+    from pale.models.pale_transformer import as_pair
     from reference import per_pale_reference
-    pale_size = _pair(pale_size, "pale_size")
+    pale_size = as_pair(pale_size, "pale_size")
     q, k, v = (torch.randn(2, h, w, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     out = per_pale_attention(q, k, v, heads, pale_size)
     ref = per_pale_reference(q, k, v, heads, pale_size)
@@ -145,10 +147,10 @@ def test_per_pale_attention_matches_definition(h, w, pale_size, heads):
 def test_pales_hold_the_papers_token_count():
     """Pale i: interlaced rows i, i+N, ... and columns i, i+N, ..., s_r Wp + s_c Hp - s_r s_c tokens;
     every token is in pale (y mod N) and pale (x mod N)."""
-    from pale.models.pale_transformer import _pale_index
+    from pale.models.pale_ablations import pale_index
     n, (s_r, s_c) = 3, (3, 2)
     hp, wp = n * s_r, n * s_c
-    index, count = (torch.as_tensor(a) for a in _pale_index(n, (s_r, s_c)))
+    index, count = pale_index(n, (s_r, s_c))
     assert index.shape == (n, s_r * wp + s_c * hp - s_r * s_c)
     for i in range(n):
         y, x = index[i] // wp, index[i] % wp
@@ -165,7 +167,8 @@ def test_per_pale_attention_costs_2cNP2(h, w, pale_size, heads):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pale.models.pale_transformer import pale_count, per_pale_attention
+    from pale.models.pale_ablations import per_pale_attention
+    from pale.models.pale_transformer import pale_count
     c = 8
     q = torch.randn(1, h, w, c)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
@@ -179,9 +182,9 @@ def test_per_pale_attention_costs_2cNP2(h, w, pale_size, heads):
 @pytest.mark.parametrize("h,w,s,heads", [(14, 14, 7, 2), (12, 12, 3, 4), (6, 6, 2, 2), (7, 7, 7, 2), (4, 4, 1, 2)])
 def test_fused_branches_equal_separate_branches(h, w, s, heads, interlaced):
     """The one-call path (square, unpadded) against the two per-branch calls: values and gradients."""
-    from pale.models.pale_transformer import column_group_attention, pale_branch_attention, row_group_attention
+    from pale.models.pale_transformer import column_group_attention, ps_attention_one_call, row_group_attention
     q, k, v = (torch.randn(2, h, w, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    fused = pale_branch_attention(q, k, v, heads, s, interlaced)
+    fused = ps_attention_one_call(q, k, v, heads, s, interlaced)
     separate = torch.cat((row_group_attention(q[..., :4], k[..., :4], v[..., :4], heads, s, interlaced),
                           column_group_attention(q[..., 4:], k[..., 4:], v[..., 4:], heads, s, interlaced)), dim=-1)
     torch.testing.assert_close(fused, separate, rtol=1e-10, atol=1e-10)
@@ -193,10 +196,10 @@ def test_fused_branches_equal_separate_branches(h, w, s, heads, interlaced):
 
 
 def test_fused_branches_refuse_maps_that_need_padding():
-    from pale.models.pale_transformer import pale_branch_attention
+    from pale.models.pale_transformer import ps_attention_one_call
     q = torch.randn(1, 12, 13, 8)
     with pytest.raises(ValueError, match="square map .* multiple of the group size 7, got 12x13"):
-        pale_branch_attention(q, q, q, 2, 7, True)
+        ps_attention_one_call(q, q, q, 2, 7, True)
 
 
 def test_eval_projection_folds_batchnorm_exactly():
@@ -214,3 +217,56 @@ def test_eval_projection_folds_batchnorm_exactly():
     proj.train()  # training uses batch statistics, so nothing is folded
     unfolded = proj.pw(proj.bn(proj.dw(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1))
     torch.testing.assert_close(proj(x), unfolded, rtol=1e-12, atol=1e-12)
+
+
+# ---- the attention backend switch ---------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ATTN_MODES)
+def test_explicit_attention_equals_the_default_in_float32(mode, monkeypatch):
+    """fused_attn=False runs softmax(q k^T) v and never the fused kernels; same outputs to 1e-5."""
+    model = PaleTransformer(embed_dims=(16, 32, 32, 64), depths=(1, 2, 1, 1), num_heads=(2, 2, 2, 2), pale_size=3,
+                            attn_mode=mode, num_classes=5).eval()
+    layers = [m for m in model.modules() if isinstance(m, GroupedAttention)]
+    assert len(layers) == 5 and all(layer.fused_attn for layer in layers)   # timm's use_fused_attn() default
+    # 48x48: maps 12/6/3/2, unpadded square ones (one-call path) and a padded one; 33x47 pads everywhere.
+    images = [torch.randn(2, 3, 48, 48), torch.randn(2, 3, 33, 47)]
+    with torch.no_grad():
+        fused = [model(x) for x in images]
+        for layer in layers:
+            layer.fused_attn = False
+
+        def no_fused_kernel(*args, **kwargs):
+            raise AssertionError("fused_attn=False called the fused attention kernel")
+        monkeypatch.setattr(attention_kernels, "attention", no_fused_kernel)
+        for x, want in zip(images, fused):
+            torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_layers_follow_timms_fused_attention_setting():
+    from timm.layers import set_fused_attn, use_fused_attn
+    assert use_fused_attn()
+    set_fused_attn(False)
+    try:
+        layer = create_attention(16, 2, 3)
+    finally:
+        set_fused_attn(True)
+    assert layer.fused_attn is False and create_attention(16, 2, 3).fused_attn is True
+
+
+@pytest.mark.parametrize("mode", ATTN_MODES)
+def test_kept_weights_are_softmax_rows_on_the_map(mode):
+    """keep_attn_weights (explicit path): one AttentionWeights per branch whose query rows sum to one
+    and cover exactly the keys of the mode's groups (tests/reference.py)."""
+    layer = create_attention(16, 4, (3, 2), mode=mode, stripe_width=2).double().eval()
+    layer.fused_attn, layer.keep_attn_weights = False, True
+    h, w = 7, 9
+    with torch.no_grad():
+        layer(torch.randn(2, h, w, 16, dtype=torch.float64))
+    masks = mode_masks(mode, h, w, layer.group_size, layer.direction or "row")
+    masks = masks if isinstance(masks, tuple) else (masks,)
+    assert len(layer.attn_weights) == len(masks)
+    for kept, mask in zip(layer.attn_weights, masks):
+        for token in (0, 4 * w + 5, h * w - 1):
+            weights = kept.of_query(token)                        # (B, heads, H W)
+            torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:2], dtype=torch.float64))
+            assert ((weights > 0) == mask[token]).all()

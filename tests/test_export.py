@@ -29,7 +29,8 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def onnx_file(tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
-    # The command checks the trace size and 33x47 itself; the test below checks the file independently.
+    # Traced at the model's input size (224x224, where no layer pads); the command checks the trace
+    # size and 33x47 itself, the test below checks the file independently.
     assert main(["export", "pale_tiny", "--checkpoint", str(tiny_checkpoint), "--output", str(out),
                  "--check-size", "33", "47"]) == 0
     return out
@@ -37,7 +38,15 @@ def onnx_file(tiny_checkpoint, tmp_path_factory):
 
 def _pads(model, size):
     """Whether any attention layer pads at this image size."""
-    return any(h % l.group_size[0] or w % l.group_size[1] for l, h, w in ex._attention_input_sizes(model, size, 3))
+    seen = []
+    hooks = [layer.register_forward_pre_hook(lambda m, a: seen.append((m.group_size, a[0].shape[1:3])))
+             for layer in ex.attention_layers(model)]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, *size))
+    for h in hooks:
+        h.remove()
+    assert seen
+    return any(h % s_r or w % s_c for (s_r, s_c), (h, w) in seen)
 
 
 def test_onnx_equals_pytorch_at_three_sizes_from_one_file(onnx_file, tiny_checkpoint):
@@ -67,13 +76,13 @@ def test_onnx_metadata_holds_class_names_and_preprocessing(onnx_file):
     assert props["data_config"]["input_size"] == [3, 224, 224]
 
 
-def test_trace_size_makes_every_layer_pad(tiny_checkpoint):
+def test_default_trace_size_is_the_models_input_size(tiny_checkpoint, tmp_path):
+    # A trace taken where no layer pads still pads and masks at every other size (no trace-size search).
     model, _ = pio.create_model_from_file(tiny_checkpoint)
-    size = ex.padding_trace_size(model)
-    assert size == (64, 64)
-    for layer, h, w in ex._attention_input_sizes(model, size, 3):
-        s_r, s_c = layer.group_size
-        assert h % s_r and w % s_c, (size, h, w)
+    result = ex.export_onnx(model, tmp_path / "m.onnx", exporter="legacy", check_sizes=[(61, 45)])
+    assert result.trace_size == (224, 224) and not _pads(model, (224, 224)) and _pads(model, (61, 45))
+    assert [c.shape[2:] for c in result.checks] == [(224, 224), (61, 45)]
+    assert all(c.max_rel_err <= 1e-4 for c in result.checks)
 
 
 def test_failed_check_leaves_existing_output_untouched(tiny_checkpoint, tmp_path):
@@ -121,14 +130,14 @@ def test_dynamo_exporter_also_matches(tiny_checkpoint, tmp_path):
     model, _ = pio.create_model_from_file(tiny_checkpoint)
     result = ex.export_onnx(model, tmp_path / "d.onnx", exporter="dynamo",
                             check_sizes=[(224, 224), (97, 131), (33, 47)])
-    assert result.exporter == "dynamo" and result.opset == 18
-    assert len(result.checks) == 4 and all(c.max_rel_err <= 1e-4 for c in result.checks)
+    assert result.exporter == "dynamo" and result.opset == 18 and result.trace_size == (224, 224)
+    assert len(result.checks) == 3 and all(c.max_rel_err <= 1e-4 for c in result.checks)
 
 
 @pytest.mark.slow
 def test_auto_falls_back_to_dynamo_for_static_vanilla(tmp_path):
-    # The legacy exporter fails on vanilla's scatter-add of the pales' outputs (index_add).
+    # The legacy exporter cannot export vanilla's pale index, which is built while tracing.
     model = timm.create_model("pale_tiny", **dict(TINY, attn_mode="vanilla"))
     result = ex.export_onnx(model, tmp_path / "v.onnx", dynamic=False)
-    assert result.exporter == "dynamo" and "legacy" in result.failed
+    assert result.exporter == "dynamo" and "cannot export this model" in result.failed["legacy"]
     assert result.checks[0].max_rel_err <= 1e-4

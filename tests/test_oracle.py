@@ -20,9 +20,7 @@ TINY = dict(embed_dims=(8, 16, 16, 16), depths=(1, 2, 1, 1), num_heads=(2, 2, 4,
 IMAGE_SIZES = ((45, 37), (53, 61))   # stage maps 12x10/6x5/3x3/2x2 and 14x16/7x8/4x4/2x2 after padding
 MAP_SIZES = ((11, 9), (7, 10))       # for single layers and blocks
 
-VANILLA_XFAIL = pytest.mark.xfail(strict=True, reason="vanilla becomes per-pale attention on the fidelity branch")
-APE_XFAIL = pytest.mark.xfail(strict=True, reason="APE becomes one learned table per stage on another branch")
-MODE_PARAMS = [pytest.param(m, marks=VANILLA_XFAIL) if m == "vanilla" else m for m in MODES]
+MODE_PARAMS = list(MODES)
 
 
 def randomize_(model: torch.nn.Module) -> torch.nn.Module:
@@ -111,7 +109,6 @@ def test_network_without_position_encoding_matches_the_oracle(size, training):
     _network_matches(build("parallel", "none"), net_config("parallel", "none"), size, training)
 
 
-@APE_XFAIL
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("size", IMAGE_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_network_with_per_stage_ape_matches_the_oracle(size, training):

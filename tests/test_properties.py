@@ -4,7 +4,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pale import ATTN_MODES, PSAttention
+from pale import ATTN_MODES, create_attention
 from pale.models.pale_transformer import PaleTransformer
 from reference import reference_attention
 
@@ -27,7 +27,7 @@ def layer_cases(draw):
 
 
 def _build(mode, dim, heads, pale, direction):
-    return PSAttention(dim, heads, pale, mode=mode, direction=direction, stripe_width=pale[0]).double().eval()
+    return create_attention(dim, heads, pale, mode=mode, direction=direction, stripe_width=pale[0]).double().eval()
 
 
 @SETTINGS

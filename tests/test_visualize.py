@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import pale  # noqa: F401
-from pale import PSAttention
+from pale import create_attention
 from pale import io as pio
 from pale.cli import main
 from pale.visualize import (RF_COLORS, receptive_field, stage_attention, token_attention)
@@ -20,8 +20,8 @@ CASES = [((12, 12), (3, 3), (6, 6)), ((9, 5), (3, 2), (8, 0)), ((8, 10), (3, 3),
 
 
 def _layer(mode, group, direction=None):
-    return PSAttention(8, 2, pale_size=group, mode=mode, stripe_width=group[0] if group[0] == group[1] else 3,
-                       direction=direction)
+    return create_attention(8, 2, pale_size=group, mode=mode, stripe_width=group[0] if group[0] == group[1] else 3,
+                            direction=direction)
 
 
 def _expected(layer, size, token):
@@ -107,7 +107,7 @@ def test_single_mode_picture(tmp_path):
 @pytest.mark.parametrize("mode", MODES)
 def test_token_attention_weights_reproduce_the_layer_output(mode):
     torch.manual_seed(0)
-    layer = PSAttention(8, 4, pale_size=(3, 2), mode=mode, stripe_width=2).double().eval()
+    layer = create_attention(8, 4, pale_size=(3, 2), mode=mode, stripe_width=2).double().eval()
     x = torch.randn(1, 7, 9, 8, dtype=torch.float64)
     token = (5, 3)
     weights = token_attention(layer, x, token)                       # (heads, H, W)

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["ATTN_MODES", "POS_EMBEDS", "PaleBlock", "PaleStage", "PaleTransformer", "PSAttention",
+__all__ = ["ATTN_MODES", "POS_EMBEDS", "PaleBlock", "PaleStage", "PaleTransformer", "PSAttention", "create_attention",
            "register_models", "__version__"]
 
-_MODEL_NAMES = {"ATTN_MODES", "POS_EMBEDS", "PaleBlock", "PaleStage", "PaleTransformer", "PSAttention"}
+_MODEL_NAMES = {"ATTN_MODES", "POS_EMBEDS", "PaleBlock", "PaleStage", "PaleTransformer", "PSAttention",
+                "create_attention"}
 _SUBMODULES = {"bench", "cli", "commands", "complexity", "dense", "errors", "export", "io", "models",
                "predict", "progress", "train", "visualize"}
 

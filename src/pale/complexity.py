@@ -23,7 +23,6 @@ position embedding.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -34,6 +33,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import InputError
+from .models.pale_transformer import (MODEL_ARGS, TWO_BRANCH_MODES, AttentionLayout, PaleTransformer, as_pair,
+                                      attention_layout, block_direction, padded_length, stage_grids)
 
 __all__ = [
     "ModelCost", "measure_cost", "measured_cost", "parameters_on_meta",
@@ -172,10 +173,6 @@ def measured_cost(model_name: str, input_size: Pair, shapes_only: bool = True, *
 # Analytic: one attention layer
 # ============================================================================================
 
-def _ceil_to(length: int, multiple: int) -> int:
-    return -(-length // multiple) * multiple
-
-
 def global_attention_macs(h: int, w: int, c: int) -> int:
     """Eq. 4: global self-attention with linear q/k/v and output projections, ``4hwc² + 2c(hw)²``."""
     return 4 * h * w * c * c + 2 * c * (h * w) ** 2
@@ -190,7 +187,7 @@ def pale_attention_macs(h: int, w: int, c: int, pale_size: Pair) -> int:
 def _row_groups_macs(h: int, w: int, c: int, group_size: int, padded: bool) -> int:
     """Both matmuls of attention inside groups of ``group_size`` rows spanning all ``w`` columns,
     on ``c`` channels: ``Hp / s`` groups of ``s w`` tokens, ``2 (Hp/s) (s w)² c``. Eq. 14 per branch."""
-    hp = _ceil_to(h, group_size) if padded else h
+    hp = padded_length(h, group_size) if padded else h
     return 2 * hp * group_size * w * w * c
 
 
@@ -210,7 +207,7 @@ def attention_matmul_macs(mode: str, h: int, w: int, c: int, group_size: Pair,
         raise InputError(f"formula must be 'code' or 'paper', got {formula!r}")
     padded = formula == "code"
     s_r, s_c = group_size
-    if mode in ("parallel", "axial", "cross_shaped"):
+    if mode in TWO_BRANCH_MODES:
         # Half the channels in each branch: Eq. 14, hw²c s_r + h²wc s_c without padding.
         return (_row_groups_macs(h, w, c // 2, s_r, padded)
                 + _row_groups_macs(w, h, c - c // 2, s_c, padded))
@@ -231,22 +228,6 @@ def attention_matmul_macs(mode: str, h: int, w: int, c: int, group_size: Pair,
 # Analytic: the network
 # ============================================================================================
 
-def _as_pair(value: Any, name: str) -> Pair:
-    """An int or a pair as a validated pair, by the model's own rule."""
-    from .models.pale_transformer import _pair
-    return _pair(value, name)
-
-
-def _per_stage_pairs(value: Any, num_stages: int, name: str) -> Tuple[Pair, ...]:
-    """An int, a pair, or one of those per stage -> one ``(s_r, s_c)`` per stage (as the model reads it)."""
-    if isinstance(value, int) or (isinstance(value, (tuple, list)) and len(value) == 2 and num_stages != 2
-                                  and all(isinstance(v, int) for v in value)):
-        return (_as_pair(value, name),) * num_stages
-    if isinstance(value, (tuple, list)) and len(value) == num_stages:
-        return tuple(_as_pair(v, name) for v in value)
-    raise InputError(f"{name} must be an int, a pair, or one entry per stage ({num_stages}), got {value!r}")
-
-
 @dataclass(frozen=True)
 class PaleConfig:
     """The constructor arguments of :class:`pale.PaleTransformer` that its cost depends on."""
@@ -265,41 +246,29 @@ class PaleConfig:
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "PaleConfig":
-        """From ``PaleTransformer(**kwargs)`` arguments; missing ones take the constructor's defaults."""
-        from .models.pale_transformer import ATTN_MODES, POS_EMBEDS, PaleTransformer
-
-        params = inspect.signature(PaleTransformer.__init__).parameters
-        args = {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
-        args.update(kwargs)
-        if args["attn_mode"] not in ATTN_MODES:
-            raise InputError(f"unknown attention mode {args['attn_mode']!r}; expected one of {ATTN_MODES}")
-        if args["pos_embed"] not in POS_EMBEDS:
-            raise InputError(f"unknown position encoding {args['pos_embed']!r}; expected one of {POS_EMBEDS}")
-        n = len(args["depths"])
-        if not (len(args["embed_dims"]) == len(args["num_heads"]) == n):
-            raise InputError("embed_dims, depths and num_heads must have one entry per stage")
-        return cls(tuple(args["embed_dims"]), tuple(args["depths"]), tuple(args["num_heads"]),
-                   _per_stage_pairs(args["pale_size"], n, "pale_size"), args["attn_mode"],
-                   _per_stage_pairs(args["stripe_width"], n, "stripe_width"), float(args["mlp_ratio"]),
-                   args["pos_embed"], int(args["num_classes"]), int(args["in_chans"]),
-                   _as_pair(args["img_size"], "img_size"))
+        """From ``PaleTransformer(**kwargs)`` arguments, as the model checks and resolves them (its
+        defaults, per-stage pairs): a model built on the ``meta`` device, which costs no memory."""
+        with parameters_on_meta():
+            model = PaleTransformer(**kwargs)
+        return cls(model.embed_dims, model.depths, model.num_heads, model.pale_sizes, model.attn_mode,
+                   model.stripe_widths, float(model.mlp_ratio), model.pos_embed_mode, int(model.num_classes),
+                   int(model.in_chans), model.img_size)
 
     @classmethod
     def from_model_name(cls, model_name: str, **overrides: Any) -> "PaleConfig":
         """A registered variant (``pale_tiny`` ...) with optional constructor overrides."""
-        from .models.pale_transformer import MODEL_ARGS
-
         if model_name not in MODEL_ARGS:
             raise InputError(f"no analytic cost model for {model_name!r}; known: {sorted(MODEL_ARGS)}")
         return cls.from_kwargs(**dict(MODEL_ARGS[model_name], **overrides))
 
+    def layout(self, stage: int, block: int = 0) -> AttentionLayout:
+        """The model's attention layout of ``block`` in ``stage`` (mode, group size, interlacing, direction)."""
+        return attention_layout(self.attn_mode, self.pale_size[stage], self.stripe_width[stage],
+                                block_direction(self.attn_mode, block))
+
     def group_size(self, stage: int) -> Pair:
         """Group size the attention of ``stage`` uses: pale size, (1, 1) for axial, stripe width for CSWin."""
-        if self.attn_mode == "axial":
-            return (1, 1)
-        if self.attn_mode == "cross_shaped":
-            return self.stripe_width[stage]
-        return self.pale_size[stage]
+        return self.layout(stage).group_size
 
 
 @dataclass(frozen=True)
@@ -347,11 +316,6 @@ class AnalyticCost:
                    for layer in self.layers if layer.name.endswith(".attn.matmul"))
 
 
-def _conv_out(size: int, kernel: int, stride: int) -> int:
-    padding = (kernel - stride + 1) // 2  # ConvPatchMerging's padding
-    return (size + 2 * padding - kernel) // stride + 1
-
-
 def _conv_layer(name: str, h: int, w: int, c_in: int, c_out: int, kernel: int, groups: int = 1) -> LayerMacs:
     macs = h * w * c_out * (c_in // groups) * kernel * kernel
     return LayerMacs(name, (h, w), c_out, macs, macs)
@@ -366,9 +330,8 @@ def _block_layers(prefix: str, cfg: PaleConfig, stage: int, block: int, h: int, 
     """The counted operations of one block on an ``h x w`` map (Eq. 6-8, 13-16)."""
     c = cfg.embed_dims[stage]
     hidden = int(c * cfg.mlp_ratio)
-    group = cfg.group_size(stage)
-    mode = cfg.attn_mode
-    direction = ("row" if block % 2 == 0 else "column") if mode == "sequential" else None
+    layout = cfg.layout(stage, block)
+    mode, group, direction = layout.mode, layout.group_size, layout.direction
     layers = []
     if cfg.pos_embed == "cpe":
         layers.append(_conv_layer(f"{prefix}.cpe.proj", h, w, c, c, 3, groups=c))
@@ -395,14 +358,15 @@ def _block_params(c: int, hidden: int, cpe: bool) -> int:
 def analytic_cost(cfg: PaleConfig, img_size: Pair) -> AnalyticCost:
     """Analytic parameters and per-layer multiply-adds of a ``PaleTransformer`` on one
     ``(1, in_chans, H, W)`` image. Layer names follow the model's module paths."""
-    h_img, w_img = _as_pair(tuple(img_size), "img_size")
+    h_img, w_img = as_pair(tuple(img_size), "img_size")
     if h_img < 3 or w_img < 3:
         raise InputError(f"images must be at least 3x3 for the 7x7/stride-4 stem, got {(h_img, w_img)}")
     dims = cfg.embed_dims
     layers: List[LayerMacs] = []
     params: Dict[str, int] = {}
 
-    h, w = _conv_out(h_img, 7, 4), _conv_out(w_img, 7, 4)
+    grids = stage_sizes((h_img, w_img), len(dims))
+    h, w = grids[0]
     layers.append(_conv_layer("stem.proj", h, w, cfg.in_chans, dims[0], 7))
     params["stem"] = cfg.in_chans * dims[0] * 49 + dims[0] + 2 * dims[0]
     # APE: one learned table per stage at the stage's grid for the model's img_size; resized (not
@@ -414,7 +378,7 @@ def analytic_cost(cfg: PaleConfig, img_size: Pair) -> AnalyticCost:
         stage = f"stages.{i}"
         stage_params = 0
         if i > 0:
-            h, w = _conv_out(h, 3, 2), _conv_out(w, 3, 2)
+            h, w = grids[i]
             layers.append(_conv_layer(f"{stage}.downsample.proj", h, w, in_dim, c, 3))
             stage_params += in_dim * c * 9 + c + 2 * c
         if ape_grids is not None:
@@ -438,12 +402,7 @@ def analytic_cost(cfg: PaleConfig, img_size: Pair) -> AnalyticCost:
 
 def stage_sizes(img_size: Pair, num_stages: int = 4) -> List[Pair]:
     """``(h, w)`` of each stage's token map for an ``(H, W)`` image (stem /4, then /2 per stage)."""
-    h, w = _conv_out(img_size[0], 7, 4), _conv_out(img_size[1], 7, 4)
-    sizes = [(h, w)]
-    for _ in range(num_stages - 1):
-        h, w = _conv_out(h, 3, 2), _conv_out(w, 3, 2)
-        sizes.append((h, w))
-    return sizes
+    return stage_grids(tuple(img_size), num_stages)
 
 
 def global_model_macs(cfg: PaleConfig, img_size: Pair) -> int:

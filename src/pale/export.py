@@ -2,16 +2,11 @@
 weights-only safetensors with the model's description as metadata.
 
 ONNX and padding. PS-attention pads each map up to a multiple of its group size and masks the
-padded keys. The exporters trace the model at one example size, so two things must hold for the
-graph to be right at every size (docs/deploy.md has the details):
-
-* The branches ``if hp != h`` (pad or not) and "square and unpadded" (run the row and column
-  branches as one call) are Python ``if``s on sizes: the trace keeps the branches the example size
-  took. :func:`padding_trace_size` picks an example size at which *every* attention layer pads rows
-  and columns, so the graph always pads (by zero rows when none are needed, with an all-true mask)
-  and runs the branches separately, which is correct at every size.
-* The model's ``padded_length`` rounds up as ``(n + s - 1) // s * s``: the same value as
-  ``ceil(n / s) * s`` without dividing a negative number, which ONNX would truncate.
+padded keys. The exporters trace the model at one example size (default: the model's input size);
+the graph is right at every size because, while traced, the model always pads (by zero rows when
+none are needed, with an all-true mask) and runs the row and column branches separately, and its
+``padded_length`` rounds up without dividing a negative number, which ONNX would truncate
+(docs/deploy.md has the details).
 
 Every export is verified against PyTorch with onnxruntime before it replaces the target file. The
 default exporter is the legacy TorchScript one (seconds); torch.export ("dynamo", a minute) is the
@@ -31,8 +26,7 @@ import torch.nn as nn
 from . import io as pio
 from .errors import InputError
 
-__all__ = ["EXPORTERS", "OnnxCheck", "OnnxExport", "attention_layers", "padding_trace_size",
-           "export_onnx", "check_onnx", "export_safetensors", "load_model_for_export"]
+__all__ = ["EXPORTERS", "OnnxCheck", "OnnxExport", "attention_layers", "export_onnx", "check_onnx", "export_safetensors", "load_model_for_export"]
 
 EXPORTERS = ("legacy", "dynamo")
 Size = Tuple[int, int]
@@ -51,50 +45,10 @@ class OnnxCheck:
 
 
 def attention_layers(model: nn.Module) -> List[nn.Module]:
-    """Every PS-attention layer of ``model`` (modules with ``mode`` and ``group_size``)."""
-    from .models import PSAttention
+    """Every attention layer of ``model`` (modules with ``mode`` and ``group_size``)."""
+    from .models import GroupedAttention
 
-    return [m for m in model.modules() if isinstance(m, PSAttention)]
-
-
-def _attention_input_sizes(model: nn.Module, size: Size, in_chans: int) -> List[Tuple[nn.Module, int, int]]:
-    """``(layer, H, W)`` of the map each attention layer sees for an image of ``size``."""
-    seen: List[Tuple[nn.Module, int, int]] = []
-    hooks = [layer.register_forward_pre_hook(lambda m, a: seen.append((m, a[0].shape[1], a[0].shape[2])))
-             for layer in attention_layers(model)]
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, in_chans, *size, device=device))
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
-
-
-def _pads_everywhere(layer: nn.Module, h: int, w: int) -> bool:
-    """Whether every grouping ``layer`` does on an ``h x w`` map needs padding (group size 1 never
-    pads; ``vanilla`` cannot be exported with dynamic sizes at all). A layer that pads also runs its
-    row and column branches as separate calls (the one-call path is only for unpadded square maps)."""
-    s_r, s_c = layer.group_size
-    rows = s_r == 1 or h % s_r != 0
-    cols = s_c == 1 or w % s_c != 0
-    if layer.mode == "sequential":
-        return rows if layer.direction == "row" else cols
-    return rows and cols
-
-
-def padding_trace_size(model: nn.Module, start: int = 64, stop: int = 512) -> Size:
-    """The smallest square image side in ``[start, stop)`` at which every attention layer pads."""
-    in_chans = getattr(model, "in_chans", 3)
-    for side in range(start, stop):
-        # Heights and widths go through the network independently: a side x 3 image tells each
-        # layer's map side at a fraction of a square image's cost.
-        sides = [(layer, h) for layer, h, _ in _attention_input_sizes(model, (side, 3), in_chans)]
-        if all(_pads_everywhere(layer, h, h) for layer, h in sides):
-            return side, side
-    raise InputError(f"no image size in [{start}, {stop}) makes every attention layer pad; "
-                     f"pass a trace size explicitly")
+    return [m for m in model.modules() if isinstance(m, GroupedAttention)]
 
 
 def _check_dynamic_export_supported(model: nn.Module) -> None:
@@ -127,7 +81,7 @@ def export_onnx(model: nn.Module, path: pio.PathLike, *, exporter: str = "auto",
     Args:
         exporter: ``'legacy'`` (TorchScript trace, ``dynamo=False``), ``'dynamo'`` (torch.export,
             opset >= 18), or ``'auto'``: legacy, and dynamo if legacy fails to export or to match.
-        trace_size: example image size; default :func:`padding_trace_size` when ``dynamic``.
+        trace_size: example image size; default the model's input size (``pretrained_cfg``).
         dynamic: batch, height and width as dynamic axes; otherwise every size is fixed.
         check_sizes: image sizes at which onnxruntime must match PyTorch (the trace size is always checked).
         rtol: largest allowed ``max|onnx - torch| / max|torch|``.
@@ -141,7 +95,7 @@ def export_onnx(model: nn.Module, path: pio.PathLike, *, exporter: str = "auto",
     if dynamic:
         _check_dynamic_export_supported(model)
     if trace_size is None:
-        trace_size = padding_trace_size(model) if dynamic else tuple(model.pretrained_cfg["input_size"][1:])
+        trace_size = tuple(model.pretrained_cfg["input_size"][1:])
     trace_size = tuple(trace_size)
     sizes = [trace_size] + ([tuple(s) for s in check_sizes if tuple(s) != trace_size] if dynamic else [])
     failed: Dict[str, str] = {}

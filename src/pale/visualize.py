@@ -7,16 +7,16 @@
   input leaves out the 3x3 depthwise convolution of the q/k/v projections, which would widen the
   footprint by one token on every side. :func:`render_receptive_fields` draws every mode side by
   side in the manner of the paper's Figure 1 (shaded region, red reference token).
-* :func:`token_attention` / :func:`stage_attention`: the attention weights of one query token,
-  recomputed from the input a layer received (captured with a forward pre-hook) with the layer's
-  own ``q``/``k`` projections and its mode's group definition; :func:`render_attention_overlay`
-  overlays their head average for every stage on the image.
+* :func:`token_attention` / :func:`stage_attention`: the attention weights of one query token, as
+  the layer itself computes them: the layer runs its explicit ``softmax(q k^T) v`` path
+  (``fused_attn = False``) and keeps the weights (``keep_attn_weights``);
+  :func:`render_attention_overlay` overlays their head average for every stage on the image.
 """
 from __future__ import annotations
 
-import math
+import contextlib
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from torch import Tensor
 from . import io as pio
 from .errors import InputError
 
-__all__ = ["TWO_BRANCH_MODES", "branch_channels", "group_masks", "receptive_field", "RFLayout",
+__all__ = ["TWO_BRANCH_MODES", "branch_channels", "receptive_field", "RFLayout",
            "RF_COLORS", "render_receptive_fields", "token_attention", "StageAttention",
            "stage_attention", "render_attention_overlay"]
 
@@ -50,35 +50,6 @@ def branch_channels(layer: nn.Module) -> Dict[str, Tuple[slice, int]]:
     if layer.mode in TWO_BRANCH_MODES:
         return {"row": (slice(0, c // 2), heads // 2), "column": (slice(c // 2, c), heads // 2)}
     return {"all": (slice(0, c), heads)}
-
-
-def _group_ids(length: int, group_size: int, interlaced: bool) -> Tensor:
-    if interlaced:
-        return torch.arange(length) % math.ceil(length / group_size)
-    return torch.arange(length) // group_size
-
-
-def vanilla_pales(layer: nn.Module, h: int, w: int, token: Tuple[int, int]) -> List[Tensor]:
-    """``(h, w)`` bool masks of the one or two pales holding ``token`` in a vanilla layer: pale
-    ``ty mod N`` and pale ``tx mod N``, pale ``i`` being the rows and the columns ``= i mod N``."""
-    s_r, s_c = layer.group_size
-    n = max(math.ceil(h / s_r), math.ceil(w / s_c))
-    rows, cols = torch.arange(h) % n, torch.arange(w) % n
-    return [(rows == i).view(h, 1) | (cols == i).view(1, w) for i in sorted({token[0] % n, token[1] % n})]
-
-
-def group_masks(layer: nn.Module, h: int, w: int, token: Tuple[int, int]) -> Dict[str, Tensor]:
-    """Per branch, the ``(h, w)`` bool mask of the tokens that ``token`` attends to in ``layer``."""
-    ty, tx = token
-    s_r, s_c = layer.group_size
-    if layer.mode == "vanilla":
-        return {"all": torch.stack(vanilla_pales(layer, h, w, token)).any(0)}
-    rows, cols = _group_ids(h, s_r, layer.interlaced), _group_ids(w, s_c, layer.interlaced)
-    row_mask = (rows == rows[ty]).view(h, 1).expand(h, w)
-    col_mask = (cols == cols[tx]).view(1, w).expand(h, w)
-    if layer.mode == "sequential":
-        return {"all": row_mask if layer.direction == "row" else col_mask}
-    return {"row": row_mask, "column": col_mask}
 
 
 def _check_token(token: Sequence[int], h: int, w: int, what: str = "map") -> Tuple[int, int]:
@@ -211,33 +182,45 @@ def render_receptive_fields(fields: Dict[str, Dict[str, np.ndarray]], token: Tup
 
 # ---- attention weights of a trained model ------------------------------------------------------
 
+@contextlib.contextmanager
+def keeping_attention(layers: Sequence[nn.Module]) -> Iterator[None]:
+    """Inside the block, ``layers`` (attention layers) run their explicit path and keep their weights."""
+    saved = [(layer.fused_attn, layer.keep_attn_weights) for layer in layers]
+    for layer in layers:
+        layer.fused_attn, layer.keep_attn_weights, layer.attn_weights = False, True, None
+    try:
+        yield
+    finally:
+        for layer, (fused, keep) in zip(layers, saved):
+            layer.fused_attn, layer.keep_attn_weights = fused, keep
+
+
+def kept_token_attention(layer: nn.Module, size: Tuple[int, int], token: Tuple[int, int]) -> Tensor:
+    """``(num_heads, H, W)``: the weights the query at ``token`` gave every token of the ``H x W`` map
+    in ``layer``'s last forward (first image), from the weights the layer kept."""
+    h, w = size
+    ty, tx = _check_token(token, h, w)
+    return torch.cat([kept.of_query(ty * w + tx)[0] for kept in layer.attn_weights]).view(-1, h, w)
+
+
 @torch.no_grad()
 def token_attention(layer: nn.Module, x: Tensor, token: Tuple[int, int]) -> Tensor:
     """Attention weights of the query at ``token`` in ``layer``, for the first image of ``x``.
 
     Args:
-        layer: a PSAttention.
+        layer: an attention layer (``pale.create_attention``).
         x: ``(B, H, W, C)``, the layer's input.
     Returns:
         ``(num_heads, H, W)``: per head, the softmax weights over the tokens (zero outside the
         group; each head sums to 1). Heads are in channel order (row-branch heads first).
     """
-    _, h, w, c = x.shape
-    ty, tx = _check_token(token, h, w)
-    q = layer.q(x[:1])[0, ty, tx]                                  # (C,)
-    k = layer.k(x[:1])[0]                                          # (H, W, C)
-    masks = group_masks(layer, h, w, (ty, tx))
-    out = []
-    for name, (channels, heads) in branch_channels(layer).items():
-        d = (channels.stop - channels.start) // heads
-        qh = q[channels].reshape(heads, d)
-        kh = k[..., channels].reshape(h * w, heads, d)
-        scores = torch.einsum("hd,nhd->hn", qh, kh) * d ** -0.5
-        # vanilla: the token's output is the mean of its outputs in the pales holding it
-        regions = vanilla_pales(layer, h, w, (ty, tx)) if layer.mode == "vanilla" else [masks[name]]
-        weights = [scores.masked_fill(~m.reshape(1, h * w), float("-inf")).softmax(-1) for m in regions]
-        out.append(torch.stack(weights).mean(0).view(heads, h, w))
-    return torch.cat(out, 0)
+    _, h, w, _ = x.shape
+    _check_token(token, h, w)
+    with keeping_attention([layer]):
+        layer(x[:1])
+    weights = kept_token_attention(layer, (h, w), token)
+    layer.attn_weights = None
+    return weights
 
 
 @dataclass
@@ -260,8 +243,8 @@ def _token_on_grid(token: Tuple[float, float], image_size: Tuple[int, int], grid
 def stage_attention(model: nn.Module, image: Tensor, token: Tuple[float, float], block: int = -1) -> List[StageAttention]:
     """The attention weights of the image token at pixel ``token`` in one block of every stage.
 
-    Captures each chosen block's attention input with a forward pre-hook on ``block.attn``, maps
-    the pixel to that stage's grid, and averages :func:`token_attention` over heads.
+    Runs the model once with the chosen blocks' attention keeping its weights, maps the pixel to
+    each stage's grid (its size read with a forward pre-hook) and averages the weights over heads.
 
     Args:
         image: ``(1, C, H, W)``, preprocessed.
@@ -275,28 +258,27 @@ def stage_attention(model: nn.Module, image: Tensor, token: Tuple[float, float],
     stages = getattr(model, "stages", None)
     if stages is None or not all(hasattr(getattr(st, "blocks", [None])[0], "attn") for st in stages):
         raise InputError(f"{type(model).__name__} is not a Pale Transformer (no stages[i].blocks[j].attn)")
-    captured: Dict[int, Tuple[nn.Module, int, Tensor]] = {}
-    hooks = []
     for i, stage in enumerate(model.stages):
         if not -len(stage.blocks) <= block < len(stage.blocks):
             raise InputError(f"block {block} does not exist: stage {i + 1} has {len(stage.blocks)} block(s) "
                              f"(valid: {-len(stage.blocks)}..{len(stage.blocks) - 1})")
-        j = range(len(stage.blocks))[block]
-        attn = stage.blocks[j].attn
-        hooks.append(attn.register_forward_pre_hook(
-            lambda m, args, i=i, j=j: captured.__setitem__(i, (m, j, args[0].detach()))))
+    chosen = [range(len(stage.blocks))[block] for stage in model.stages]
+    layers = [stage.blocks[j].attn for stage, j in zip(model.stages, chosen)]
+    grids: Dict[int, Tuple[int, int]] = {}
+    hooks = [layer.register_forward_pre_hook(lambda m, args, i=i: grids.__setitem__(i, tuple(args[0].shape[1:3])))
+             for i, layer in enumerate(layers)]
     try:
-        model.eval()(image)
+        with keeping_attention(layers):
+            model.eval()(image)
     finally:
         for hk in hooks:
             hk.remove()
     result = []
-    for i in sorted(captured):
-        layer, j, x = captured[i]
-        grid = tuple(x.shape[1:3])
-        gt = _token_on_grid(token, size, grid)
-        weights = token_attention(layer, x, gt).mean(0)
+    for i, (layer, j) in enumerate(zip(layers, chosen)):
+        gt = _token_on_grid(token, size, grids[i])
+        weights = kept_token_attention(layer, grids[i], gt).mean(0)
         result.append(StageAttention(i, j, layer.mode, gt, weights.float().cpu().numpy()))
+        layer.attn_weights = None
     return result
 
 

@@ -11,7 +11,7 @@ from ._options import add_checkpoint, add_device, add_weights, nonnegative_int, 
 def run_receptive_field(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from .. import ATTN_MODES, PSAttention
+    from .. import ATTN_MODES, create_attention
     from .. import io as pio
     from ..visualize import receptive_field, render_receptive_fields
 
@@ -23,9 +23,9 @@ def run_receptive_field(args: argparse.Namespace) -> int:
     fields = {}
     for mode in modes:
         with settings_error(f"--dim {args.dim} --heads {args.heads} ({mode})"):
-            layer = PSAttention(args.dim, args.heads, pale_size=args.pale_size, mode=mode,
-                                direction=args.direction if mode == "sequential" else None,
-                                stripe_width=args.stripe_width)
+            layer = create_attention(args.dim, args.heads, pale_size=args.pale_size, mode=mode,
+                                     direction=args.direction if mode == "sequential" else None,
+                                     stripe_width=args.stripe_width)
         label = f"{mode} ({args.direction})" if mode == "sequential" else mode
         fields[label] = receptive_field(layer, (h, w), token)
     picture = render_receptive_fields(fields, token, cell=args.cell)

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["CANDIDATES", "KernelKey", "attention", "explicit_attention", "select_kernel", "kernel_key",
+__all__ = ["CANDIDATES", "KernelKey", "attention", "attention_probs", "explicit_attention", "select_kernel", "kernel_key",
            "set_kernel", "get_kernel", "use_kernel", "set_memory_cap", "kernel_choices",
            "load_kernel_choices", "clear_kernel_choices", "recording", "measure_seconds", "hardware_id",
            "cpu_model_name"]
@@ -78,20 +78,30 @@ _CHOICES_FORMAT = 1
 # The kernels
 # --------------------------------------------------------------------------------------------
 
-def explicit_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor] = None) -> Tensor:
-    """``softmax(q k^T / sqrt(d) masked) v`` with plain matmuls.
+def attention_probs(q: Tensor, k: Tensor, key_mask: Optional[Tensor] = None) -> Tensor:
+    """The attention weights ``softmax(q k^T / sqrt(d) masked)``: ``(N, heads, L, L)``.
 
     Args:
-        q, k, v: ``(N, heads, L, D)``.
+        q, k: ``(N, heads, L, D)``.
         key_mask: bool, broadcastable to ``(N, heads, L, L)``; ``True`` where a key may be attended to.
-    Returns:
-        ``(N, heads, L, D)``.
     """
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if key_mask is not None:
         # In place on the matmul's output, which its backward does not need: one L x L tensor, not two.
         scores = scores.masked_fill_(~key_mask, float("-inf"))
-    return scores.softmax(-1) @ v
+    return scores.softmax(-1)
+
+
+def explicit_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor] = None) -> Tensor:
+    """``softmax(q k^T / sqrt(d) masked) v`` with plain matmuls (:func:`attention_probs` times ``v``).
+
+    Args:
+        q, k, v: ``(N, heads, L, D)``.
+        key_mask: as for :func:`attention_probs`.
+    Returns:
+        ``(N, heads, L, D)``.
+    """
+    return attention_probs(q, k, key_mask) @ v
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor] = None) -> Tensor:

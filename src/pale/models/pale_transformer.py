@@ -4,54 +4,84 @@ Wu, Wu, Tan, Guo, "Pale Transformer: A General Vision Transformer Backbone with 
 Attention", AAAI 2022. The authors released no code; this follows the paper (docs/design.md lists,
 with reasons, everything it leaves open and every place we add to it).
 
-Layout: every block and stage works on NHWC tensors ``(B, H, W, C)``. Images enter as NCHW and
-feature maps leave ``forward_intermediates`` as NCHW. Convolutions inside a block run on NCHW
-*views* of the NHWC tensors (``permute`` without a copy), so they see channels-last memory.
+Layout: every block and stage works on NHWC tensors ``(B, H, W, C)`` (``output_fmt = 'NHWC'``).
+Images enter as NCHW and ``forward_intermediates`` returns NCHW maps by default. Convolutions inside
+a block run on NCHW *views* of the NHWC tensors (``permute`` without a copy).
+
+The attention is PS-attention (:class:`PSAttention`, Eq. 1-3): half of the channels attend inside
+groups of interlaced rows, the other half inside groups of interlaced columns. Axial attention (groups
+of one row / column) and CSWin's cross-shaped attention (contiguous stripes) are the same operator
+with other groups. The sequential and vanilla forms of the paper's ablation (Table 8) live in
+:mod:`pale.models.pale_ablations` and plug into the block through :func:`create_attention`.
 
 Grouping conventions (``H`` is padded up to ``Hp``, a multiple of the group size ``s``):
   * interlaced (PS-attention): ``G = Hp / s`` groups; group ``g`` holds rows ``g, g + G, ...,
     g + (s - 1) G``. This is a view of ``Hp`` as ``(s, G)``.
   * contiguous (CSWin stripes): group ``g`` holds rows ``g s, ..., g s + s - 1``, a view as ``(G, s)``.
 Columns are grouped the same way on the transposed map. Padded positions are never attended to.
+
+Tracing: every function whose control flow depends on tensor sizes is a leaf for ``torch.fx``
+(``torch.fx.wrap``), so FX graphs run it as it is at any size. Under ``torch.jit.trace`` and
+``torch.export`` the attention always pads and masks (by zero rows when nothing needs padding), so
+one trace serves every input size.
 """
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Set, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Set, Tuple, Type, Union
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, Mlp, resample_abs_pos_embed_nhwc, trunc_normal_
+from timm.layers import (ClassifierHead, DropPath, Mlp, calculate_drop_path_rates, is_exporting,
+                         to_2tuple, trunc_normal_, use_fused_attn)
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from . import attention_kernels
 
-__all__ = ["PSAttention", "PaleBlock", "PaleStage", "PaleTransformer", "ATTN_MODES", "POS_EMBEDS"]
+__all__ = ["PSAttention", "GroupedAttention", "PaleBlock", "PaleStage", "PaleTransformer", "AttentionLayout",
+           "AttentionWeights", "ATTN_MODES", "POS_EMBEDS", "attention_layout", "block_direction",
+           "create_attention", "register_attention", "padded_length", "pale_count", "stage_grids", "as_pair",
+           "per_stage"]
 
 AttnMode = Literal["parallel", "sequential", "vanilla", "axial", "cross_shaped"]
 ATTN_MODES: Tuple[str, ...] = ("parallel", "sequential", "vanilla", "axial", "cross_shaped")
+#: Modes computed by :class:`PSAttention`: a row branch and a column branch on half the channels each.
+TWO_BRANCH_MODES: Tuple[str, ...] = ("parallel", "axial", "cross_shaped")
+DIRECTIONS: Tuple[str, ...] = ("row", "column")
 POS_EMBEDS: Tuple[str, ...] = ("cpe", "ape", "none")
 PairOrInt = Union[int, Tuple[int, int]]
 
 
 # --------------------------------------------------------------------------------------------
-# Grouping helpers
+# Configuration (shared with pale.complexity)
 # --------------------------------------------------------------------------------------------
 
-def _pair(value: PairOrInt, name: str) -> Tuple[int, int]:
-    """An int or a pair of ints, each >= 1, as a pair."""
-    pair = (value, value) if isinstance(value, int) else tuple(value)
+def as_pair(value: PairOrInt, name: str) -> Tuple[int, int]:
+    """An int or a pair of ints, each >= 1, as a pair; a clear error naming ``name`` otherwise."""
+    pair = to_2tuple(value)
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
     if min(pair) < 1:
         raise ValueError(f"{name} must be >= 1, got {value!r}")
     return pair  # type: ignore[return-value]
+
+
+def per_stage(value: Any, num_stages: int, name: str) -> List[Any]:
+    """An int, a pair, or one of those per stage, as one entry per stage.
+
+    Not timm's ``to_ntuple``: a pair ``(s_r, s_c)`` is one setting for every stage, not two stages.
+    """
+    if isinstance(value, int) or (isinstance(value, (tuple, list)) and len(value) == 2 and num_stages != 2
+                                  and all(isinstance(v, int) for v in value)):
+        return [value] * num_stages
+    if isinstance(value, (tuple, list)) and len(value) == num_stages:
+        return list(value)
+    raise ValueError(f"{name} must be an int, a pair, or one entry per stage ({num_stages}), got {value!r}")
 
 
 def padded_length(length: int, group_size: int) -> int:
@@ -61,6 +91,112 @@ def padded_length(length: int, group_size: int) -> int:
     """
     return (length + group_size - 1) // group_size * group_size
 
+
+def pale_count(height: int, width: int, pale_size: Tuple[int, int]) -> int:
+    """Number of pales ``N = max(ceil(h / s_r), ceil(w / s_c))`` of vanilla PS-attention: the map is
+    padded to ``(N s_r, N s_c)`` so that ``h / s_r = w / s_c = N``, as the paper requires."""
+    s_r, s_c = pale_size
+    return max(padded_length(height, s_r) // s_r, padded_length(width, s_c) // s_c)
+
+
+def stage_grids(img_size: Tuple[int, int], num_stages: int) -> List[Tuple[int, int]]:
+    """``(h, w)`` of each stage's map for an ``img_size`` image: the 7x7 stride-4 stem (padding 2),
+    then a 3x3 stride-2 merging (padding 1) per later stage."""
+    h, w = ((s + 4 - 7) // 4 + 1 for s in img_size)
+    grids = [(h, w)]
+    for _ in range(num_stages - 1):
+        h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+        grids.append((h, w))
+    return grids
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """How one attention layer groups its tokens.
+
+    Attributes:
+        mode: one of :data:`ATTN_MODES`.
+        group_size: ``(s_r, s_c)``, rows per row group and columns per column group.
+        interlaced: interlaced groups (PS-attention, Eq. 1) or contiguous stripes (CSWin).
+        direction: ``'row'`` or ``'column'`` for ``sequential``, else None.
+    """
+
+    mode: str
+    group_size: Tuple[int, int]
+    interlaced: bool
+    direction: Optional[str] = None
+
+
+def block_direction(mode: str, block_index: int) -> Optional[str]:
+    """The direction of block ``block_index`` of a stage: ``sequential`` alternates row and column
+    attention from block to block (starting with rows); the other modes have none."""
+    return ("row" if block_index % 2 == 0 else "column") if mode == "sequential" else None
+
+
+def attention_layout(mode: str, pale_size: PairOrInt = 7, stripe_width: PairOrInt = 7,
+                     direction: Optional[str] = None) -> AttentionLayout:
+    """The groups of ``mode``: the pale size (interlaced), ``(1, 1)`` for axial, the stripe width
+    (contiguous) for cross-shaped; ``sequential`` attends along ``direction`` (default rows)."""
+    if mode not in ATTN_MODES:
+        raise ValueError(f"unknown attention mode {mode!r}; expected one of {ATTN_MODES}")
+    if mode == "sequential":
+        direction = direction or "row"
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be 'row' or 'column', got {direction!r}")
+    elif direction is not None:
+        raise ValueError(f"direction is only used by mode='sequential', not {mode!r}")
+    if mode == "axial":
+        group_size = (1, 1)
+    elif mode == "cross_shaped":
+        group_size = as_pair(stripe_width, "stripe_width")
+    else:
+        group_size = as_pair(pale_size, "pale_size")
+    return AttentionLayout(mode, group_size, interlaced=mode != "cross_shaped", direction=direction)
+
+
+# --------------------------------------------------------------------------------------------
+# Checks and tracing
+# --------------------------------------------------------------------------------------------
+
+def traced_for_any_size() -> bool:
+    """Whether this call is being recorded into a graph that must serve every input size:
+    ``torch.jit.trace`` (and the TorchScript ONNX exporter) or ``torch.export`` (and the dynamo
+    ONNX exporter). Size-dependent shortcuts are then left out of the graph."""
+    return torch.jit.is_tracing() or is_exporting()
+
+
+# torch.fx.wrap (not timm's register_notrace_function) makes a function a leaf for every FX tracer,
+# also torchvision's create_feature_extractor called directly, which does not read timm's list.
+@torch.fx.wrap
+def check_image_batch(x: Tensor, in_chans: int) -> Tensor:
+    """``x`` itself, after checking that it is a floating-point ``(B, in_chans, H, W)`` batch with
+    ``H, W >= 3``. A leaf in FX graphs, so that they check their input too."""
+    if x.ndim != 4:
+        raise ValueError(f"expected an image batch of shape (B, {in_chans}, H, W), got {tuple(x.shape)}")
+    if x.shape[1] != in_chans:
+        raise ValueError(f"expected {in_chans} input channels, got {x.shape[1]} in shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"expected a floating-point image tensor, got {x.dtype}")
+    if x.shape[-2] < 3 or x.shape[-1] < 3:
+        raise ValueError(f"images must be at least 3x3 for the 7x7/stride-4 stem, got {tuple(x.shape[-2:])}")
+    return x
+
+
+@torch.fx.wrap
+def check_token_map(x: Tensor, dim: int, layer: str) -> Tensor:
+    """``x`` itself, after checking that it is a floating-point ``(B, H, W, dim)`` map."""
+    if x.ndim != 4:
+        raise ValueError(f"{layer} expects (B, H, W, C) input, got shape {tuple(x.shape)}")
+    if x.shape[-1] != dim:
+        raise ValueError(f"{layer}(dim={dim}) got {x.shape[-1]} channels in shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{layer} expects a floating-point tensor, got {x.dtype}")
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# Attention inside groups of rows
+# --------------------------------------------------------------------------------------------
 
 def group_rows(x: Tensor, group_size: int, interlaced: bool) -> Tensor:
     """Gather row groups into the batch dimension.
@@ -90,55 +226,142 @@ def ungroup_rows(x: Tensor, batch: int, group_size: int, width: int, interlaced:
     return x.reshape(batch, g * group_size, width, c)
 
 
-def valid_key_mask(height: int, padded_height: int, width: int, group_size: int, interlaced: bool,
-                   device: torch.device) -> Tensor:
+def real_key_mask(height: int, padded_height: int, width: int, group_size: int, interlaced: bool,
+                  device: torch.device) -> Tensor:
     """Which grouped tokens are real rows (not padding): ``(G, group_size * W)`` bool."""
-    valid = (torch.arange(padded_height, device=device) < height).view(1, padded_height, 1, 1)
-    return group_rows(valid.expand(1, padded_height, width, 1), group_size, interlaced).squeeze(-1)
+    real = (torch.arange(padded_height, device=device) < height).view(1, padded_height, 1, 1)
+    return group_rows(real.expand(1, padded_height, width, 1), group_size, interlaced).squeeze(-1)
 
 
-def _split_heads(x: Tensor, num_heads: int) -> Tensor:
+def split_heads(x: Tensor, num_heads: int) -> Tensor:
     """``(N, L, C)`` -> ``(N, heads, L, C / heads)``."""
     n, length, c = x.shape
     return x.view(n, length, num_heads, c // num_heads).transpose(1, 2)
 
 
-def _merge_heads(x: Tensor) -> Tensor:
+def merge_heads(x: Tensor) -> Tensor:
     """``(N, heads, L, D)`` -> ``(N, L, heads * D)``."""
     n, heads, length, d = x.shape
     return x.transpose(1, 2).reshape(n, length, heads * d)
 
 
-def row_group_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, group_size: int,
-                        interlaced: bool) -> Tensor:
+@dataclass
+class AttentionWeights:
+    """The softmax weights of one attention call over token groups, kept by an explicit-path layer.
+
+    Attributes:
+        probs: ``(B, G, heads, L, L)``: in group ``g``, how much position ``i`` attends to position ``j``.
+        tokens: ``(G, L)`` long: the map token (row-major index ``y * W + x``) at each group
+            position, ``-1`` for padding.
+        num_tokens: ``H * W``.
+    """
+
+    probs: Tensor
+    tokens: Tensor
+    num_tokens: int
+
+    def of_query(self, token: int) -> Tensor:
+        """``(B, heads, H * W)``: the weights query ``token`` gives every token of the map, averaged
+        over the groups that hold it (one, or two pales in the vanilla mode, whose outputs are averaged)."""
+        groups, positions = (self.tokens == token).nonzero(as_tuple=True)
+        rows = self.probs[:, groups, :, positions]                       # (k, B, heads, L)
+        index = self.tokens[groups].masked_fill(self.tokens[groups] < 0, self.num_tokens)
+        index = index[:, None, None, :].expand_as(rows)
+        out = rows.new_zeros(*rows.shape[:3], self.num_tokens + 1).scatter_add_(-1, index, rows)
+        return out[..., :-1].mean(0)
+
+
+KeptWeights = Optional[List[AttentionWeights]]
+
+
+def attend_in_groups(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], fused: bool,
+                     keep: KeptWeights = None, tokens: Optional[Tensor] = None) -> Tensor:
+    """Scaled dot-product attention of ``(N, heads, L, D)`` groups.
+
+    ``fused``: through the measured-fastest kernel (:mod:`pale.models.attention_kernels`); otherwise
+    the explicit ``softmax(q k^T / sqrt(D)) v``. With ``keep`` (a list) the explicit weights are
+    appended to it as :class:`AttentionWeights` on the map tokens ``tokens`` ``(G, L)``.
+    """
+    if keep is not None:
+        probs = attention_kernels.attention_probs(q, k, key_mask)
+        num_tokens = int(tokens.max()) + 1   # every token of the map is in some group
+        keep.append(AttentionWeights(probs.unflatten(0, (-1, tokens.shape[0])), tokens, num_tokens))
+        return probs @ v
+    if fused:
+        return attention_kernels.attention(q, k, v, key_mask)
+    return attention_kernels.explicit_attention(q, k, v, key_mask)
+
+
+@torch.fx.wrap
+def row_group_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, group_size: int, interlaced: bool,
+                        fused: bool = True, keep: KeptWeights = None, token_ids: Optional[Tensor] = None) -> Tensor:
     """Multi-head self-attention inside groups of ``group_size`` rows, each spanning all columns.
 
     Args:
         q, k, v: ``(B, H, W, C)``; ``C`` divisible by ``num_heads``.
+        fused, keep: see :func:`attend_in_groups`.
+        token_ids: ``(H, W)`` ids of this map's tokens in the kept weights (default row-major).
     Returns:
         ``(B, H, W, C)``. Rows are padded to a multiple of ``group_size``; padded keys are masked
         and padded queries dropped, so the result depends only on the real tokens of each group.
     """
-    b, h, w, c = q.shape
+    b, h, w, _ = q.shape
     hp = padded_length(h, group_size)
-    mask = None
-    if hp != h:
+    mask = tokens = None
+    if traced_for_any_size() or hp != h:
         q, k, v = (F.pad(t, (0, 0, 0, 0, 0, hp - h)) for t in (q, k, v))
         groups = hp // group_size
-        mask = valid_key_mask(h, hp, w, group_size, interlaced, q.device)
+        mask = real_key_mask(h, hp, w, group_size, interlaced, q.device)
         mask = mask.unsqueeze(0).expand(b, groups, group_size * w).reshape(b * groups, 1, 1, -1)
-    qg, kg, vg = (_split_heads(group_rows(t, group_size, interlaced), num_heads) for t in (q, k, v))
-    out = attention_kernels.attention(qg, kg, vg, mask)
-    out = ungroup_rows(_merge_heads(out), b, group_size, w, interlaced)
-    return out[:, :h]
+    if keep is not None:
+        ids = token_ids if token_ids is not None else torch.arange(h * w, device=q.device).view(h, w)
+        ids = F.pad(ids, (0, 0, 0, hp - h), value=-1).view(1, hp, w, 1)
+        tokens = group_rows(ids, group_size, interlaced).squeeze(-1)
+    qg, kg, vg = (split_heads(group_rows(t, group_size, interlaced), num_heads) for t in (q, k, v))
+    out = attend_in_groups(qg, kg, vg, mask, fused, keep, tokens)
+    return ungroup_rows(merge_heads(out), b, group_size, w, interlaced)[:, :h]
 
 
-def column_group_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, group_size: int,
-                           interlaced: bool) -> Tensor:
+@torch.fx.wrap
+def column_group_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, group_size: int, interlaced: bool,
+                           fused: bool = True, keep: KeptWeights = None) -> Tensor:
     """:func:`row_group_attention` over groups of columns. ``(B, H, W, C)`` -> ``(B, H, W, C)``."""
+    h, w = q.shape[1:3]
+    token_ids = torch.arange(h * w, device=q.device).view(h, w).t() if keep is not None else None
     out = row_group_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                              num_heads, group_size, interlaced)
+                              num_heads, group_size, interlaced, fused, keep, token_ids)
     return out.transpose(1, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# PS-attention (Eq. 1-3)
+# --------------------------------------------------------------------------------------------
+
+@torch.fx.wrap
+def ps_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, group_size: Tuple[int, int], interlaced: bool,
+                 fused: bool = True, keep: KeptWeights = None) -> Tensor:
+    """Parallel PS-attention on projected ``q, k, v`` (Eq. 1-3).
+
+    The first ``C/2`` channels and ``num_heads/2`` heads attend inside groups of ``s_r`` rows, the
+    last ``C/2`` channels and heads inside groups of ``s_c`` columns; the results are concatenated.
+
+    Args:
+        q, k, v: ``(B, H, W, C)``.
+        group_size: ``(s_r, s_c)``.
+        fused, keep: see :func:`attend_in_groups`.
+    Returns:
+        ``(B, H, W, C)``.
+    """
+    s_r, s_c = group_size
+    heads = num_heads // 2
+    if keep is None and not traced_for_any_size() and s_r == s_c and q.shape[1] == q.shape[2] \
+            and q.shape[1] % s_r == 0:
+        # Same result as the per-branch calls below (tested equal) in fewer kernels.
+        return ps_attention_one_call(q, k, v, heads, s_r, interlaced, fused)
+    (q_row, q_col), (k_row, k_col), (v_row, v_col) = (t.chunk(2, dim=-1) for t in (q, k, v))
+    rows = row_group_attention(q_row, k_row, v_row, heads, s_r, interlaced, fused, keep)
+    cols = column_group_attention(q_col, k_col, v_col, heads, s_c, interlaced, fused, keep)
+    return torch.cat((rows, cols), dim=-1)
 
 
 def _branch_grid(x: Tensor, group_size: int, interlaced: bool) -> Tuple[Tensor, Tensor]:
@@ -188,106 +411,28 @@ def ungroup_branches(x: Tensor, batch: int, group_size: int, interlaced: bool) -
     return torch.cat((rows, cols), dim=-1).view(batch, p, p, 2 * half)
 
 
-def pale_branch_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, group_size: int,
-                          interlaced: bool) -> Tensor:
-    """Row-group attention on the first channel half and column-group attention on the second,
-    as one attention call over both branches' groups.
-
-    Computes what ``cat(row_group_attention(first halves), column_group_attention(second halves))``
-    computes, with fewer, larger kernels: one grouping copy per input, one attention call, one copy out.
-    Only for square maps that need no padding (every stage of a 224x224 input with pale size 7), so
-    it never computes more than the two calls would.
+def ps_attention_one_call(q: Tensor, k: Tensor, v: Tensor, heads_per_branch: int, group_size: int,
+                          interlaced: bool, fused: bool = True) -> Tensor:
+    """:func:`ps_attention` on a square map that needs no padding, as one attention call over both
+    branches' groups: one grouping copy per input, one kernel, one copy out. Only for such maps
+    (every stage of a 224x224 input with pale size 7), so it never computes masked keys.
 
     Args:
         q, k, v: ``(B, P, P, C)`` with ``P`` a multiple of ``group_size``.
-        num_heads: heads per branch.
     Returns:
         ``(B, P, P, C)``.
     """
     b, h, w, c = q.shape
     if h != w or h % group_size:
-        raise ValueError(f"pale_branch_attention needs a square map whose side is a multiple of the "
+        raise ValueError(f"ps_attention_one_call needs a square map whose side is a multiple of the "
                          f"group size {group_size}, got {h}x{w}")
-    qg, kg, vg = (_split_heads(group_branches(t, group_size, interlaced), num_heads) for t in (q, k, v))
-    out = attention_kernels.attention(qg, kg, vg)
-    return ungroup_branches(_merge_heads(out), b, group_size, interlaced)
-
-
-def pale_count(height: int, width: int, pale_size: Tuple[int, int]) -> int:
-    """Number of pales ``N = max(ceil(h / s_r), ceil(w / s_c))``: the map is padded to ``(N s_r, N s_c)``
-    so that ``h / s_r = w / s_c = N``, as the paper's vanilla PS-attention requires."""
-    s_r, s_c = pale_size
-    return max(-(-height // s_r), -(-width // s_c))
-
-
-@functools.lru_cache(maxsize=64)
-def _pale_index(num_pales: int, pale_size: Tuple[int, int]) -> Tuple[np.ndarray, np.ndarray]:
-    """Which tokens of the padded ``(N s_r, N s_c)`` map each pale holds, and how many pales hold each token.
-
-    Pale ``i`` is interlaced row group ``i`` (rows ``i, i + N, ..., i + (s_r - 1) N``, all columns)
-    joined with interlaced column group ``i`` (columns ``i, i + N, ...``, all rows), each token once.
-    NumPy, not torch: a cached tensor made while tracing (export, compile) would be a fake one.
-
-    Returns:
-        ``index``: ``(N, P)`` row-major token indices, ``P = s_r Wp + s_c Hp - s_r s_c`` (the row
-        group's tokens, then the column group's tokens outside it); ``count``: ``(Hp Wp,)``, 1 or 2.
-    """
-    n, (s_r, s_c) = num_pales, pale_size
-    hp, wp = n * s_r, n * s_c
-    pale = np.arange(n).reshape(n, 1, 1)
-    rows = pale + n * np.arange(s_r).reshape(1, s_r, 1)                        # (N, s_r, 1)
-    in_row_group = rows * wp + np.arange(wp).reshape(1, 1, wp)                 # (N, s_r, Wp)
-    all_rows = np.broadcast_to(np.arange(hp).reshape(1, hp, 1), (n, hp, 1))
-    other_rows = all_rows[all_rows % n != pale].reshape(n, hp - s_r, 1)       # rows outside the row group
-    cols = pale + n * np.arange(s_c).reshape(1, 1, s_c)                        # (N, 1, s_c)
-    in_col_group = other_rows * wp + cols                                      # (N, Hp - s_r, s_c)
-    index = np.concatenate((in_row_group.reshape(n, -1), in_col_group.reshape(n, -1)), axis=1)
-    count = np.bincount(index.reshape(-1), minlength=hp * wp)
-    return index, count
-
-
-def per_pale_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, pale_size: Tuple[int, int]) -> Tensor:
-    """The paper's vanilla PS-attention: multi-head self-attention inside each whole pale.
-
-    The map is padded to ``(N s_r, N s_c)`` (:func:`pale_count`) and split into ``N`` pales of
-    ``P = s_r Wp + s_c Hp - s_r s_c`` tokens (:func:`_pale_index`); all channels and heads attend
-    inside each pale individually. Padded keys are masked and padded queries dropped. Pales overlap:
-    token ``(y, x)`` lies in pale ``y mod N`` and pale ``x mod N``, so it gets one output from each
-    pale it is in, and its result is their mean. The paper does not say how they combine; the mean
-    keeps every token's output on the same scale whether it lies in one pale or two.
-
-    Cost: one attention call over ``B N`` sequences of ``P`` tokens, ``2 c N P^2`` multiply-adds.
-
-    Args:
-        q, k, v: ``(B, H, W, C)``; ``C`` divisible by ``num_heads``.
-    Returns:
-        ``(B, H, W, C)``.
-    """
-    b, h, w, c = q.shape
-    n = pale_count(h, w, pale_size)
-    hp, wp = n * pale_size[0], n * pale_size[1]
-    # Python ints for the cached index (a trace sees sizes as tensors; vanilla exports only statically)
-    cached = _pale_index(int(n), (int(pale_size[0]), int(pale_size[1])))
-    index, count = (torch.as_tensor(a, device=q.device) for a in cached)
-    padded = (hp, wp) != (h, w)
-    if padded:
-        q, k, v = (F.pad(t, (0, 0, 0, wp - w, 0, hp - h)) for t in (q, k, v))
-    tokens = index.shape[1]
-    qp, kp, vp = (_split_heads(t.reshape(b, hp * wp, c).index_select(1, index.view(-1)).view(b * n, tokens, c),
-                               num_heads) for t in (q, k, v))
-    mask = None
-    if padded:
-        real = ((torch.arange(hp, device=q.device) < h).view(hp, 1)
-                & (torch.arange(wp, device=q.device) < w).view(1, wp)).view(-1)
-        mask = real[index].view(1, n, 1, 1, tokens).expand(b, n, 1, 1, tokens).reshape(b * n, 1, 1, tokens)
-    out = _merge_heads(F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask))   # (B N, P, C)
-    out = out.new_zeros(b, hp * wp, c).index_add(1, index.view(-1), out.view(b, n * tokens, c))
-    out = out / count.view(1, -1, 1).to(out.dtype)
-    return out.view(b, hp, wp, c)[:, :h, :w]
+    qg, kg, vg = (split_heads(group_branches(t, group_size, interlaced), heads_per_branch) for t in (q, k, v))
+    out = attend_in_groups(qg, kg, vg, None, fused)
+    return ungroup_branches(merge_heads(out), b, group_size, interlaced)
 
 
 # --------------------------------------------------------------------------------------------
-# Modules
+# Layers
 # --------------------------------------------------------------------------------------------
 
 class SeparableProjection(nn.Module):
@@ -316,61 +461,33 @@ class SeparableProjection(nn.Module):
         return self.pw(x.permute(0, 2, 3, 1))
 
 
-class PSAttention(nn.Module):
-    """Pale-shaped self-attention and the attention modes the paper's ablations compare.
+class GroupedAttention(nn.Module):
+    """An attention layer whose tokens attend inside groups: separable q/k/v projections (Eq. 13),
+    the grouped attention of its :class:`AttentionLayout` (:meth:`attend`), a linear output
+    projection (Eq. 15). ``(B, H, W, C)`` -> ``(B, H, W, C)`` for any ``H, W >= 1``.
 
-    Input and output are ``(B, H, W, C)`` (NHWC) for any ``H, W >= 1``. Queries, keys and values
-    come from separable convolutions (Eq. 13); the output goes through a linear projection.
-
-    Modes:
-        * ``parallel`` (default, Eq. 1-3): the first ``C/2`` channels and ``num_heads/2`` heads attend
-          inside groups of ``s_r`` interlaced rows, the last ``C/2`` channels and heads inside groups
-          of ``s_c`` interlaced columns; the two results are concatenated.
-        * ``sequential``: one direction (``direction='row'`` or ``'column'``) on all channels and heads;
-          the network alternates the direction from block to block.
-        * ``vanilla``: all channels and heads attend inside each whole pale (see :func:`per_pale_attention`).
-        * ``axial``: ``parallel`` with pale size 1 (one row, one column).
-        * ``cross_shaped``: ``parallel`` with contiguous stripes of ``stripe_width`` rows / columns (CSWin).
-
-    Args:
-        dim: channels ``C``.
-        num_heads: heads; must split into two equal branches for the two-branch modes.
-        pale_size: ``s`` or ``(s_r, s_c)``, rows and columns per pale (parallel, sequential, vanilla).
-        mode: one of :data:`ATTN_MODES`.
-        direction: ``'row'`` or ``'column'``; only for ``sequential``.
-        stripe_width: stripe width for ``cross_shaped``.
+    Attributes:
+        fused_attn: attend through the measured-fastest SDPA kernel (default
+            ``timm.layers.use_fused_attn()``); False for the explicit ``softmax(q k^T) v``.
+        keep_attn_weights: with ``fused_attn`` False, keep the last forward's softmax weights in
+            ``attn_weights`` (one :class:`AttentionWeights` per branch, in head order).
     """
 
-    def __init__(self, dim: int, num_heads: int, pale_size: PairOrInt = 7, mode: AttnMode = "parallel",
-                 direction: Optional[Literal["row", "column"]] = None, stripe_width: int = 7):
+    def __init__(self, dim: int, num_heads: int, layout: AttentionLayout):
         super().__init__()
-        if mode not in ATTN_MODES:
-            raise ValueError(f"unknown attention mode {mode!r}; expected one of {ATTN_MODES}")
         if not isinstance(dim, int) or dim < 1 or not isinstance(num_heads, int) or num_heads < 1:
             raise ValueError(f"dim and num_heads must be positive ints, got dim={dim!r}, num_heads={num_heads!r}")
         if dim % num_heads:
             raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
-        two_branch = mode in ("parallel", "axial", "cross_shaped")
-        if two_branch and num_heads % 2:
-            raise ValueError(f"mode {mode!r} splits heads between a row and a column branch: "
-                             f"num_heads={num_heads} must be even")
-        if mode == "sequential":
-            direction = direction or "row"
-            if direction not in ("row", "column"):
-                raise ValueError(f"direction must be 'row' or 'column', got {direction!r}")
-        elif direction is not None:
-            raise ValueError(f"direction is only used by mode='sequential', not {mode!r}")
         self.dim = dim
         self.num_heads = num_heads
-        self.mode = mode
-        self.direction = direction
-        if mode == "axial":
-            self.group_size = (1, 1)
-        elif mode == "cross_shaped":
-            self.group_size = _pair(stripe_width, "stripe_width")
-        else:
-            self.group_size = _pair(pale_size, "pale_size")
-        self.interlaced = mode != "cross_shaped"
+        self.mode = layout.mode
+        self.group_size = layout.group_size
+        self.interlaced = layout.interlaced
+        self.direction = layout.direction
+        self.fused_attn = use_fused_attn()
+        self.keep_attn_weights = False
+        self.attn_weights: KeptWeights = None
         self.q = SeparableProjection(dim)
         self.k = SeparableProjection(dim)
         self.v = SeparableProjection(dim)
@@ -380,36 +497,58 @@ class PSAttention(nn.Module):
         extra = f", direction={self.direction}" if self.direction else ""
         return f"dim={self.dim}, num_heads={self.num_heads}, mode={self.mode}, group_size={self.group_size}{extra}"
 
-    def check_input(self, x: Tensor) -> None:
-        """Raise a clear error for a tensor this layer cannot take."""
-        if x.ndim != 4:
-            raise ValueError(f"PSAttention expects (B, H, W, C) input, got shape {tuple(x.shape)}")
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"PSAttention(dim={self.dim}) got {x.shape[-1]} channels in shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"PSAttention expects a floating-point tensor, got {x.dtype}")
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """The mode's attention on projected ``q, k, v`` of shape ``(B, H, W, C)``."""
-        s_r, s_c = self.group_size
-        if self.mode == "vanilla":
-            return per_pale_attention(q, k, v, self.num_heads, self.group_size)
-        if self.mode == "sequential":
-            if self.direction == "row":
-                return row_group_attention(q, k, v, self.num_heads, s_r, self.interlaced)
-            return column_group_attention(q, k, v, self.num_heads, s_c, self.interlaced)
-        half, heads = self.dim // 2, self.num_heads // 2
-        h, w = q.shape[1:3]
-        if s_r == s_c and h == w and h % s_r == 0:
-            # Same result as the two calls below, in fewer kernels (tested equal).
-            return pale_branch_attention(q, k, v, heads, s_r, self.interlaced)
-        rows = row_group_attention(q[..., :half], k[..., :half], v[..., :half], heads, s_r, self.interlaced)
-        cols = column_group_attention(q[..., half:], k[..., half:], v[..., half:], heads, s_c, self.interlaced)
-        return torch.cat((rows, cols), dim=-1)
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, keep: KeptWeights) -> Tensor:
+        """The layout's attention on projected ``q, k, v`` of shape ``(B, H, W, C)``."""
+        raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        self.check_input(x)
-        return self.proj(self.attend(self.q(x), self.k(x), self.v(x)))
+        x = check_token_map(x, self.dim, type(self).__name__)
+        keep: KeptWeights = [] if self.keep_attn_weights and not self.fused_attn else None
+        out = self.attend(self.q(x), self.k(x), self.v(x), keep)
+        if keep is not None:
+            self.attn_weights = keep
+        return self.proj(out)
+
+
+#: Attention layer class per mode; :func:`create_attention` builds from it.
+ATTENTION_LAYERS: Dict[str, Type[GroupedAttention]] = {}
+
+
+def register_attention(*modes: str) -> Callable[[Type[GroupedAttention]], Type[GroupedAttention]]:
+    """Class decorator: build ``modes`` with this :class:`GroupedAttention` subclass."""
+    def register(cls: Type[GroupedAttention]) -> Type[GroupedAttention]:
+        for mode in modes:
+            ATTENTION_LAYERS[mode] = cls
+        return cls
+    return register
+
+
+@register_attention(*TWO_BRANCH_MODES)
+class PSAttention(GroupedAttention):
+    """Pale-shaped self-attention, parallel form (Eq. 1-3): :func:`ps_attention` between separable
+    q/k/v projections and a linear output projection.
+
+    With the layout of ``axial`` (pale size 1) or ``cross_shaped`` (contiguous stripes) it computes
+    those modes: the same operator with other groups.
+    """
+
+    def __init__(self, dim: int, num_heads: int, layout: AttentionLayout = attention_layout("parallel")):
+        super().__init__(dim, num_heads, layout)
+        if layout.mode not in TWO_BRANCH_MODES:
+            raise ValueError(f"PSAttention computes the modes {TWO_BRANCH_MODES}, not {layout.mode!r}")
+        if num_heads % 2:
+            raise ValueError(f"mode {layout.mode!r} splits heads between a row and a column branch: "
+                             f"num_heads={num_heads} must be even")
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, keep: KeptWeights) -> Tensor:
+        return ps_attention(q, k, v, self.num_heads, self.group_size, self.interlaced, self.fused_attn, keep)
+
+
+def create_attention(dim: int, num_heads: int, pale_size: PairOrInt = 7, mode: AttnMode = "parallel",
+                     direction: Optional[str] = None, stripe_width: PairOrInt = 7) -> GroupedAttention:
+    """The attention layer of ``mode`` (:data:`ATTN_MODES`) with its :func:`attention_layout`."""
+    layout = attention_layout(mode, pale_size, stripe_width, direction)
+    return ATTENTION_LAYERS[mode](dim, num_heads, layout)
 
 
 class ConvPosEnc(nn.Module):
@@ -431,32 +570,6 @@ class ConvPosEnc(nn.Module):
         return F.conv2d(x.permute(0, 3, 1, 2), weight, self.proj.bias, padding=1, groups=self.proj.groups).permute(0, 2, 3, 1)
 
 
-class PaleBlock(nn.Module):
-    """CPE, then pre-norm PS-attention and MLP with residuals and stochastic depth (Eq. 6-8).
-
-    ``(B, H, W, C)`` -> ``(B, H, W, C)``.
-    """
-
-    def __init__(self, dim: int, num_heads: int, pale_size: PairOrInt = 7, attn_mode: AttnMode = "parallel",
-                 direction: Optional[Literal["row", "column"]] = None, stripe_width: int = 7,
-                 mlp_ratio: float = 4.0, drop_path: float = 0.0, use_cpe: bool = True,
-                 norm_layer: Callable[..., nn.Module] = nn.LayerNorm, act_layer: Callable[..., nn.Module] = nn.GELU):
-        super().__init__()
-        self.cpe = ConvPosEnc(dim) if use_cpe else None
-        self.norm1 = norm_layer(dim)
-        self.attn = PSAttention(dim, num_heads, pale_size, attn_mode, direction, stripe_width)
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.cpe is not None:
-            x = self.cpe(x)  # x + DWConv(x)
-        x = x + self.drop_path1(self.attn(self.norm1(x)))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
-
-
 class ConvPatchMerging(nn.Module):
     """Overlapping strided convolution then LayerNorm: ``(B, H, W, C_in)`` -> ``(B, H', W', C_out)``."""
 
@@ -470,6 +583,57 @@ class ConvPatchMerging(nn.Module):
         return self.norm(self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
 
+def resample_pos_embed(table: Tensor, size: Sequence[int]) -> Tensor:
+    """A ``(1, Ht, Wt, C)`` position table resized bicubically (antialiased) to ``(1, *size, C)``, in
+    the table's precision (float32 for half precisions).
+
+    Not timm's ``resample_abs_pos_embed_nhwc``: it interpolates float64 tables in float32, and its
+    equal-size shortcut would be fixed into a ``torch.jit.trace`` graph.
+    """
+    dtype = table.dtype if table.dtype in (torch.float32, torch.float64) else torch.float32
+    resized = F.interpolate(table.permute(0, 3, 1, 2).to(dtype), size=list(size), mode="bicubic", antialias=True)
+    return resized.permute(0, 2, 3, 1).to(table.dtype)
+
+
+@torch.fx.wrap
+def add_pos_embed(x: Tensor, table: Tensor) -> Tensor:
+    """``x`` ``(B, H, W, C)`` plus the ``(1, Ht, Wt, C)`` table, resized to ``(H, W)`` when the sizes
+    differ (and always when traced for any size, so that the graph resizes)."""
+    if traced_for_any_size() or table.shape[1:3] != x.shape[1:3]:
+        table = resample_pos_embed(table, x.shape[1:3])
+    return x + table.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Block -> Stage -> Model
+# --------------------------------------------------------------------------------------------
+
+class PaleBlock(nn.Module):
+    """CPE, then pre-norm attention and MLP with residuals and stochastic depth (Eq. 6-8).
+
+    ``(B, H, W, C)`` -> ``(B, H, W, C)``. The attention layer comes from :func:`create_attention`.
+    """
+
+    def __init__(self, dim: int, num_heads: int, pale_size: PairOrInt = 7, attn_mode: AttnMode = "parallel",
+                 direction: Optional[str] = None, stripe_width: PairOrInt = 7,
+                 mlp_ratio: float = 4.0, drop_path: float = 0.0, use_cpe: bool = True,
+                 norm_layer: Callable[..., nn.Module] = nn.LayerNorm, act_layer: Callable[..., nn.Module] = nn.GELU):
+        super().__init__()
+        self.cpe = ConvPosEnc(dim) if use_cpe else None
+        self.norm1 = norm_layer(dim)
+        self.attn = create_attention(dim, num_heads, pale_size, attn_mode, direction, stripe_width)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.cpe is not None:
+            x = self.cpe(x)  # x + DWConv(x)
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
 class PaleStage(nn.Module):
     """Patch merging (stride 2) when ``downsample``, then the learned position table if any, then
     ``depth`` blocks. NHWC in and out.
@@ -480,7 +644,7 @@ class PaleStage(nn.Module):
     """
 
     def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, downsample: bool,
-                 pale_size: PairOrInt = 7, attn_mode: AttnMode = "parallel", stripe_width: int = 7,
+                 pale_size: PairOrInt = 7, attn_mode: AttnMode = "parallel", stripe_width: PairOrInt = 7,
                  mlp_ratio: float = 4.0, drop_path: Sequence[float] = (), use_cpe: bool = True,
                  pos_embed_size: Optional[Tuple[int, int]] = None,
                  norm_layer: Callable[..., nn.Module] = nn.LayerNorm):
@@ -493,47 +657,24 @@ class PaleStage(nn.Module):
             trunc_normal_(self.pos_embed, std=0.02)
         drop_path = list(drop_path) or [0.0] * depth
         self.blocks = nn.Sequential(*[
-            PaleBlock(dim, num_heads, pale_size, attn_mode,
-                      direction=("row" if i % 2 == 0 else "column") if attn_mode == "sequential" else None,
-                      stripe_width=stripe_width, mlp_ratio=mlp_ratio, drop_path=drop_path[i],
-                      use_cpe=use_cpe, norm_layer=norm_layer)
+            PaleBlock(dim, num_heads, pale_size, attn_mode, block_direction(attn_mode, i), stripe_width,
+                      mlp_ratio=mlp_ratio, drop_path=drop_path[i], use_cpe=use_cpe, norm_layer=norm_layer)
             for i in range(depth)])
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.downsample(x)
         if self.pos_embed is not None:
-            x = x + resample_abs_pos_embed_nhwc(self.pos_embed, list(x.shape[1:3])).to(x.dtype)
+            x = add_pos_embed(x, self.pos_embed)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint_seq(self.blocks, x)
         return self.blocks(x)
-
-
-def _per_stage(value: Any, num_stages: int, name: str) -> List[Any]:
-    """Expand an int, a pair, or a per-stage sequence of those to one entry per stage."""
-    if isinstance(value, int) or (isinstance(value, (tuple, list)) and len(value) == 2 and num_stages != 2
-                                  and all(isinstance(v, int) for v in value)):
-        return [value] * num_stages
-    if isinstance(value, (tuple, list)) and len(value) == num_stages:
-        return list(value)
-    raise ValueError(f"{name} must be an int, a pair, or one entry per stage ({num_stages}), got {value!r}")
-
-
-def stage_grids(img_size: Tuple[int, int], num_stages: int) -> List[Tuple[int, int]]:
-    """``(h, w)`` of each stage's map for an ``img_size`` image: the 7x7 stride-4 stem (padding 2),
-    then a 3x3 stride-2 merging (padding 1) per later stage."""
-    h, w = ((s + 4 - 7) // 4 + 1 for s in img_size)
-    grids = [(h, w)]
-    for _ in range(num_stages - 1):
-        h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
-        grids.append((h, w))
-    return grids
 
 
 class PaleTransformer(nn.Module):
     """Pale Transformer: conv stem (7x7, stride 4), four stages of Pale blocks with overlapping-conv
     patch merging between them, final LayerNorm, global average pooling and a linear head.
 
-    Takes NCHW images of any size >= 3x3; works internally in NHWC.
+    Takes NCHW images of any size >= 3x3; works internally in NHWC (``output_fmt``).
 
     Args:
         img_size: training image size; with ``pos_embed='ape'`` it sizes each stage's learned
@@ -550,7 +691,13 @@ class PaleTransformer(nn.Module):
             added after its patch merging) or ``'none'``.
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth of the last block; rates rise linearly from 0 over blocks.
+
+    The resolved settings are attributes (``embed_dims``, ``depths``, ``num_heads``, ``pale_sizes``
+    and ``stripe_widths`` as pairs per stage, ``attn_mode``, ``mlp_ratio``, ``pos_embed_mode``, ``img_size``):
+    :mod:`pale.complexity` reads them.
     """
+
+    output_fmt = "NHWC"
 
     def __init__(self, img_size: PairOrInt = 224, in_chans: int = 3, num_classes: int = 1000,
                  global_pool: str = "avg", embed_dims: Sequence[int] = (64, 128, 256, 512),
@@ -567,24 +714,27 @@ class PaleTransformer(nn.Module):
         if not (len(embed_dims) == len(num_heads) == num_stages):
             raise ValueError(f"embed_dims {tuple(embed_dims)}, depths {tuple(depths)} and num_heads "
                              f"{tuple(num_heads)} must have one entry per stage")
-        pale_sizes = _per_stage(pale_size, num_stages, "pale_size")
-        stripe_widths = _per_stage(stripe_width, num_stages, "stripe_width")
+        self.embed_dims, self.depths, self.num_heads = tuple(embed_dims), tuple(depths), tuple(num_heads)
+        self.pale_sizes = tuple(as_pair(p, "pale_size") for p in per_stage(pale_size, num_stages, "pale_size"))
+        self.stripe_widths = tuple(as_pair(s, "stripe_width")
+                                   for s in per_stage(stripe_width, num_stages, "stripe_width"))
         self.num_classes = num_classes
         self.in_chans = in_chans
-        self.img_size = _pair(img_size, "img_size")
+        self.img_size = as_pair(img_size, "img_size")
         self.attn_mode = attn_mode
+        self.mlp_ratio = mlp_ratio
+        self.pos_embed_mode = pos_embed
         self.num_features = self.head_hidden_size = embed_dims[-1]
 
         self.stem = ConvPatchMerging(in_chans, embed_dims[0], 7, 4, norm_layer)
         grids = stage_grids(self.img_size, num_stages) if pos_embed == "ape" else [None] * num_stages
-
-        dpr = [r.tolist() for r in torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))]
+        dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
         stages, in_dim, reduction = [], embed_dims[0], 4
         self.feature_info = []
         for i in range(num_stages):
             stages.append(PaleStage(
                 in_dim, embed_dims[i], depths[i], num_heads[i], downsample=i > 0,
-                pale_size=pale_sizes[i], attn_mode=attn_mode, stripe_width=stripe_widths[i],
+                pale_size=self.pale_sizes[i], attn_mode=attn_mode, stripe_width=self.stripe_widths[i],
                 mlp_ratio=mlp_ratio, drop_path=dpr[i], use_cpe=pos_embed == "cpe", pos_embed_size=grids[i],
                 norm_layer=norm_layer))
             reduction = reduction * 2 if i > 0 else reduction
@@ -593,7 +743,7 @@ class PaleTransformer(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.norm = norm_layer(self.num_features)
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool,
-                                   drop_rate=drop_rate, input_fmt="NHWC")
+                                   drop_rate=drop_rate, input_fmt=self.output_fmt)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -639,20 +789,9 @@ class PaleTransformer(nn.Module):
         self.num_classes = num_classes
         self.head.reset(num_classes, pool_type=global_pool)
 
-    def check_input(self, x: Tensor) -> None:
-        """Raise a clear error for an image batch the model cannot take."""
-        if x.ndim != 4:
-            raise ValueError(f"expected an image batch of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"expected {self.in_chans} input channels, got {x.shape[1]} in shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"expected a floating-point image tensor, got {x.dtype}")
-        if x.shape[-2] < 3 or x.shape[-1] < 3:
-            raise ValueError(f"images must be at least 3x3 for the 7x7/stride-4 stem, got {tuple(x.shape[-2:])}")
-
     def _embed(self, x: Tensor) -> Tensor:
         """NCHW image -> NHWC stem tokens."""
-        self.check_input(x)
+        x = check_image_batch(x, self.in_chans)
         return self.stem(x.permute(0, 2, 3, 1))
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -726,7 +865,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: PaleTransformer) 
     for name, value in state_dict.items():
         name = name[len("module."):] if name.startswith("module.") else name
         if name.endswith(".pos_embed") and name in own and value.shape != own[name].shape:
-            value = resample_abs_pos_embed_nhwc(value, list(own[name].shape[1:3]))
+            value = resample_pos_embed(value, own[name].shape[1:3])
         out[name] = value
     return out
 
