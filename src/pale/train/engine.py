@@ -76,6 +76,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from timm.utils import random_seed, unwrap_model
 from torch.utils.data import DataLoader, Dataset
 
 from .. import io as pio
@@ -88,7 +89,7 @@ from .recipe import RecipeError, dump_recipe, ema_decay, schedule_warnings
 
 __all__ = ["Task", "Runtime", "Trainer", "NonFiniteLossError", "TrainingInterrupted", "setup_runtime",
            "checkpoint_files", "load_latest_checkpoint", "config_differences", "RESTART_KEYS",
-           "resolved_lr", "build_optimizer", "build_scheduler", "seed_everything", "rng_state", "set_rng_state", "plot_curves"]
+           "resolved_lr", "build_optimizer", "build_scheduler", "rng_state", "set_rng_state", "plot_curves"]
 
 Config = Dict[str, Any]
 
@@ -187,14 +188,10 @@ def setup_runtime(device: str = "auto", amp: str = "auto", channels_last: bool =
 
 # ---- reproducibility -----------------------------------------------------------------------------
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def rng_state() -> Dict[str, Any]:
-    """Python, numpy, torch (and CUDA) RNG states as plain containers and tensors (weights_only-safe)."""
+    """Python, numpy, torch (and CUDA) RNG states as plain containers and tensors (weights_only-safe).
+
+    timm seeds (``random_seed``) but has no state capture, which the exact mid-epoch resume needs per rank."""
     np_state = np.random.get_state()
     state = dict(python=random.getstate(),
                  numpy=dict(name=np_state[0], keys=torch.from_numpy(np_state[1].astype(np.int64)),
@@ -410,10 +407,6 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 @dataclass
 class _EpochSums:
     """Running sums of one training epoch (checkpointed as ``epoch_state`` so a resumed epoch reports the
@@ -551,7 +544,7 @@ class Trainer:
                 self._rotate_last()
             info = self.task.model_info()
             pio.save_checkpoint(
-                path, _unwrap(self.model), info.pop("model_name"), info.pop("model_kwargs"),
+                path, unwrap_model(self.model), info.pop("model_name"), info.pop("model_kwargs"),
                 info.pop("class_names", None), **info,
                 model_ema=self.ema.module.state_dict() if self.ema is not None else None, ema_buffers=ema_buffers,
                 optimizer=self.optimizer.state_dict(),
@@ -569,7 +562,7 @@ class Trainer:
         safetensors with the model description and ``weights`` ("raw" or "ema") as metadata."""
         info = self.task.model_info()
         which = self._better_weights()
-        model = self.ema.module if which == "ema" else _unwrap(self.model)
+        model = self.ema.module if which == "ema" else unwrap_model(self.model)
         pio.save_safetensors(model.state_dict(), self.out_dir / name, metadata=dict(info, weights=which))
 
     def _write_history(self) -> None:
@@ -582,9 +575,9 @@ class Trainer:
         cfg, tcfg = self.cfg, self.cfg["train"]
         self.rt = rt = setup_runtime(tcfg["device"], tcfg["amp"], bool(tcfg["channels_last"]))
         seed = int(cfg["seed"])
-        seed_everything(seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+        random_seed(seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
         model = self._build_model()
-        seed_everything(seed + rt.rank)  # different drop-path / Mixup draws on each rank
+        random_seed(seed, rt.rank)  # different drop-path / Mixup draws on each rank
         self._build_loaders(seed)
         self._build_optimization(model)
         self.model = model
@@ -698,7 +691,7 @@ class Trainer:
         else:
             self._log(f"note: {path} was written by {len(rngs)} processes, this run has {self.rt.world_size}; "
                       f"random streams restart from the seed, so the continuation is not bit-exact")
-            seed_everything(int(self.cfg["seed"]) + 1000 * self.start_epoch + self.rt.rank)
+            random_seed(int(self.cfg["seed"]) + 1000 * self.start_epoch, self.rt.rank)
         old_runtime, runtime = ckpt.get("runtime") or {}, self.runtime_record()
         changed = [f"{k} {old_runtime[k]} -> {v}" for k, v in runtime.items()
                    if k in old_runtime and old_runtime[k] != v]
@@ -904,7 +897,7 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.step_update(num_updates=self.num_updates)
         if self.ema is not None:
-            self.ema.update(_unwrap(self.model), step=self.num_updates)
+            self.ema.update(unwrap_model(self.model), step=self.num_updates)
 
     def _after_update(self, sums: "_EpochSums", window_loss: float, window_n: int, bar: Any) -> None:
         """Add the update's loss (summed over ranks) to the epoch's sums; report it to the progress bar
@@ -928,7 +921,7 @@ class Trainer:
             return
         from timm.utils import distribute_bn
 
-        distribute_bn(_unwrap(self.model), self.rt.world_size, reduce=mode == "reduce")
+        distribute_bn(unwrap_model(self.model), self.rt.world_size, reduce=mode == "reduce")
         if self.ema is not None:
             distribute_bn(self.ema.module, self.rt.world_size, reduce=mode == "reduce")
 
@@ -937,7 +930,7 @@ class Trainer:
         ``train.val_amp`` (then under the training autocast); ``val_precision`` says which."""
         val_rt = self.rt if self.cfg["train"]["val_amp"] else dataclasses.replace(self.rt, amp_dtype=None)
         out: Dict[str, Any] = {"val_precision": _PRECISION_NAMES[val_rt.amp_dtype]}
-        models = [("val_", _unwrap(self.model))]
+        models = [("val_", unwrap_model(self.model))]
         if self.ema is not None:
             models.append(("ema_val_", self.ema.module))
         for prefix, model in models:
