@@ -410,7 +410,7 @@ def _is_number(value: Any) -> bool:
 @dataclass
 class _EpochSums:
     """Running sums of one training epoch (checkpointed as ``epoch_state`` so a resumed epoch reports the
-    whole epoch)."""
+    whole epoch). Not timm's ``AverageMeter``: that keeps ``val * n`` products and no state to save and restore."""
 
     loss_sum: float = 0.0
     loss_count: int = 0
@@ -879,7 +879,10 @@ class Trainer:
 
     def _optimizer_step(self) -> None:
         """One update from the accumulated gradients: clip, step (through the GradScaler under fp16), then
-        advance the per-update schedule and the EMA."""
+        advance the per-update schedule and the EMA.
+
+        Not timm's ``NativeScaler``, which runs backward and step in one call: here the backward of each
+        micro-batch comes first, after the all-ranks finite-loss check, and the step only on the last."""
         from timm.utils import dispatch_clip_grad
 
         tcfg, opt = self.cfg["train"], self.optimizer
