@@ -19,7 +19,7 @@ from pale.dense.engine import run_training
 from pale.dense.maskrcnn import build_mask_rcnn
 from pale.dense.toydata import make_coco_dataset
 from pale.train import Runtime, resolve_recipe
-from pale.train.engine import seed_everything
+from timm.utils import random_seed
 
 from dense_tiny import TINY, TINY_YAML
 
@@ -222,7 +222,7 @@ def test_training_beats_untrained_model(tmp_path):
                                         "model.fpn_channels": 64, "model.roi_samples": 64})
     cfg = resolve_recipe({}, overrides, DetectionTask.defaults)
     task = DetectionTask(cfg)
-    seed_everything(cfg["seed"])
+    random_seed(cfg["seed"])
     untrained = task.build_model().eval()
     loader = torch.utils.data.DataLoader(task.val_dataset(), batch_size=2, collate_fn=task.collate_fn(False))
     before = evaluate_detector(untrained, loader, Runtime(torch.device("cpu")), task.val_set.coco, task.cat_ids)

@@ -319,3 +319,24 @@ def test_amp_auto_on_cpu_uses_bf16_only_where_native():
     native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert rt.amp_dtype == (torch.bfloat16 if native else None)
     assert setup_runtime("cpu", "bf16").amp_dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("num_classes", [3, 10])
+def test_evaluate_classifier_counts_match_a_direct_computation(num_classes):
+    import torch.nn.functional as F
+
+    from pale.train.classification import evaluate_classifier
+    from pale.train.engine import Runtime
+
+    g = torch.Generator().manual_seed(num_classes)
+    batches = [(torch.randn(n, num_classes, generator=g), torch.randint(0, num_classes, (n,), generator=g))
+               for n in (7, 5)]
+    logits, targets = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    rank = (logits > logits.gather(1, targets[:, None])).sum(1)   # classes scored above the target
+    got = evaluate_classifier(torch.nn.Identity(), batches, Runtime(torch.device("cpu")))
+    assert got["n"] == 12
+    assert got["top1"] == pytest.approx(100 * (rank == 0).float().mean().item())
+    assert got["top5"] == pytest.approx(100 * (rank < 5).float().mean().item())
+    assert got["loss"] == pytest.approx(F.cross_entropy(logits, targets).item(), rel=1e-6)
+    if num_classes <= 5:
+        assert got["top5"] == 100.0

@@ -31,6 +31,7 @@ RANK_SCRIPT = textwrap.dedent("""
     import contextlib, os, signal, sys, time
     import torch
     import pale.io as pio
+    from timm.utils import unwrap_model
     from pale.train import engine
     from pale.train.classification import ClassificationTask
 
@@ -64,7 +65,7 @@ RANK_SCRIPT = textwrap.dedent("""
     fit = engine.Trainer.fit
     def fit_and_dump(self):
         out = fit(self)
-        model = engine._unwrap(self.model)
+        model = unwrap_model(self.model)
         torch.save({"model": model.state_dict(), "ema": self.ema.module.state_dict(), "world": self.rt.world_size,
                     "restart": restart}, os.path.join(spy_dir, f"final-rank{rank}.pt"))
         return out

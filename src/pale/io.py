@@ -404,7 +404,9 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], stric
     every key that fits is loaded and the report says what was left out.
     """
     own = model.state_dict()
-    state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    from timm.models import clean_state_dict
+
+    state_dict = clean_state_dict(dict(state_dict))
     report = LoadReport(
         missing=[k for k in own if k not in state_dict],
         unexpected=[k for k in state_dict if k not in own],

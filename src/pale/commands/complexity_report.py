@@ -13,6 +13,7 @@ import datetime
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Sequence, Tuple
 
@@ -21,7 +22,7 @@ from ..errors import InputError
 if TYPE_CHECKING:  # the command imports torch only when it runs, so `pale --help` stays fast
     import torch
 
-    from ..complexity import AnalyticCost, ComparisonRow
+    from ..complexity import AnalyticCost, ComparisonRow, PaleConfig
 
 Pair = Tuple[int, int]
 MODES = ("parallel", "sequential", "vanilla", "axial", "cross_shaped")
@@ -120,31 +121,26 @@ def _paper_table_md(rows: Sequence[ComparisonRow]) -> List[str]:
     return out
 
 
-def build_report(sides: Sequence[int], repeats: int, threads: int, count_device: str,
-                 plot_name: str, plot_path: Path) -> str:
-    import matplotlib
+@dataclass
+class Measurements:
+    """What the report shows: the paper-table rows, every mode's counts at :data:`COST_SIZES` and its forward
+    times at the timed sides."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    rows: List[ComparisonRow]
+    costs: Dict[Tuple[str, Pair], Tuple[AnalyticCost, int]]
+    times: Dict[str, List[float]]
+
+
+def measure(sides: Sequence[int], repeats: int, count_device: str) -> Measurements:
+    """Count (and check against the analytic counts) and time every attention mode of Pale-T."""
     import timm
-    import torch
 
-    from ..complexity import (PaleConfig, analytic_cost, compare_paper, global_attention_macs, global_model_macs,
-                              measure_cost, pale_attention_macs, parameters_on_meta, relative_difference,
-                              stage_sizes)
-    from ..io import atomic_savefig
+    from ..complexity import PaleConfig, analytic_cost, compare_paper, measure_cost, parameters_on_meta
 
-    import pale  # noqa: F401
+    import pale  # noqa: F401  (registers the models with timm)
 
-    started = time.time()
-    now = datetime.datetime.now(datetime.timezone.utc)
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    torch.set_num_threads(threads)
     shapes_only = count_device == "meta"
-
     rows = compare_paper(measure=True, shapes_only=shapes_only)
-
-    # Every mode timed at `sides` on the CPU, and counted at the report's sizes.
     times = time_forward({mode: timm.create_model("pale_tiny", attn_mode=mode).eval() for mode in MODES},
                          sides, repeats)
     costs: Dict[Tuple[str, Pair], Tuple[AnalyticCost, int]] = {}
@@ -156,75 +152,124 @@ def build_report(sides: Sequence[int], repeats: int, threads: int, count_device:
             measured = measure_cost(model, size)
             _check(f"{mode} at {size}", measured.macs, analytic.macs)
             costs[mode, size] = (analytic, measured.macs)
-    load_after = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    base = PaleConfig.from_model_name("pale_tiny")
+    return Measurements(rows, costs, times)
 
-    # ---- plot
-    plot_sides = list(range(224, 1025, 32))
-    fig, (ax_macs, ax_time) = plt.subplots(1, 2, figsize=(12, 4.6))
-    for mode in MODES:
-        cfg = PaleConfig.from_model_name("pale_tiny", attn_mode=mode)
-        ax_macs.plot(plot_sides, [analytic_cost(cfg, (s, s)).macs / 1e9 for s in plot_sides], label=mode)
-        ax_time.plot(sides, [t * 1e3 for t in times[mode]], marker="o", label=mode)
-    ax_macs.plot(plot_sides, [global_model_macs(base, (s, s)) / 1e9 for s in plot_sides], "k--",
-                 label="global attention (Eq. 4)")
-    ax_macs.set(xlabel="input side (pixels, square)", ylabel="multiply-adds (G), analytic", yscale="log",
-                title="Pale-T multiply-adds per image")
-    ax_time.set(xlabel="input side (pixels, square)", ylabel="forward time (ms), best of repeats", yscale="log",
-                title=f"Pale-T forward, batch 1, {threads} thread(s) (noisy, this machine)")
-    for ax in (ax_macs, ax_time):
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_savefig(fig, plot_path, dpi=110)
-    plt.close(fig)
 
-    # ---- markdown
+def machine_description() -> Dict[str, str]:
+    """The machine the report ran on, as the report's data: CPU model, core count, vector capability."""
+    import torch
+
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    t7 = {r.paper.label: r for r in rows if r.paper.table == "7"}
-    t8 = {r.paper.label: r for r in rows if r.paper.table == "8"}
-    two_way = {label: _two_way_padded(analytic_cost(PaleConfig.from_model_name(
-        "pale_tiny", **dict(r.paper.overrides)), (224, 224))) for label, r in t7.items()}
+    return dict(cpu=cpu, cores=str(os.cpu_count()), capability=torch.backends.cpu.get_cpu_capability(),
+                torch=torch.__version__)
 
-    md: List[str] = [
+
+def _load_average() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def plot(times: Dict[str, List[float]], sides: Sequence[int], threads: int, path: Path) -> None:
+    """Analytic multiply-adds (left) and measured forward time (right) of every mode against the input side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..complexity import PaleConfig, analytic_cost, global_model_macs
+    from ..io import atomic_savefig
+
+    plot_sides = list(range(224, 1025, 32))
+    fig, (ax_macs, ax_time) = plt.subplots(1, 2, figsize=(12, 4.6))
+    for mode in MODES:
+        cfg = PaleConfig.from_model_name("pale_tiny", attn_mode=mode)
+        ax_macs.plot(plot_sides, [analytic_cost(cfg, (s, s)).macs / 1e9 for s in plot_sides], label=mode)
+        ax_time.plot(sides, [t * 1e3 for t in times[mode]], marker="o", label=mode)
+    base = PaleConfig.from_model_name("pale_tiny")
+    ax_macs.plot(plot_sides, [global_model_macs(base, (s, s)) / 1e9 for s in plot_sides], "k--",
+                 label="global attention (Eq. 4)")
+    ax_macs.set(xlabel="input side (pixels, square)", ylabel="multiply-adds (G), analytic", yscale="log",
+                title="Pale-T multiply-adds per image")
+    ax_time.set(xlabel="input side (pixels, square)", ylabel="forward time (ms), best of repeats", yscale="log",
+                title=f"Pale-T forward, batch 1, {threads} thread(s)")
+    for ax in (ax_macs, ax_time):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_savefig(fig, path, dpi=110)
+    plt.close(fig)
+
+
+def build_report(sides: Sequence[int], repeats: int, threads: int, count_device: str,
+                 plot_name: str, plot_path: Path) -> str:
+    import torch
+
+    started, load_before = time.time(), _load_average()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    torch.set_num_threads(threads)
+    m = measure(sides, repeats, count_device)
+    run_info = dict(machine_description(), date=f"{now:%Y-%m-%d %H:%M}", count_device=count_device,
+                    threads=str(threads), load_before=f"{load_before:.1f}", load_after=f"{_load_average():.1f}")
+    plot(m.times, sides, threads, plot_path)
+    run_info["seconds"] = f"{time.time() - started:.0f}"
+    md = _header_md(run_info) + _WHAT_IS_COUNTED + _paper_table_md(m.rows) + _differences_md(m.rows)
+    md += _scaling_md(m.costs) + _timing_md(m.times, sides, repeats, threads, plot_name) + _REPRODUCE
+    return "\n".join(md)
+
+
+def _header_md(run: Dict[str, str]) -> List[str]:
+    return [
         "# Complexity: parameters and multiply-adds of every attention mode",
         "",
         "Generated by `pale complexity-report` (`src/pale/commands/complexity_report.py`); do not edit by hand.",
-        f"Run on {now:%Y-%m-%d %H:%M} UTC, {cpu}, torch {torch.__version__}, counts on the `{count_device}` device,",
-        f"timing with {threads} thread(s); load average {load[0]:.1f} before and {load_after[0]:.1f} after "
-        f"(a shared 2-core machine: other jobs ran at the same time). Took {time.time() - started:.0f} s.",
-        "",
-        "## What is counted",
-        "",
-        "- **analytic**: `pale.complexity.analytic_cost`, closed-form multiply-adds per layer for what our code",
-        "  computes: the paper's Eq. 13 (q/k/v: `3(9hwc + hwc²)`), Eq. 14 per attention branch with padded group",
-        "  counts (`2 (Hp/s_r) (s_r w)² (c/2)` for the row branch), Eq. 15 (projection), plus the stem and",
-        "  patch-merging convolutions, CPE (`9hwc`), the MLP (`8hwc²`) and the head. Sequential blocks use all",
-        "  channels in one direction; vanilla attends inside each of the `N` pales of the map padded to",
-        "  `h/s_r = w/s_c = N`, all channels, `P = s_r Wp + s_c Hp - s_r s_c` tokens per pale: `2cNP²`; axial is",
-        "  pale size 1; cross-shaped uses contiguous stripes of 7 (same count as interlaced groups of 7).",
-        "- **Eq. form**: the same network with each attention layer's matmuls from the paper's equations on the",
-        "  real, unpadded map (Eq. 14: `hw²c s_r + h²wc s_c`); for vanilla the same `2cNP²` as the code, since the",
-        "  paper defines its pales on the padded map.",
-        "- **measured**: `torch.utils.flop_counter.FlopCounterMode` over one forward pass of a `(1, 3, H, W)`",
-        "  input, SDPA on its math backend. Counts here run the model on the `meta` device (the same code on",
-        "  shapes only, so 512x2048 vanilla needs no 8 GB of scores); `tests/test_complexity.py` checks that",
-        "  CPU and meta runs count the same. The command fails if measured and analytic differ by more than 1%.",
-        "- Not counted by either (nor by the paper): biases, norms, softmax, activations, additions, pooling.",
-        "  The paper's \"FLOPs\" are multiply-adds. Parameters: conv/linear weights and biases, BN/LN affine, APE.",
-        "",
-        "## The paper's Tables 7-9, side by side (ImageNet column)",
-        "",
-        "`pale info --compare-paper` prints these rows in all three of the paper's columns (ImageNet 224,",
-        "ADE20K UperNet 512x2048, COCO Mask R-CNN 1280x800), with Tables 1-4, in one table.",
+        f"Run on {run['date']} UTC, {run['cpu']} ({run['cores']} logical cores, torch CPU capability "
+        f"{run['capability']}), torch {run['torch']}, counts on the `{run['count_device']}` device,",
+        f"timing with {run['threads']} thread(s); load average {run['load_before']} before and {run['load_after']} "
+        f"after. Took {run['seconds']} s.",
     ]
-    md += _paper_table_md(rows)
-    md += [
+
+
+_WHAT_IS_COUNTED = [
+    "",
+    "## What is counted",
+    "",
+    "- **analytic**: `pale.complexity.analytic_cost`, closed-form multiply-adds per layer for what our code",
+    "  computes: the paper's Eq. 13 (q/k/v: `3(9hwc + hwc²)`), Eq. 14 per attention branch with padded group",
+    "  counts (`2 (Hp/s_r) (s_r w)² (c/2)` for the row branch), Eq. 15 (projection), plus the stem and",
+    "  patch-merging convolutions, CPE (`9hwc`), the MLP (`8hwc²`) and the head. Sequential blocks use all",
+    "  channels in one direction; vanilla attends inside each of the `N` pales of the map padded to",
+    "  `h/s_r = w/s_c = N`, all channels, `P = s_r Wp + s_c Hp - s_r s_c` tokens per pale: `2cNP²`; axial is",
+    "  pale size 1; cross-shaped uses contiguous stripes of 7 (same count as interlaced groups of 7).",
+    "- **Eq. form**: the same network with each attention layer's matmuls from the paper's equations on the",
+    "  real, unpadded map (Eq. 14: `hw²c s_r + h²wc s_c`); for vanilla the same `2cNP²` as the code, since the",
+    "  paper defines its pales on the padded map.",
+    "- **measured**: `torch.utils.flop_counter.FlopCounterMode` over one forward pass of a `(1, 3, H, W)`",
+    "  input, SDPA on its math backend. Counts here run the model on the `meta` device (the same code on",
+    "  shapes only, so 512x2048 vanilla needs no 8 GB of scores); `tests/test_complexity.py` checks that",
+    "  CPU and meta runs count the same. The command fails if measured and analytic differ by more than 1%.",
+    "- Not counted by either (nor by the paper): biases, norms, softmax, activations, additions, pooling.",
+    "  The paper's \"FLOPs\" are multiply-adds. Parameters: conv/linear weights and biases, BN/LN affine, APE.",
+    "",
+    "## The paper's Tables 7-9, side by side (ImageNet column)",
+    "",
+    "`pale info --compare-paper` prints these rows in all three of the paper's columns (ImageNet 224,",
+    "ADE20K UperNet 512x2048, COCO Mask R-CNN 1280x800), with Tables 1-4, in one table.",
+]
+
+
+def _differences_md(rows: Sequence[ComparisonRow]) -> List[str]:
+    """Where our counts differ from the paper's Tables 7-9, and why."""
+    from ..complexity import PaleConfig, analytic_cost, relative_difference
+
+    t7 = {r.paper.label: r for r in rows if r.paper.table == "7"}
+    t8 = {r.paper.label: r for r in rows if r.paper.table == "8"}
+    two_way = [_two_way_padded(analytic_cost(PaleConfig.from_model_name("pale_tiny", **dict(r.paper.overrides)),
+                                             (224, 224))) for r in t7.values()]
+    return [
         "",
         "Where we differ from the paper, and why (nothing is tuned to match):",
         "",
@@ -234,7 +279,7 @@ def build_report(sides: Sequence[int], repeats: int, threads: int, count_device:
         "3, 5 and 9 need padding at 224 (stage maps 56/28/14/7 are not all multiples), which our code adds "
         "only along the grouped direction of each branch (the row branch pads rows, its keys span the real "
         f"columns): {', '.join(_g(r.analytic_macs) for r in t7.values())}. Padding the map in both directions "
-        f"before attention gives {', '.join(_g(v) for v in two_way.values())}: still not the "
+        f"before attention gives {', '.join(_g(v) for v in two_way)}: still not the "
         "paper's 4.1/4.4/5.4G. The paper's size-9 value equals its vanilla value (5.4G); we cannot reproduce "
         "either the trend break or that value, and report our counts.",
         f"- **Axial / pale size 1: {_g(t8['Axial'].analytic_macs)} vs 3.8G** "
@@ -252,6 +297,15 @@ def build_report(sides: Sequence[int], repeats: int, threads: int, count_device:
         "dense APE models. APE adds no multiply-adds (an addition; resizing it is interpolation, not counted).",
         "- **Sequential = parallel** in multiply-adds: every stage depth is even, so row-only and column-only "
         "blocks pair up to one parallel block's cost.",
+    ]
+
+
+def _scaling_md(costs: Dict[Tuple[str, Pair], Tuple[AnalyticCost, int]]) -> List[str]:
+    """Every mode's total and attention multiply-adds at :data:`COST_SIZES` against global attention."""
+    from ..complexity import PaleConfig, global_model_macs, relative_difference
+
+    base = PaleConfig.from_model_name("pale_tiny")
+    md = [
         "",
         "## Every mode at larger inputs, against global attention (Eq. 4)",
         "",
@@ -267,8 +321,7 @@ def build_report(sides: Sequence[int], repeats: int, threads: int, count_device:
         for size in COST_SIZES:
             analytic, measured = costs[mode, size]
             worst = max(worst, relative_difference(measured, analytic.macs))
-            ratio = global_model_macs(base, size) / analytic.macs
-            cells.append(f"{_g(analytic.macs)} (global {ratio:.1f}x)")
+            cells.append(f"{_g(analytic.macs)} (global {global_model_macs(base, size) / analytic.macs:.1f}x)")
         md.append(f"| {mode} | " + " | ".join(cells) + f" | {100 * worst:.2f}% |")
     md.append("| global (Eq. 4) | " + " | ".join(_g(global_model_macs(base, s)) for s in COST_SIZES) + " | - |")
     md += [
@@ -282,7 +335,14 @@ def build_report(sides: Sequence[int], repeats: int, threads: int, count_device:
         md.append(f"| {mode} | " + " | ".join(
             f"{_g(costs[mode, s][0].attention_macs('code'))} / {_g(costs[mode, s][0].attention_macs('paper'))}"
             for s in COST_SIZES) + " |")
-    md += [
+    return md + _per_layer_md(base)
+
+
+def _per_layer_md(base: PaleConfig) -> List[str]:
+    """One attention layer per stage at 224 and 1024: Eq. 4 against Eq. 16."""
+    from ..complexity import global_attention_macs, pale_attention_macs, stage_sizes
+
+    md = [
         "",
         "Vanilla grows fastest on non-square inputs: at 512x2048 it pads every stage to `h/s_r = w/s_c` "
         "(stage 1: 128x512 becomes 518x518), the \"excessive padding\" the paper blames for vanilla's "
@@ -300,7 +360,12 @@ def build_report(sides: Sequence[int], repeats: int, threads: int, count_device:
             glob, pale_layer = global_attention_macs(h, w, c), pale_attention_macs(h, w, c, (7, 7))
             md.append(f"| {size[0]}x{size[1]} | {i + 1} | {h}x{w}x{c} | {glob / 1e6:,.1f}M | "
                       f"{pale_layer / 1e6:,.1f}M | {glob / pale_layer:.1f}x |")
-    md += [
+    return md
+
+
+def _timing_md(times: Dict[str, List[float]], sides: Sequence[int], repeats: int, threads: int,
+               plot_name: str) -> List[str]:
+    md = [
         "",
         "## Multiply-adds and measured time against input side",
         "",
@@ -308,28 +373,29 @@ def build_report(sides: Sequence[int], repeats: int, threads: int, count_device:
         "",
         f"Left: analytic multiply-adds of Pale-T per mode for square inputs 224-1024 (parallel, sequential "
         f"and cross_shaped coincide), and the global-attention network. Right: best of {repeats} batch-1 "
-        f"forward passes (after one warm-up; the modes take turns) of Pale-T in fp32 on this CPU with "
-        f"{threads} thread(s), eager PyTorch. **Timings are noisy and machine-specific**: "
-        "the machine is shared by several jobs (see the load averages above); use `pale bench` for speed "
-        "comparisons. Measured times (ms):",
+        f"forward passes (after one warm-up; the modes take turns) of Pale-T in fp32 on the CPU above with "
+        f"{threads} thread(s), eager PyTorch. **Timings are noisy and machine-specific** (other load shows in "
+        "the load averages above); use `pale bench` for speed comparisons. Measured times (ms):",
         "",
         "| mode | " + " | ".join(str(s) for s in sides) + " |",
         "|---|" + "---|" * len(sides),
     ]
     for mode in MODES:
         md.append(f"| {mode} | " + " | ".join(f"{t * 1e3:.0f}" for t in times[mode]) + " |")
-    md += [
-        "",
-        "## Reproduce",
-        "",
-        "```",
-        "pale complexity-report                 # this file and its plot (a few minutes on 2 cores)",
-        "pale info --compare-paper             # Tables 1-4 and 7-9, all three columns, on the console",
-        "pale info pale_tiny --attn-mode vanilla --img-size 512 2048 --meta   # one model, per part",
-        "```",
-        "",
-    ]
-    return "\n".join(md)
+    return md
+
+
+_REPRODUCE = [
+    "",
+    "## Reproduce",
+    "",
+    "```",
+    "pale complexity-report                 # this file and its plot (minutes: it counts and times every mode)",
+    "pale info --compare-paper             # Tables 1-4 and 7-9, all three columns, on the console",
+    "pale info pale_tiny --attn-mode vanilla --img-size 512 2048 --meta   # one model, per part",
+    "```",
+    "",
+]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,12 +17,13 @@ from collections import OrderedDict
 from typing import Any, Dict, Mapping, Sequence, Union
 
 import torch.nn as nn
+from timm.layers import LayerNorm2d
 from torch import Tensor
 
 from .. import io as pio
 from ..errors import InputError
 
-__all__ = ["create_pale_features", "with_ape_size", "load_backbone_weights", "LayerNorm2d", "PaleFPNBackbone"]
+__all__ = ["create_pale_features", "with_ape_size", "load_backbone_weights", "PaleFPNBackbone"]
 
 #: classifier parts a backbone does not have
 CLASSIFIER_ONLY = ("head.", "norm.")
@@ -74,13 +75,6 @@ def pale_trunk(features: nn.Module) -> nn.Module:
     return getattr(features, "model", features)
 
 
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of an NCHW map."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
 class PaleFPNBackbone(nn.Module):
     """Pale + per-stage LayerNorm + FPN (256 channels, extra max-pooled level) for torchvision detectors.
 
@@ -95,7 +89,8 @@ class PaleFPNBackbone(nn.Module):
 
         self.body = create_pale_features(name, **pale_kwargs)
         channels: Sequence[int] = self.body.feature_info.channels()
-        self.norms = nn.ModuleList(LayerNorm2d(c) for c in channels)
+        # eps of torch.nn.LayerNorm (timm defaults to 1e-6), which trained checkpoints used
+        self.norms = nn.ModuleList(LayerNorm2d(c, eps=1e-5) for c in channels)
         self.fpn = FeaturePyramidNetwork(list(channels), fpn_channels, extra_blocks=LastLevelMaxPool())
         self.out_channels = fpn_channels
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 
 from ..errors import InputError, MissingFileError
@@ -36,8 +37,6 @@ __all__ = ["IGNORE_INDEX", "SegmentationFolder", "SegTrainTransform", "normalize
            "contiguous_label_ids", "scan_label_ids", "label_lookup", "load_label", "rescale_size", "list_collate"]
 
 IGNORE_INDEX = 255
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def scan_segmentation_folder(root: Path, split: str = "") -> List[Tuple[str, str]]:
@@ -135,7 +134,8 @@ def _ranges(values: Sequence[int]) -> str:
     return ", ".join(out)
 
 
-def normalize(image: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Tensor:
+def normalize(image: Tensor, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+              std: Sequence[float] = IMAGENET_DEFAULT_STD) -> Tensor:
     """``(3, H, W)`` in [0, 1] -> normalised."""
     m = torch.tensor(mean, dtype=image.dtype).view(3, 1, 1)
     s = torch.tensor(std, dtype=image.dtype).view(3, 1, 1)
@@ -184,7 +184,8 @@ class SegTrainTransform:
 
     def __init__(self, scale: Sequence[int] = (2048, 512), ratio_range: Sequence[float] = (0.5, 2.0),
                  crop_size: Sequence[int] = (512, 512), cat_max_ratio: float = 0.75, flip: float = 0.5,
-                 photometric: bool = True, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+                 photometric: bool = True, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                 std: Sequence[float] = IMAGENET_DEFAULT_STD):
         self.scale, self.ratio_range = tuple(scale), tuple(ratio_range)
         self.crop_size = tuple(crop_size)
         self.cat_max_ratio, self.flip, self.photometric = cat_max_ratio, flip, photometric
@@ -233,8 +234,8 @@ class SegmentationFolder(Dataset):
     """
 
     def __init__(self, root: Path, split: str, num_classes: Optional[int], reduce_zero_label: bool = False,
-                 transform: Optional[SegTrainTransform] = None, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD, length: Optional[int] = None,
+                 transform: Optional[SegTrainTransform] = None, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                 std: Sequence[float] = IMAGENET_DEFAULT_STD, length: Optional[int] = None,
                  label_ids: Optional[Sequence[int]] = None):
         self.samples = scan_segmentation_folder(root, split)
         self.reduce_zero_label = bool(reduce_zero_label)

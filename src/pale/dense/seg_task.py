@@ -17,12 +17,13 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..errors import InputError
 from ..train import Runtime, Task
 from ..io import BadImageError
 from .engine import dense_defaults, fill_variant_defaults, load_dense_model
-from .seg_data import (IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, SegmentationFolder, SegTrainTransform,
+from .seg_data import (IGNORE_INDEX, SegmentationFolder, SegTrainTransform,
                        contiguous_label_ids, list_collate, scan_label_ids, scan_segmentation_folder)
 from .seg_eval import confusion_matrix, segment, segmentation_metrics
 from .upernet import PaleUperNet, build_upernet
@@ -162,7 +163,7 @@ class SegmentationTask(Task):
         spec["pale_kwargs"].pop("drop_path_rate")  # training-only
         return dict(task="segmentation", model_name=f"upernet_{spec['backbone']}", model_kwargs=spec,
                     class_names=self.class_names,
-                    data_config=dict(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
+                    data_config=dict(mean=list(IMAGENET_DEFAULT_MEAN), std=list(IMAGENET_DEFAULT_STD),
                                      reduce_zero_label=bool(self.cfg["data"]["reduce_zero_label"]),
                                      label_ids=list(self.label_ids),
                                      test=dict(self.cfg["test"])))

@@ -44,7 +44,11 @@ def pad_to_multiple(x: Tensor, divisor: int = SIZE_DIVISOR) -> Tensor:
 
 
 class FCNHead(nn.Module):
-    """mmseg's FCNHead with one conv: 3x3 conv (no bias) -> BN -> ReLU -> Dropout2d -> 1x1 classifier."""
+    """mmseg's FCNHead with one conv: 3x3 conv (no bias) -> BN -> ReLU -> Dropout2d -> 1x1 classifier.
+
+    Not torchvision's ``FCNHead``: that one fixes the width at ``in_channels // 4`` (64 on Pale-T's stage 3)
+    and drops whole activations, where the UperNet recipe's auxiliary head is 256 wide with channel dropout.
+    """
 
     def __init__(self, in_channels: int, num_classes: int, channels: int = 256, dropout: float = 0.1):
         super().__init__()

@@ -19,6 +19,9 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import to_2tuple
+from timm.utils import accuracy
 
 from .. import io as pio
 from ..errors import InputError, MissingFileError
@@ -120,10 +123,10 @@ def data_config(cfg: Dict[str, Any], model: Optional[nn.Module] = None) -> Dict[
         raise RecipeError(f"data.crop_mode must be squash, center or border, got {d['crop_mode']!r}")
     pre = getattr(model, "pretrained_cfg", None) or {}
     size = d["img_size"]
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    h, w = to_2tuple(size)
     return dict(input_size=[3, int(h), int(w)], crop_pct=float(d["crop_pct"]), interpolation=d["interpolation"],
-                mean=list(d["mean"] or pre.get("mean", (0.485, 0.456, 0.406))),
-                std=list(d["std"] or pre.get("std", (0.229, 0.224, 0.225))), crop_mode=d["crop_mode"])
+                mean=list(d["mean"] or pre.get("mean", IMAGENET_DEFAULT_MEAN)),
+                std=list(d["std"] or pre.get("std", IMAGENET_DEFAULT_STD)), crop_mode=d["crop_mode"])
 
 
 def _posterize_any_bits(img, bits_to_keep: int, **kwargs: Any):
@@ -205,12 +208,10 @@ def evaluate_classifier(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, 
         with rt.autocast():
             logits = model(images)
         logits = logits.float()
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hit = top.eq(targets[:, None])
-        totals += torch.stack([F.cross_entropy(logits, targets, reduction="sum").double(),
-                               hit[:, 0].sum().double(), hit.any(dim=1).sum().double(),
-                               torch.tensor(float(len(targets)), dtype=torch.float64, device=rt.device)])
+        n = len(targets)
+        top1, top5 = (round(float(acc) * n / 100) for acc in accuracy(logits, targets, topk=(1, 5)))
+        totals += torch.tensor([F.cross_entropy(logits, targets, reduction="sum").item(), top1, top5, n],
+                               dtype=torch.float64, device=rt.device)
     rt.all_reduce_sum(totals)
     n = max(float(totals[3]), 1.0)
     return dict(loss=float(totals[0]) / n, top1=100.0 * float(totals[1]) / n, top5=100.0 * float(totals[2]) / n,

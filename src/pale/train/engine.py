@@ -76,6 +76,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from timm.utils import random_seed, unwrap_model
 from torch.utils.data import DataLoader, Dataset
 
 from .. import io as pio
@@ -88,7 +89,7 @@ from .recipe import RecipeError, dump_recipe, ema_decay, schedule_warnings
 
 __all__ = ["Task", "Runtime", "Trainer", "NonFiniteLossError", "TrainingInterrupted", "setup_runtime",
            "checkpoint_files", "load_latest_checkpoint", "config_differences", "RESTART_KEYS",
-           "resolved_lr", "build_optimizer", "build_scheduler", "seed_everything", "rng_state", "set_rng_state", "plot_curves"]
+           "resolved_lr", "build_optimizer", "build_scheduler", "rng_state", "set_rng_state", "plot_curves"]
 
 Config = Dict[str, Any]
 
@@ -187,14 +188,10 @@ def setup_runtime(device: str = "auto", amp: str = "auto", channels_last: bool =
 
 # ---- reproducibility -----------------------------------------------------------------------------
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def rng_state() -> Dict[str, Any]:
-    """Python, numpy, torch (and CUDA) RNG states as plain containers and tensors (weights_only-safe)."""
+    """Python, numpy, torch (and CUDA) RNG states as plain containers and tensors (weights_only-safe).
+
+    timm seeds (``random_seed``) but has no state capture, which the exact mid-epoch resume needs per rank."""
     np_state = np.random.get_state()
     state = dict(python=random.getstate(),
                  numpy=dict(name=np_state[0], keys=torch.from_numpy(np_state[1].astype(np.int64)),
@@ -410,8 +407,35 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+@dataclass
+class _EpochSums:
+    """Running sums of one training epoch (checkpointed as ``epoch_state`` so a resumed epoch reports the
+    whole epoch). Not timm's ``AverageMeter``: that keeps ``val * n`` products and no state to save and restore."""
+
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    images: int = 0
+    time: float = 0.0
+    tick: float = 0.0  # wall clock of the previous update
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> "_EpochSums":
+        return cls(state.get("loss_sum", 0.0), state.get("loss_count", 0), state.get("images", 0),
+                   state.get("time", 0.0))
+
+    def state(self) -> Dict[str, Any]:
+        return dict(loss_sum=self.loss_sum, loss_count=self.loss_count, images=self.images, time=self.time)
+
+    def add(self, loss_sum: float, count: int) -> None:
+        self.loss_sum += loss_sum
+        self.loss_count += count
+        self.images += count
+        now = time.time()
+        self.time += now - self.tick
+        self.tick = now
+
+    def mean_loss(self) -> float:
+        return self.loss_sum / max(self.loss_count, 1)
 
 
 class Trainer:
@@ -520,7 +544,7 @@ class Trainer:
                 self._rotate_last()
             info = self.task.model_info()
             pio.save_checkpoint(
-                path, _unwrap(self.model), info.pop("model_name"), info.pop("model_kwargs"),
+                path, unwrap_model(self.model), info.pop("model_name"), info.pop("model_kwargs"),
                 info.pop("class_names", None), **info,
                 model_ema=self.ema.module.state_dict() if self.ema is not None else None, ema_buffers=ema_buffers,
                 optimizer=self.optimizer.state_dict(),
@@ -538,7 +562,7 @@ class Trainer:
         safetensors with the model description and ``weights`` ("raw" or "ema") as metadata."""
         info = self.task.model_info()
         which = self._better_weights()
-        model = self.ema.module if which == "ema" else _unwrap(self.model)
+        model = self.ema.module if which == "ema" else unwrap_model(self.model)
         pio.save_safetensors(model.state_dict(), self.out_dir / name, metadata=dict(info, weights=which))
 
     def _write_history(self) -> None:
@@ -551,26 +575,48 @@ class Trainer:
         cfg, tcfg = self.cfg, self.cfg["train"]
         self.rt = rt = setup_runtime(tcfg["device"], tcfg["amp"], bool(tcfg["channels_last"]))
         seed = int(cfg["seed"])
-        seed_everything(seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-        self.task.runtime = rt
+        random_seed(seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+        model = self._build_model()
+        random_seed(seed, rt.rank)  # different drop-path / Mixup draws on each rank
+        self._build_loaders(seed)
+        self._build_optimization(model)
+        self.model = model
+        self.num_updates = 0
+        self.start_epoch, self.start_step = 0, 0
+        self.epoch_state: Dict[str, Any] = {}
+        self.history: List[Dict[str, Any]] = []
+        self.best: Dict[str, Any] = {}
+        if self.resume_path:
+            self._load_resume(self.resume_path)
+        if rt.distributed:
+            if tcfg["sync_bn"]:
+                self.model = model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            self.model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None, **self.task.ddp_kwargs)
+
+    def _build_model(self) -> nn.Module:
+        """The task's model on the device, with gradient checkpointing and channels-last as the recipe asks."""
+        rt = self.task.runtime = self.rt
         model = self.task.build_model()
-        if tcfg["grad_checkpointing"]:
+        if self.cfg["train"]["grad_checkpointing"]:
             if not hasattr(model, "set_grad_checkpointing"):
                 raise InputError(f"{type(model).__name__} has no set_grad_checkpointing()")
             model.set_grad_checkpointing(True)
         model.to(rt.device)
         if rt.channels_last:
             model.to(memory_format=torch.channels_last)
-        seed_everything(seed + rt.rank)  # different drop-path / Mixup draws on each rank
+        return model
 
-        # batch: total = per_device * world * accum
+    def _build_loaders(self, seed: int) -> None:
+        """The training loader (resumable order; batch_size = per device x processes x accumulation steps)
+        and the sharded validation loader."""
+        cfg, tcfg, rt = self.cfg, self.cfg["train"], self.rt
         accum, total = int(tcfg["accum_steps"]), int(cfg["batch_size"])
         if total % (rt.world_size * accum):
             raise RecipeError(f"batch_size {total} is not divisible by {rt.world_size} processes x "
                               f"{accum} accumulation steps")
         self.accum = accum
         self.batch_per_device = total // (rt.world_size * accum)
-
         train_ds = self.task.train_dataset()
         self.train_sampler = EpochSampler(train_ds, rt.world_size, rt.rank, seed)
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -595,30 +641,19 @@ class Trainer:
                 num_workers=workers, collate_fn=SkipCollate(self.task.collate_fn(False)),
                 pin_memory=rt.device.type == "cuda")
 
+    def _build_optimization(self, model: nn.Module) -> None:
+        """Optimizer, per-update scheduler, GradScaler (fp16 only) and EMA."""
+        from timm.utils import ModelEmaV3
+
+        cfg = self.cfg
         self.lr = resolved_lr(cfg)
         self.optimizer = build_optimizer(model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.updates_per_epoch)
-        self.scaler = (torch.amp.GradScaler("cuda") if rt.amp_dtype == torch.float16 else None)
-        from timm.utils import ModelEmaV3
-
+        self.scaler = torch.amp.GradScaler("cuda") if self.rt.amp_dtype == torch.float16 else None
         ecfg = cfg["ema"]
         self.ema_decay = ema_decay(ecfg, int(cfg["epochs"]) * self.updates_per_epoch)
         self.ema = ModelEmaV3(model, decay=self.ema_decay, use_warmup=bool(ecfg["warmup"])) \
             if ecfg["enabled"] else None
-
-        self.model = model
-        self.num_updates = 0
-        self.start_epoch, self.start_step = 0, 0
-        self.epoch_state: Dict[str, Any] = {}
-        self.history: List[Dict[str, Any]] = []
-        self.best: Dict[str, Any] = {}
-        if self.resume_path:
-            self._load_resume(self.resume_path)
-        if rt.distributed:
-            if tcfg["sync_bn"]:
-                self.model = model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            self.model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None, **self.task.ddp_kwargs)
 
     def _load_resume(self, path: Path) -> None:
         ckpt = self._resume_ckpt if self._resume_ckpt is not None else _load_training_checkpoint(path)
@@ -656,7 +691,7 @@ class Trainer:
         else:
             self._log(f"note: {path} was written by {len(rngs)} processes, this run has {self.rt.world_size}; "
                       f"random streams restart from the seed, so the continuation is not bit-exact")
-            seed_everything(int(self.cfg["seed"]) + 1000 * self.start_epoch + self.rt.rank)
+            random_seed(int(self.cfg["seed"]) + 1000 * self.start_epoch, self.rt.rank)
         old_runtime, runtime = ckpt.get("runtime") or {}, self.runtime_record()
         changed = [f"{k} {old_runtime[k]} -> {v}" for k, v in runtime.items()
                    if k in old_runtime and old_runtime[k] != v]
@@ -776,45 +811,28 @@ class Trainer:
         return int(self.rt.all_reduce_sum(t).item())
 
     def _train_epoch(self, epoch: int) -> Dict[str, Any]:
-        from timm.utils import dispatch_clip_grad
-
         rt, tcfg = self.rt, self.cfg["train"]
         model, opt = self.model, self.optimizer
         model.train()
         start_step = self.start_step if epoch == self.start_epoch else 0
-        state = dict(self.epoch_state) if start_step else {}
-        loss_sum, loss_count = state.get("loss_sum", 0.0), state.get("loss_count", 0)
-        images, train_time = state.get("images", 0), state.get("time", 0.0)
+        sums = _EpochSums.from_state(self.epoch_state if start_step else {})
         self.train_sampler.set_epoch(epoch)
         self.train_sampler.set_start(start_step * self.accum * self.batch_per_device)
         total_updates = 2 if self.dry_run else self.updates_per_epoch
         bar = progress(total=total_updates, initial=start_step, desc=f"epoch {epoch + 1}/{self.cfg['epochs']}",
                        unit="updates", enabled=rt.is_main and bool(tcfg["progress"]))
         step, micro, window_loss, window_n = start_step, 0, 0.0, 0
-        clip = tcfg["clip_grad"]
-        tick = time.time()
+        every = int(tcfg["checkpoint_every_updates"])
+        sums.tick = time.time()
         opt.zero_grad(set_to_none=True)
         for batch in self._batches(self.train_loader):
             if step >= total_updates:
                 break
             sync = (micro + 1) % self.accum == 0
-            ctx = model.no_sync() if (rt.distributed and not sync) else contextlib.nullcontext()
-            with ctx:
+            with model.no_sync() if (rt.distributed and not sync) else contextlib.nullcontext():
                 with rt.autocast():
                     loss, n = self.task.training_loss(model, batch, rt)
-                finite = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=rt.device)
-                if bool(rt.all_reduce_sum(finite).item() > 0):
-                    if tcfg["on_nonfinite"] == "stop":
-                        keep = "no checkpoint was written yet"
-                        if self._last_saved is not None:
-                            keep = (f"the last good checkpoint is {self.out_dir / 'last.pth'} (at epoch "
-                                    f"{self._last_saved[0] + 1}, update {self._last_saved[1]})")
-                        raise NonFiniteLossError(
-                            f"loss is {loss.item()} at epoch {epoch + 1}, update {step + 1} (lr "
-                            f"{opt.param_groups[0]['lr']:.3g}); training stopped and {keep}. Lower the learning "
-                            f"rate, set train.clip_grad, or pass --set train.on_nonfinite=skip to skip such batches")
-                    self.nonfinite_skipped += 1
-                    self._log(f"skipping a batch with a non-finite loss at epoch {epoch + 1}, update {step + 1}")
+                if not self._loss_is_finite(loss, epoch, step):
                     opt.zero_grad(set_to_none=True)
                     micro = 0
                     continue
@@ -825,51 +843,78 @@ class Trainer:
             micro += 1
             if not sync:
                 continue
-            if clip is not None:
-                if self.scaler is not None:
-                    self.scaler.unscale_(opt)
-                dispatch_clip_grad(model.parameters(), float(clip), mode=tcfg["clip_mode"])
-            if self.scaler is not None:
-                self.scaler.step(opt)
-                self.scaler.update()
-            else:
-                opt.step()
-            opt.zero_grad(set_to_none=True)
-            self.num_updates += 1
-            step += 1
-            micro = 0
-            if self.scheduler is not None:
-                self.scheduler.step_update(num_updates=self.num_updates)
-            if self.ema is not None:
-                self.ema.update(_unwrap(model), step=self.num_updates)
-            stats = rt.all_reduce_sum(torch.tensor([window_loss, float(window_n)], device=rt.device, dtype=torch.float64))
-            loss_sum += float(stats[0])
-            loss_count += int(stats[1])
-            images += int(stats[1])
+            self._optimizer_step()
+            step, micro = step + 1, 0
+            self._after_update(sums, window_loss, window_n, bar)
             window_loss, window_n = 0.0, 0
-            now = time.time()
-            train_time += now - tick
-            tick = now
-            lr = opt.param_groups[0]["lr"]
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum / max(loss_count, 1):.4f}", lr=f"{lr:.2e}",
-                            img_s=f"{images / max(train_time, 1e-9):.1f}")
-            if self.tb is not None and self.num_updates % 50 == 0:
-                self.tb.add_scalar("train/loss", float(stats[0] / max(stats[1], 1)), self.num_updates)
-                self.tb.add_scalar("train/lr", lr, self.num_updates)
-            every = int(tcfg["checkpoint_every_updates"])
             if every and self.num_updates % every == 0 and step < total_updates:  # the epoch's end saves anyway
-                self._save_last(epoch, step, dict(loss_sum=loss_sum, loss_count=loss_count, images=images,
-                                                  time=train_time))
+                self._save_last(epoch, step, sums.state())
             if self._stop_requested():
                 bar.close()
-                self._interrupted(epoch, step, dict(loss_sum=loss_sum, loss_count=loss_count, images=images,
-                                                    time=train_time))
+                self._interrupted(epoch, step, sums.state())
         bar.close()
         if self.scheduler is not None:
             self.scheduler.step(epoch + 1)
-        return dict(epoch=epoch + 1, lr=opt.param_groups[0]["lr"], train_loss=loss_sum / max(loss_count, 1),
-                    train_images_per_s=round(images / max(train_time, 1e-9), 2))
+        return dict(epoch=epoch + 1, lr=opt.param_groups[0]["lr"], train_loss=sums.mean_loss(),
+                    train_images_per_s=round(sums.images / max(sums.time, 1e-9), 2))
+
+    def _loss_is_finite(self, loss: torch.Tensor, epoch: int, step: int) -> bool:
+        """Whether the loss is finite on every rank; on a non-finite loss, stop (``train.on_nonfinite=stop``,
+        naming the last good checkpoint) or count the batch as skipped."""
+        finite = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=self.rt.device)
+        if not bool(self.rt.all_reduce_sum(finite).item() > 0):
+            return True
+        if self.cfg["train"]["on_nonfinite"] == "stop":
+            keep = "no checkpoint was written yet"
+            if self._last_saved is not None:
+                keep = (f"the last good checkpoint is {self.out_dir / 'last.pth'} (at epoch "
+                        f"{self._last_saved[0] + 1}, update {self._last_saved[1]})")
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at epoch {epoch + 1}, update {step + 1} (lr "
+                f"{self.optimizer.param_groups[0]['lr']:.3g}); training stopped and {keep}. Lower the learning "
+                f"rate, set train.clip_grad, or pass --set train.on_nonfinite=skip to skip such batches")
+        self.nonfinite_skipped += 1
+        self._log(f"skipping a batch with a non-finite loss at epoch {epoch + 1}, update {step + 1}")
+        return False
+
+    def _optimizer_step(self) -> None:
+        """One update from the accumulated gradients: clip, step (through the GradScaler under fp16), then
+        advance the per-update schedule and the EMA.
+
+        Not timm's ``NativeScaler``, which runs backward and step in one call: here the backward of each
+        micro-batch comes first, after the all-ranks finite-loss check, and the step only on the last."""
+        from timm.utils import dispatch_clip_grad
+
+        tcfg, opt = self.cfg["train"], self.optimizer
+        if tcfg["clip_grad"] is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(opt)
+            dispatch_clip_grad(self.model.parameters(), float(tcfg["clip_grad"]), mode=tcfg["clip_mode"])
+        if self.scaler is not None:
+            self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        self.num_updates += 1
+        if self.scheduler is not None:
+            self.scheduler.step_update(num_updates=self.num_updates)
+        if self.ema is not None:
+            self.ema.update(unwrap_model(self.model), step=self.num_updates)
+
+    def _after_update(self, sums: "_EpochSums", window_loss: float, window_n: int, bar: Any) -> None:
+        """Add the update's loss (summed over ranks) to the epoch's sums; report it to the progress bar
+        and TensorBoard."""
+        stats = self.rt.all_reduce_sum(
+            torch.tensor([window_loss, float(window_n)], device=self.rt.device, dtype=torch.float64))
+        sums.add(float(stats[0]), int(stats[1]))
+        lr = self.optimizer.param_groups[0]["lr"]
+        bar.update(1)
+        bar.set_postfix(loss=f"{sums.mean_loss():.4f}", lr=f"{lr:.2e}",
+                        img_s=f"{sums.images / max(sums.time, 1e-9):.1f}")
+        if self.tb is not None and self.num_updates % 50 == 0:
+            self.tb.add_scalar("train/loss", float(stats[0] / max(stats[1], 1)), self.num_updates)
+            self.tb.add_scalar("train/lr", lr, self.num_updates)
 
     def _sync_norm_stats(self) -> None:
         """BatchNorm running statistics are per process; average (or take rank 0's) so every rank
@@ -879,7 +924,7 @@ class Trainer:
             return
         from timm.utils import distribute_bn
 
-        distribute_bn(_unwrap(self.model), self.rt.world_size, reduce=mode == "reduce")
+        distribute_bn(unwrap_model(self.model), self.rt.world_size, reduce=mode == "reduce")
         if self.ema is not None:
             distribute_bn(self.ema.module, self.rt.world_size, reduce=mode == "reduce")
 
@@ -888,7 +933,7 @@ class Trainer:
         ``train.val_amp`` (then under the training autocast); ``val_precision`` says which."""
         val_rt = self.rt if self.cfg["train"]["val_amp"] else dataclasses.replace(self.rt, amp_dtype=None)
         out: Dict[str, Any] = {"val_precision": _PRECISION_NAMES[val_rt.amp_dtype]}
-        models = [("val_", _unwrap(self.model))]
+        models = [("val_", unwrap_model(self.model))]
         if self.ema is not None:
             models.append(("ema_val_", self.ema.module))
         for prefix, model in models:
