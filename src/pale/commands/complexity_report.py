@@ -38,10 +38,6 @@ def _m(n: float) -> str:
     return f"{n / 1e6:.2f}M"
 
 
-def _ceil_to(x: int, s: int) -> int:
-    return -(-x // s) * s
-
-
 def _check(what: str, measured: int, analytic: int) -> float:
     from ..complexity import relative_difference
 
@@ -57,12 +53,14 @@ def _check(what: str, measured: int, analytic: int) -> float:
 def _two_way_padded(cost: AnalyticCost) -> int:
     """Total if each branch's keys also spanned the *other* direction's padding (the map padded to
     multiples of the pale size in both directions before attention)."""
+    from ..models.pale_transformer import padded_length
+
     total = cost.macs
     for layer in cost.layers:
         if layer.name.endswith(".attn.matmul"):
             h, w = layer.size
             s_r, s_c = cost.config.group_size(int(layer.name.split(".")[1]))
-            hp, wp = _ceil_to(h, s_r), _ceil_to(w, s_c)
+            hp, wp = padded_length(h, s_r), padded_length(w, s_c)
             total += hp * s_r * wp * wp * layer.dim + wp * s_c * hp * hp * layer.dim - layer.macs
     return total
 
