@@ -851,9 +851,9 @@ class Trainer:
             train_time += now - tick
             tick = now
             lr = opt.param_groups[0]["lr"]
-            bar.update(1)
             bar.set_postfix(loss=f"{loss_sum / max(loss_count, 1):.4f}", lr=f"{lr:.2e}",
                             img_s=f"{images / max(train_time, 1e-9):.1f}")
+            bar.update(1)  # after the postfix, so a progress line shows this update's loss and lr
             if self.tb is not None and self.num_updates % 50 == 0:
                 self.tb.add_scalar("train/loss", float(stats[0] / max(stats[1], 1)), self.num_updates)
                 self.tb.add_scalar("train/lr", lr, self.num_updates)
