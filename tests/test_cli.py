@@ -262,13 +262,20 @@ def test_progress_in_a_log_is_plain_lines(capsys, monkeypatch):
 
     assert isinstance(progress(range(3)), LineProgress)  # pytest's stderr is not a terminal
     bar = LineProgress(total=4, desc="epoch 1/2", unit="updates", interval=0.0)
-    for _ in range(4):
+    for step in range(1, 5):
+        bar.set_postfix(loss=f"0.{step}")
         bar.update(1)
-        bar.set_postfix(loss="0.5")
     bar.close()
     lines = capsys.readouterr().err.splitlines()
-    assert "\r" not in "".join(lines) and len(lines) == 5
-    assert lines[1].startswith("epoch 1/2: 2/4 updates (50%)") and lines[-1].endswith("loss=0.5")
+    assert "\r" not in "".join(lines) and len(lines) == 4  # close does not repeat the last line
+    assert lines[1].startswith("epoch 1/2: 2/4 updates (50%)")
+    assert [line.rsplit("loss=", 1)[1] for line in lines] == ["0.1", "0.2", "0.3", "0.4"]  # each update's own
+    bar = LineProgress(total=4, interval=0.0)
+    bar.update(1)
+    bar.interval = 3600.0
+    bar.update(3)
+    bar.close()
+    assert capsys.readouterr().err.splitlines()[-1].startswith("4/4")  # the end is reported when not yet shown
     quiet = LineProgress(total=100, interval=3600.0)
     quiet.update(100)
     quiet.close()

@@ -23,7 +23,8 @@ LINE_INTERVAL = 10.0
 
 class LineProgress:
     """tqdm's ``update`` / ``set_postfix`` / ``close`` / iteration, reported as a plain line at most
-    every ``interval`` seconds (and once at the end when a line was printed or the work took that long)."""
+    every ``interval`` seconds (and once at the end, unless the last line already showed it, when a line
+    was printed or the work took that long). A line shows the postfix set before its ``update``."""
 
     def __init__(self, iterable: Optional[Iterable[Any]] = None, total: Optional[int] = None, desc: str = "",
                  unit: str = "it", initial: int = 0, interval: float = LINE_INTERVAL, file: Optional[TextIO] = None):
@@ -35,6 +36,7 @@ class LineProgress:
         self.postfix = ""
         self.started = self.last = time.monotonic()
         self.lines = 0
+        self.emitted_n: Optional[int] = None
         self.closed = False
 
     def _line(self) -> str:
@@ -48,6 +50,7 @@ class LineProgress:
     def _emit(self) -> None:
         print(self._line(), file=self.file or sys.stderr, flush=True)
         self.lines += 1
+        self.emitted_n = self.n
         self.last = time.monotonic()
 
     def update(self, n: int = 1) -> None:
@@ -59,7 +62,8 @@ class LineProgress:
         self.postfix = " ".join(f"{k}={v}" for k, v in values.items())
 
     def close(self) -> None:
-        if not self.closed and (self.lines or time.monotonic() - self.started >= self.interval):
+        if not self.closed and self.emitted_n != self.n and \
+                (self.lines or time.monotonic() - self.started >= self.interval):
             self._emit()
         self.closed = True
 

@@ -909,9 +909,9 @@ class Trainer:
             torch.tensor([window_loss, float(window_n)], device=self.rt.device, dtype=torch.float64))
         sums.add(float(stats[0]), int(stats[1]))
         lr = self.optimizer.param_groups[0]["lr"]
-        bar.update(1)
         bar.set_postfix(loss=f"{sums.mean_loss():.4f}", lr=f"{lr:.2e}",
                         img_s=f"{sums.images / max(sums.time, 1e-9):.1f}")
+        bar.update(1)  # after the postfix, so a progress line shows this update's loss and lr
         if self.tb is not None and self.num_updates % 50 == 0:
             self.tb.add_scalar("train/loss", float(stats[0] / max(stats[1], 1)), self.num_updates)
             self.tb.add_scalar("train/lr", lr, self.num_updates)
