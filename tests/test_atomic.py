@@ -279,3 +279,13 @@ def test_the_source_check_finds_a_bypass(tmp_path, monkeypatch):
         "        torch.save(obj, tmp)\n")
     monkeypatch.setitem(globals(), "SRC", fake)
     assert raw_writes_outside_atomic_path() == ["train/engine.py:3 save(...)"]
+
+
+def test_savefig_takes_the_format_from_the_suffix_and_passes_dpi(tmp_path):
+    from PIL import Image
+
+    pio.atomic_savefig(_figure(), tmp_path / "a.svg")
+    assert b"<svg" in (tmp_path / "a.svg").read_bytes()[:500]
+    pio.atomic_savefig(_figure(), tmp_path / "plain", dpi=20)   # no suffix: PNG
+    with Image.open(tmp_path / "plain") as img:
+        assert img.format == "PNG" and img.size == (20, 20)     # a 1x1 inch figure at 20 dpi
