@@ -33,18 +33,24 @@ def test_mismatch_error_carries_its_report():
     assert report.missing == ["bias"] and report.unexpected == ["extra"]
 
 
-def test_read_model_file_prefers_the_ema_and_keeps_training_state_out_of_the_description(tmp_path):
+def test_read_model_file_picks_the_asked_weights_and_keeps_training_state_out_of_the_description(tmp_path):
     model = torch.nn.Linear(2, 2)
     ema = {k: torch.full_like(v, 7.0) for k, v in model.state_dict().items()}
     state = dict(optimizer={"lr": 1}, scheduler={}, scaler={}, rng=[1], epoch=3)
     save_checkpoint(tmp_path / "c.pth", model, "m", {"a": 1}, ["x"], model_ema=ema, **state)
-    weights, info = read_model_file(tmp_path / "c.pth")
+    weights, info = read_model_file(tmp_path / "c.pth", weights="ema")
     assert all(torch.equal(weights[k], ema[k]) for k in ema)
-    assert info == dict(model_name="m", model_kwargs={"a": 1}, class_names=["x"], epoch=3)
+    assert {k: v for k, v in info.items() if not k.startswith("weights")} == \
+        dict(model_name="m", model_kwargs={"a": 1}, class_names=["x"], epoch=3)
+    assert info["weights"] == "ema"
+    # never validated: "best" cannot know which is better and takes the raw weights, saying so
+    weights, info = read_model_file(tmp_path / "c.pth")
+    assert all(torch.equal(weights[k], model.state_dict()[k]) for k in weights) and info["weights"] == "raw"
+    assert "without validation" in info["weights_reason"]
 
     save_torch(dict(state_dict=model.state_dict(), epoch=1), tmp_path / "s.pth")
     weights, info = read_model_file(tmp_path / "s.pth")
-    assert all(torch.equal(weights[k], model.state_dict()[k]) for k in weights) and info == {"epoch": 1}
+    assert all(torch.equal(weights[k], model.state_dict()[k]) for k in weights) and info["epoch"] == 1
 
 
 def test_create_model_from_file_is_strict_and_applies_overrides(tmp_path):
