@@ -60,7 +60,7 @@ BUGS = [
         [(MODEL, r'("pale_small": dict\([^\n]*num_heads=)\(2, 4, 8, 16\)', r"\1(2, 4, 8, 8)")],
         CONFIG),
     Bug("ema_never_updated", "the engine never updates its EMA",
-        [(ENGINE, r"self\.ema\.update\(_unwrap\(model\), step=self\.num_updates\)", "pass")],
+        [(ENGINE, r"self\.ema\.update\(unwrap_model\(self\.model\), step=self\.num_updates\)", "pass")],
         EMA),
     Bug("fsync_removed", "fsync removed from the atomic writer",
         [(IO, r"os\.fsync\(fd\)(?=\s*finally:\s*os\.close\(fd\)\s*os\.replace)", "pass")],
@@ -70,9 +70,9 @@ BUGS = [
           r"\1torch.save(obj, path)")],
         ATOMIC),
     Bug("export_bypasses_atomic", "the engine writes best.safetensors with safetensors' save_file",
-        [(ENGINE, r"pio\.save_safetensors\(weights, self\.out_dir / name, metadata=info\)",
-          "__import__('safetensors.torch').torch.save_file({k: v.contiguous() for k, v in weights.items()}, "
-          "str(self.out_dir / name), metadata={k: __import__('json').dumps(v) for k, v in info.items()})")],
+        [(ENGINE, r"pio\.save_safetensors\(model\.state_dict\(\), self\.out_dir / name, metadata=dict\(info, weights=which\)\)",
+          "__import__('safetensors.torch').torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, "
+          "str(self.out_dir / name), metadata={k: __import__('json').dumps(v) for k, v in dict(info, weights=which).items()})")],
         ATOMIC),
     Bug("cross_shaped_pale_size", "cross-shaped layers built with the pale size instead of the stripe width",
         [(MODEL, r'group_size = as_pair\(stripe_width, "stripe_width"\)', 'group_size = as_pair(pale_size, "pale_size")')],
