@@ -6,8 +6,9 @@ BIN := $(VENV)/bin
 # pyproject.toml states ranges; the exact PyTorch build is pinned here.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
-# OpenMP threads that spin while waiting starve each other on a small or shared machine.
-export OMP_WAIT_POLICY ?= PASSIVE
+# The tests' many tiny steps share the cores with pytest's subprocesses: OpenMP threads that spin while
+# waiting would starve them. (`pale demo` chooses its own policy from the cores' load.)
+TEST_ENV := OMP_WAIT_POLICY=$(or $(OMP_WAIT_POLICY),PASSIVE)
 
 .PHONY: demo test test-slow clean
 
@@ -26,10 +27,10 @@ demo: $(VENV)/.installed-demo
 	$(BIN)/pale demo
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(TEST_ENV) $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+	$(TEST_ENV) $(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache runs

@@ -65,6 +65,41 @@ def test_demo_pipeline_one_epoch(tmp_path, monkeypatch, capsys):
     assert 0 < metrics["train_time_s"] <= metrics["total_time_s"]
 
 
+
+@pytest.mark.parametrize("preset, busy, passive", [(None, 0.1, False), (None, 1.2, True), ("ACTIVE", 1.9, False)])
+def test_demo_waits_passively_only_on_busy_cores(monkeypatch, preset, busy, passive):
+    """Spinning OpenMP threads are twice as fast on idle cores and twice as slow on shared ones: the demo
+    re-starts itself with OMP_WAIT_POLICY=PASSIVE only when other jobs keep a core busy, and never
+    over the user's own choice."""
+    from pale.commands import demo
+
+    if preset is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", preset)
+    monkeypatch.setattr(demo, "_busy_cores", lambda: busy)
+    calls = []
+    monkeypatch.setattr(demo.os, "execv", lambda exe, argv: calls.append(argv))
+    demo._choose_openmp_wait_policy()
+    assert bool(calls) == passive
+    assert demo.os.environ.get("OMP_WAIT_POLICY") == ("PASSIVE" if passive else preset)
+    if passive:
+        assert calls[0][1:3] == ["-m", "pale"]
+
+
+def test_busy_cores_sees_a_spinning_process():
+    import subprocess
+    import sys
+
+    from pale.commands.demo import _busy_cores
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        assert _busy_cores(0.5) > 0.6
+    finally:
+        spinner.kill()
+        spinner.wait()
+
 @pytest.mark.slow
 def test_full_demo_reaches_97_percent(tmp_path):
     metrics = run_demo(tmp_path / "demo", ["train.progress=false"])

@@ -340,3 +340,31 @@ def test_evaluate_classifier_counts_match_a_direct_computation(num_classes):
     assert got["loss"] == pytest.approx(F.cross_entropy(logits, targets).item(), rel=1e-6)
     if num_classes <= 5:
         assert got["top5"] == 100.0
+
+
+def test_adamw_is_the_fused_kernel_and_updates_like_the_loop():
+    """The engine's AdamW runs PyTorch's fused kernel on the CPU; the same three updates as the loop."""
+    from pale.train.engine import build_optimizer
+    from pale.train.run import resolve_config
+
+    cfg = resolve_config(tiny_recipe(**{"optim.weight_decay": 0.05}))
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3))
+        start = model[0].weight.detach().clone()
+        opt = build_optimizer(model, cfg)
+        assert all(group["fused"] for group in opt.param_groups)
+        assert len(opt.param_groups) == 2  # decay on the weights only, as without fusing
+        if not fused:
+            for group in opt.param_groups:
+                group["fused"] = None
+        x = torch.randn(4, 6)
+        for _ in range(3):
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert (results[0][0] - start).abs().min() > 1e-4  # every weight moved
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -5,7 +5,8 @@ checkpointing setting:
 
 * **inference**: images/s and the median latency of one batch, in ``eval`` mode under
   ``torch.inference_mode``;
-* **training step**: images/s of forward, cross-entropy, backward and one AdamW step;
+* **training step**: images/s of forward, cross-entropy, backward and one fused AdamW step (as
+  ``pale train`` runs it);
 * **achieved GFLOP/s**: ``2 x`` the measured multiply-adds of one forward
   (:func:`pale.complexity.measure_cost`: FlopCounterMode with SDPA's math backend, on the ``meta``
   device) times images/s, and its fraction of the machine's measured matmul peak;
@@ -197,7 +198,8 @@ class Runner:
         self.forward = torch.compile(self.model) if setting.compile else self.model
         self.x = torch.randn(setting.batch_size, 3, *setting.img_size)
         self.y = torch.randint(0, 1000, (setting.batch_size,))
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4) if mode == "train" else None
+        # fused, as `pale train` builds it (pale.train.engine.build_optimizer)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True) if mode == "train" else None
         self.autocast = dict(device_type="cpu", dtype=torch.bfloat16, enabled=setting.dtype == "bf16")
 
     def __call__(self) -> None:
@@ -442,7 +444,9 @@ def attention_kernel_report(model: str, img_size: Pair, batch_size: int, dtype: 
     """Run one inference batch or training step of ``model`` with fresh kernel measurements and
     return, per stage and attention shape, each candidate's time and the kernel chosen.
 
-    The measurements this process held before are replaced by the ones taken here.
+    The measurements this process held before are replaced by the ones taken here. A kernel forced with
+    ``PALE_ATTN_KERNEL`` or :func:`~pale.models.attention_kernels.set_kernel` does not apply here: the
+    report is of what measurement chooses.
     """
     from .models import attention_kernels as ak
 
@@ -452,7 +456,7 @@ def attention_kernel_report(model: str, img_size: Pair, batch_size: int, dtype: 
         raise InputError(f"{model} has no stages: the attention kernel report is for Pale models")
     ak.clear_kernel_choices()
     starts: List[int] = []
-    with ak.recording() as calls:
+    with ak.use_kernel("auto"), ak.recording() as calls:
         hooks = [stage.register_forward_pre_hook(lambda *_: starts.append(len(calls))) for stage in stages]
         try:
             runner()

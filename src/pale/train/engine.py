@@ -231,6 +231,11 @@ def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Opt
     name = str(ocfg["opt"]).lower()
     if "adam" in name or "lamb" in name:
         kwargs.update(betas=tuple(ocfg["betas"]), eps=float(ocfg["eps"]))
+    if name in ("adam", "adamw") and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
+                                         for p in model.parameters()):
+        # PyTorch's one-kernel Adam(W): the default loops over every tensor on the CPU, which costs 15%
+        # of a small model's step (Pale-T has 614 parameter tensors); same update, other rounding.
+        kwargs["fused"] = True
     return create_optimizer_v2(model, **kwargs)
 
 
