@@ -62,6 +62,6 @@ $(VENV)/.installed-mutation: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.installed-test $(VENV)/.installed-demo
 
 mutation: $(VENV)/.installed-mutation
-	OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE PYTHONPATH=$(CURDIR)/mutants/src \
+	OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE \
 		$(BIN)/mutmut run --max-children $(MUTATION_JOBS) $(foreach m,$(MUTANTS),'$(m)')
 	$(BIN)/mutmut results
