@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pale.io import (LoadReport, WeightsMismatchError, create_model_from_file, load_weights, read_model_file,
-                     save_checkpoint, save_torch)
+from pale.errors import InputError, MissingFileError
+from pale.io import (CheckpointError, LoadReport, WeightsMismatchError, create_model_from_file, describe_weights,
+                     load_safetensors, load_weights, read_model_file, save_checkpoint, save_safetensors, save_torch,
+                     select_weights)
 
 TINY = dict(embed_dims=[8, 8, 8, 8], depths=[1, 1, 1, 1], num_heads=[2, 2, 2, 2], num_classes=3)
 
@@ -20,6 +22,7 @@ def test_describe_lists_every_kind_of_difference_up_to_the_limit():
     assert lines[0] == "25 keys with another shape (file vs model):"
     assert lines[1:21] == [f"  w{i}: ({i}, 2) vs ({i}, 3)" for i in range(20)]   # 20 shown by default
     assert lines[21:] == ["2 keys missing from the file: a, b", "1 keys the model does not have: z"]
+    assert LoadReport(unexpected=["y", "z"]).describe() == "2 keys the model does not have: y, z"
     assert report.describe(limit=2).split("\n")[1:3] == ["  w0: (0, 2) vs (0, 3)", "  w1: (1, 2) vs (1, 3)"]
     assert not report.ok and LoadReport().ok and LoadReport().describe() == ""
 
@@ -77,3 +80,53 @@ def test_load_weights_strips_a_ddp_prefix_and_names_its_source():
     assert all(torch.equal(model.state_dict()[k[len("module."):]], v) for k, v in wrapped.items())
     with pytest.raises(WeightsMismatchError, match="^state dict does not fit Linear"):
         load_weights(model, {})
+
+
+def _set(value: float) -> dict:
+    return {"w": torch.full((2,), value)}
+
+
+def test_each_choice_of_weights_says_why():
+    both = dict(model=_set(1.0), model_ema=_set(2.0), val_metrics={"raw": {"top1": 1.0}, "ema": {"top1": 2.0}},
+                best_metric="top1")
+    assert select_weights(both)[1:] == ("ema", "validated better: top1 2 (ema) vs 1")   # "best" by default
+    assert select_weights(both, "ema")[1:] == ("ema", "EMA weights, as asked")
+    assert select_weights(both, "raw")[1:] == ("raw", "raw weights, as asked")
+    assert select_weights(dict(model=_set(1.0)))[1:] == ("raw", "the only weights in the file")
+    with pytest.raises(CheckpointError, match="^checkpoint has no model weights"):
+        select_weights(dict(model_ema=_set(2.0)))
+    with pytest.raises(InputError, match="expected one of best, ema, raw$"):
+        select_weights(both, "newest")
+
+
+@pytest.mark.parametrize("entries,expected", [
+    (dict(), "raw"),                                                            # no history, no best
+    (dict(best=dict(metric="val_top1")), "raw"),                               # a best entry, no history
+    (dict(history=[dict(epoch=3, val_top1=1.0, ema_val_top1=2.0)]), "raw"),  # history, no best entry
+    (dict(history=[], best=dict(metric="val_top1")), "raw"),                   # empty history
+    (dict(history=[dict(epoch=1, val_top1=5.0, ema_val_top1=9.0), dict(epoch=2, val_top1=5.0, ema_val_top1=9.0),
+                   dict(epoch=3, val_top1=1.0, ema_val_top1=2.0)], best=dict(metric="val_top1")), "ema"),
+])
+def test_best_reads_the_last_history_entry_only_when_it_validated_these_weights(entries, expected):
+    """Checkpoints without ``val_metrics``: the last of 3 history entries (not the 2nd), a ``best``
+    metric with or without ``ema_``, and no ``step`` key (an end-of-epoch save)."""
+    ckpt = dict(model=_set(1.0), model_ema=_set(2.0), epoch=3, **entries)
+    which, why = select_weights(ckpt)[1:]
+    assert which == expected
+    assert why.startswith("validated better: top1 2 (ema) vs 1" if expected == "ema" else "raw weights chosen")
+
+
+def test_single_set_files_and_the_line_commands_print(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    save_torch(model.state_dict(), tmp_path / "plain.pth")
+    info = read_model_file(tmp_path / "plain.pth")[1]
+    assert (info["weights"], info["weights_reason"]) == ("raw", "the only weights in the file")
+    assert describe_weights(info) == "weights: raw (the only weights in the file)"
+    assert describe_weights({}) == "weights: raw (the only weights in the file)"
+    assert describe_weights(dict(weights="ema", weights_reason="EMA weights, as asked")) == \
+        "weights: ema (EMA weights, as asked)"
+    save_safetensors(model.state_dict(), tmp_path / "w.safetensors")
+    tensors = load_safetensors(tmp_path / "w.safetensors")[0]
+    assert all(v.device.type == "cpu" for v in tensors.values())
+    with pytest.raises(MissingFileError, match="^weights file not found: "):
+        load_safetensors(tmp_path / "missing.safetensors")

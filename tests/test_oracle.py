@@ -117,6 +117,16 @@ def test_network_with_per_stage_ape_matches_the_oracle(size, training):
     _network_matches(model, net_config("parallel", "ape", IMAGE_SIZES[0]), size, training)
 
 
+def test_a_half_precision_table_is_resampled_in_float32():
+    """The tables' resampling keeps their dtype; PyTorch's antialiased bicubic has no CPU kernel for
+    bfloat16, so a bfloat16 table is resized in float32."""
+    from pale.models.pale_transformer import resample_pos_embed
+    table = torch.randn(1, 5, 4, 8).to(torch.bfloat16)
+    out = resample_pos_embed(table, (7, 3))
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 7, 3, 8)
+    assert torch.equal(out, resample_pos_embed(table.float(), (7, 3)).to(torch.bfloat16))
+
+
 def test_the_oracle_sees_a_changed_weight():
     """The comparison is not vacuous: one perturbed weight moves the model away from the oracle."""
     model = build("parallel")
