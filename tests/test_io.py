@@ -106,3 +106,25 @@ def test_cli_refuses_mismatched_checkpoint_unless_non_strict(tmp_path, capsys):
                      "--non-strict", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert len(result["predictions"][0]["top"]) == 4
+
+
+def test_resuming_from_a_checkpoint_that_does_not_fit_names_it(tmp_path):
+    """`--resume` loads the model, the EMA and the attention-kernel record of the file it names; each
+    that does not fit stops the run with an error naming the file (and the EMA)."""
+    import re
+
+    from pale.io import save_torch
+    from pale.train import train
+    from tiny_train import tiny_recipe, write_tiny_folder
+
+    train(tiny_recipe(write_tiny_folder(tmp_path / "data")), [], tmp_path / "run")
+    ckpt = load_torch(tmp_path / "run" / "last.pth")
+    wrong = {k: (torch.zeros(5, *v.shape[1:]) if k == "head.fc.weight" else v) for k, v in ckpt["model"].items()}
+    for changes, error, message in [
+            (dict(model=wrong), WeightsMismatchError, "{} does not fit PaleTransformer"),
+            (dict(model_ema=wrong), WeightsMismatchError, "{} (EMA) does not fit PaleTransformer"),
+            (dict(attention_kernels={"format": -1}), ValueError, "not saved attention kernel choices")]:
+        path = tmp_path / "changed.pth"
+        save_torch(dict(ckpt, **changes), path)
+        with pytest.raises(error, match="^" + re.escape(message.format(path))):
+            train(None, [], resume=path)
