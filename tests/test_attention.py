@@ -195,10 +195,11 @@ def test_fused_branches_equal_separate_branches(h, w, s, heads, interlaced):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-def test_fused_branches_refuse_maps_that_need_padding():
+@pytest.mark.parametrize("h,w", [(12, 13), (12, 12), (14, 7)])   # neither, not a multiple, not square
+def test_fused_branches_refuse_maps_that_need_padding(h, w):
     from pale.models.pale_transformer import ps_attention_one_call
-    q = torch.randn(1, 12, 13, 8)
-    with pytest.raises(ValueError, match="square map .* multiple of the group size 7, got 12x13"):
+    q = torch.randn(1, h, w, 8)
+    with pytest.raises(ValueError, match=f"square map .* multiple of the group size 7, got {h}x{w}"):
         ps_attention_one_call(q, q, q, 2, 7, True)
 
 
