@@ -70,7 +70,7 @@ def test_create_model_from_file_is_strict_and_applies_overrides(tmp_path):
     # Non-strict: a warning naming the file, attributed to the caller (not to pale/io.py itself).
     with pytest.warns(UserWarning, match=re.escape(f"{tmp_path / 'c.pth'}: loaded the weights that fit")) as caught:
         create_model_from_file(tmp_path / "c.pth", strict=False, num_classes=5)
-    assert Path(caught[0].filename).name != "io.py"
+    assert Path(caught[0].filename) == Path(__file__)
 
 
 def test_load_weights_strips_a_ddp_prefix_and_names_its_source():
@@ -130,3 +130,43 @@ def test_single_set_files_and_the_line_commands_print(tmp_path):
     assert all(v.device.type == "cpu" for v in tensors.values())
     with pytest.raises(MissingFileError, match="^weights file not found: "):
         load_safetensors(tmp_path / "missing.safetensors")
+
+
+def test_errors_about_a_files_weights_name_the_file(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    sd = model.state_dict()
+    files = dict(plain=(tmp_path / "plain.pth", sd), wrapped=(tmp_path / "wrapped.pth", dict(state_dict=sd, epoch=1)),
+                 raw=(tmp_path / "raw.pth", dict(model=sd)))
+    for path, obj in files.values():
+        save_torch(obj, path)
+        with pytest.raises(CheckpointError, match="^" + re.escape(f"{path} holds")):
+            read_model_file(path, "ema")
+    weights, info = read_model_file(files["plain"][0])
+    assert all(torch.equal(weights[k], sd[k]) for k in sd) and info == dict(
+        weights="raw", weights_reason="the only weights in the file")
+    assert "state_dict" not in read_model_file(files["wrapped"][0])[1]
+    save_safetensors(sd, tmp_path / "e.safetensors", metadata=dict(weights="ema"))
+    info = read_model_file(tmp_path / "e.safetensors")[1]
+    assert (info["weights"], info["weights_reason"]) == ("ema", "the only weights in the file")
+    with pytest.raises(CheckpointError, match="^" + re.escape(f"{tmp_path / 'e.safetensors'} holds one set")):
+        read_model_file(tmp_path / "e.safetensors", "raw")
+    save_torch(dict(epoch=1, note="no weights"), tmp_path / "none.pth")
+    with pytest.raises(CheckpointError, match="has no model weights"):
+        read_model_file(tmp_path / "none.pth")
+
+
+def test_create_model_from_file_checks_the_task_and_the_stored_settings(tmp_path):
+    import timm
+
+    import pale  # noqa: F401
+
+    model = timm.create_model("pale_tiny", **TINY)
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    save_checkpoint(tmp_path / "c.pth", model, "pale_tiny", TINY, task="classification", model_ema=ema)
+    assert create_model_from_file(tmp_path / "c.pth", weights="ema")[1]["weights"] == "ema"
+    save_checkpoint(tmp_path / "s.pth", model, "pale_tiny", TINY, task="segmentation")
+    with pytest.raises(CheckpointError, match="is a segmentation checkpoint"):
+        create_model_from_file(tmp_path / "s.pth")
+    save_checkpoint(tmp_path / "b.pth", model, "pale_tiny", dict(TINY, pale_size=0))
+    with pytest.raises(InputError, match="^" + re.escape(f"{tmp_path / 'b.pth'}: cannot build pale_tiny")):
+        create_model_from_file(tmp_path / "b.pth")
