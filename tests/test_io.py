@@ -34,7 +34,7 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, monkeypatch):
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
         pickle.dump({"model": _Boom()}, f)
-    with pytest.raises(CheckpointError, match="refusing to load"):
+    with pytest.raises(CheckpointError, match=r"refusing to load .* \(Weights only load failed"):
         load_torch(path)
     assert not (tmp_path / "PWNED").exists()
 
@@ -128,3 +128,26 @@ def test_resuming_from_a_checkpoint_that_does_not_fit_names_it(tmp_path):
         save_torch(dict(ckpt, **changes), path)
         with pytest.raises(error, match="^" + re.escape(message.format(path))):
             train(None, [], resume=path)
+
+
+def test_images_devices_and_json_as_the_commands_use_them(tmp_path):
+    from PIL import Image
+
+    from pale.errors import InputError, MissingFileError
+    from pale.io import atomic_write_json, find_images, load_image, resolve_device
+
+    for rel in ("a/x.png", "a/sub/y.JPG", "b/z.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (3, 2), 7).save(tmp_path / rel)
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    (tmp_path / "empty").mkdir()
+    assert find_images([tmp_path / "a", tmp_path / "b"]) == [
+        tmp_path / "a/sub/y.JPG", tmp_path / "a/x.png", tmp_path / "b/z.png"]
+    with pytest.raises(MissingFileError, match="^image or folder not found: "):
+        find_images(tmp_path / "nope")
+    with pytest.raises(InputError, match=f"^folder {tmp_path / 'empty'} holds no images"):
+        find_images(tmp_path / "empty")
+    assert load_image(tmp_path / "b/z.png").mode == "RGB" and load_image(tmp_path / "b/z.png", "L").mode == "L"
+    assert resolve_device() == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    atomic_write_json(tmp_path / "m.json", {"b": 1, "a": [2]})
+    assert (tmp_path / "m.json").read_text() == '{\n  "a": [\n    2\n  ],\n  "b": 1\n}\n'
