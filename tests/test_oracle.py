@@ -119,7 +119,7 @@ def test_network_with_per_stage_ape_matches_the_oracle(size, training):
 
 def test_forward_intermediates_options_take_the_same_maps():
     """The maps compared with the oracle above come with timm's default options; the others select,
-    normalise, lay out and stop on those same maps."""
+    normalise, lay out and stop on those same maps; ``pre_logits`` gives the pooled final map."""
     model = build("parallel").eval()
     images = torch.randn(1, 3, *IMAGE_SIZES[0], dtype=torch.float64)
     with torch.no_grad():
@@ -135,6 +135,8 @@ def test_forward_intermediates_options_take_the_same_maps():
         assert len(two) == 2 and torch.equal(two[1], maps[1]) and torch.equal(final, features)
         final, two = model.forward_intermediates(images, indices=[0, 1], stop_early=True)
         assert len(two) == 2 and torch.equal(final, maps[1].permute(0, 2, 3, 1))
+        pooled = model.forward_head(features, pre_logits=True)   # the head's input: the average token
+        torch.testing.assert_close(pooled, features.mean((1, 2)), rtol=0, atol=1e-12)
 
 
 def test_a_half_precision_table_is_resampled_in_float32():
