@@ -118,8 +118,13 @@ def test_odd_heads_allowed_for_single_branch_modes():
     (torch.ones(2, 7, 7, 32, dtype=torch.long), TypeError, "floating-point"),
 ])
 def test_bad_input_raises(x, err, match):
-    with pytest.raises(err, match=match):
+    with pytest.raises(err, match="^PSAttention.* " + match):
         PSAttention(32, 4)(x)
+
+
+def test_layout_defaults_are_the_papers_7():
+    from pale.models.pale_transformer import attention_layout
+    assert attention_layout("parallel").group_size == attention_layout("cross_shaped").group_size == (7, 7)
 
 
 # ---- vanilla PS-attention: the paper's per-pale definition -------------------------------------

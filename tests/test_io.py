@@ -51,6 +51,9 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_torch(tmp_path / "nope.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="checkpoint is empty"):
+        load_torch(tmp_path / "empty.pth")
 
 
 def test_mismatch_lists_keys_and_non_strict_loads_the_rest():
