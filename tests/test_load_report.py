@@ -148,6 +148,8 @@ def test_errors_about_a_files_weights_name_the_file(tmp_path):
     assert all(torch.equal(weights[k], sd[k]) for k in sd) and info == dict(
         weights="raw", weights_reason="the only weights in the file")
     assert "state_dict" not in read_model_file(files["wrapped"][0])[1]
+    save_safetensors(sd, tmp_path / "plain.safetensors")   # an export without a 'weights' entry
+    assert read_model_file(tmp_path / "plain.safetensors")[1]["weights"] == "raw"
     save_safetensors(sd, tmp_path / "e.safetensors", metadata=dict(weights="ema"))
     info = read_model_file(tmp_path / "e.safetensors")[1]
     assert (info["weights"], info["weights_reason"]) == ("ema", "the only weights in the file")
