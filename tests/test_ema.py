@@ -8,7 +8,7 @@ import torch
 from timm.utils import ModelEmaV3
 
 import pale  # noqa: F401
-from pale.io import load_torch
+from pale.io import load_safetensors, load_torch
 from pale.train import TrainingInterrupted, train
 from pale.train.classification import ClassificationTask
 from tiny_train import tiny_recipe, write_tiny_folder
@@ -140,3 +140,9 @@ def test_a_resumed_run_continues_the_saved_ema(tmp_path, monkeypatch):
     assert any(not torch.equal(a["model_ema"][k], a["model"][k]) for k in a["model"]), "EMA is a copy"
     for k in a["model_ema"]:
         assert torch.equal(a["model_ema"][k], b["model_ema"][k]), k
+    # best.safetensors holds the set its metadata names, which here differs from the other set
+    exported, meta = load_safetensors(tmp_path / "straight" / "best.safetensors")
+    best = load_torch(tmp_path / "straight" / "best.pth")
+    chosen, other = ("model_ema", "model") if meta["weights"] == "ema" else ("model", "model_ema")
+    assert all(torch.equal(exported[k], best[chosen][k]) for k in exported)
+    assert any(not torch.equal(exported[k], best[other][k]) for k in exported)
