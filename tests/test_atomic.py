@@ -18,6 +18,7 @@ import torch
 
 matplotlib.use("Agg")
 
+import matplotlib.figure  # noqa: E402 (patched below; imported here so that no test relies on another's import)
 import pale  # noqa: E402,F401
 import pale.io as pio  # noqa: E402
 from pale.train import train  # noqa: E402

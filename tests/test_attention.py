@@ -118,8 +118,13 @@ def test_odd_heads_allowed_for_single_branch_modes():
     (torch.ones(2, 7, 7, 32, dtype=torch.long), TypeError, "floating-point"),
 ])
 def test_bad_input_raises(x, err, match):
-    with pytest.raises(err, match=match):
+    with pytest.raises(err, match="^PSAttention.* " + match):
         PSAttention(32, 4)(x)
+
+
+def test_layout_defaults_are_the_papers_7():
+    from pale.models.pale_transformer import attention_layout
+    assert attention_layout("parallel").group_size == attention_layout("cross_shaped").group_size == (7, 7)
 
 
 # ---- vanilla PS-attention: the paper's per-pale definition -------------------------------------
@@ -195,10 +200,11 @@ def test_fused_branches_equal_separate_branches(h, w, s, heads, interlaced):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-def test_fused_branches_refuse_maps_that_need_padding():
+@pytest.mark.parametrize("h,w", [(12, 13), (12, 12), (14, 7)])   # neither, not a multiple, not square
+def test_fused_branches_refuse_maps_that_need_padding(h, w):
     from pale.models.pale_transformer import ps_attention_one_call
-    q = torch.randn(1, 12, 13, 8)
-    with pytest.raises(ValueError, match="square map .* multiple of the group size 7, got 12x13"):
+    q = torch.randn(1, h, w, 8)
+    with pytest.raises(ValueError, match=f"square map .* multiple of the group size 7, got {h}x{w}"):
         ps_attention_one_call(q, q, q, 2, 7, True)
 
 

@@ -1,12 +1,15 @@
-"""The weight EMA: timm's ModelEmaV3 (what the engine keeps) against its closed form, and the
-engine's EMA actually following the weights during a tiny training run."""
+"""The weight EMA: timm's ModelEmaV3 (what the engine keeps) against its closed form, the
+engine's EMA actually following the weights during a tiny training run, and restored on resume."""
+import os
+import signal
+
 import pytest
 import torch
 from timm.utils import ModelEmaV3
 
 import pale  # noqa: F401
-from pale.io import load_torch
-from pale.train import train
+from pale.io import load_safetensors, load_torch
+from pale.train import TrainingInterrupted, train
 from pale.train.classification import ClassificationTask
 from tiny_train import tiny_recipe, write_tiny_folder
 
@@ -112,3 +115,34 @@ def test_the_engine_updates_its_ema_during_training(tmp_path, monkeypatch):
     assert len(moved) == len(trained), f"EMA never left the initial weights: {sorted(set(trained) - set(moved))[:5]}"
     copied = [k for k in trained if torch.equal(ema[k], model[k])]
     assert len(copied) < 0.1 * len(trained), "EMA equals the trained weights"
+
+
+def test_a_resumed_run_continues_the_saved_ema(tmp_path, monkeypatch):
+    """Stopped during epoch 1's validation and resumed, a run ends with the uninterrupted run's EMA.
+    The resume tests of test_train.py and test_resume.py cannot see this: the capped decay of their
+    short runs (``ema.max_window``) is 0, so their EMA is a copy of the model. Here 0.5, uncapped."""
+    data = write_tiny_folder(tmp_path / "data")
+    overrides = ["epochs=2", "ema.max_window=1.0"]   # 4 updates: the cap 1 - 1/4 keeps decay 0.5
+    train(tiny_recipe(data), overrides, tmp_path / "straight")
+    original = ClassificationTask.evaluate
+
+    def evaluate_then_sigterm(self, model, batches, rt):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, model, batches, rt)
+    monkeypatch.setattr(ClassificationTask, "evaluate", evaluate_then_sigterm)
+    with pytest.raises(TrainingInterrupted):
+        train(tiny_recipe(data), overrides, tmp_path / "resumed")
+    monkeypatch.setattr(ClassificationTask, "evaluate", original)
+    assert load_torch(tmp_path / "resumed" / "last.pth")["epoch"] == 1
+    train(None, [], resume=tmp_path / "resumed" / "last.pth")
+    a, b = load_torch(tmp_path / "straight" / "last.pth"), load_torch(tmp_path / "resumed" / "last.pth")
+    assert b["num_updates"] == a["num_updates"] == 4
+    assert any(not torch.equal(a["model_ema"][k], a["model"][k]) for k in a["model"]), "EMA is a copy"
+    for k in a["model_ema"]:
+        assert torch.equal(a["model_ema"][k], b["model_ema"][k]), k
+    # best.safetensors holds the set its metadata names, which here differs from the other set
+    exported, meta = load_safetensors(tmp_path / "straight" / "best.safetensors")
+    best = load_torch(tmp_path / "straight" / "best.pth")
+    chosen, other = ("model_ema", "model") if meta["weights"] == "ema" else ("model", "model_ema")
+    assert all(torch.equal(exported[k], best[chosen][k]) for k in exported)
+    assert any(not torch.equal(exported[k], best[other][k]) for k in exported)

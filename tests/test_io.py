@@ -34,7 +34,7 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, monkeypatch):
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
         pickle.dump({"model": _Boom()}, f)
-    with pytest.raises(CheckpointError, match="refusing to load"):
+    with pytest.raises(CheckpointError, match=r"refusing to load .* \(Weights only load failed"):
         load_torch(path)
     assert not (tmp_path / "PWNED").exists()
 
@@ -51,6 +51,9 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_torch(tmp_path / "nope.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="checkpoint is empty"):
+        load_torch(tmp_path / "empty.pth")
 
 
 def test_mismatch_lists_keys_and_non_strict_loads_the_rest():
@@ -106,3 +109,48 @@ def test_cli_refuses_mismatched_checkpoint_unless_non_strict(tmp_path, capsys):
                      "--non-strict", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert len(result["predictions"][0]["top"]) == 4
+
+
+def test_resuming_from_a_checkpoint_that_does_not_fit_names_it(tmp_path):
+    """`--resume` loads the model, the EMA and the attention-kernel record of the file it names; each
+    that does not fit stops the run with an error naming the file (and the EMA)."""
+    import re
+
+    from pale.io import save_torch
+    from pale.train import train
+    from tiny_train import tiny_recipe, write_tiny_folder
+
+    train(tiny_recipe(write_tiny_folder(tmp_path / "data")), [], tmp_path / "run")
+    ckpt = load_torch(tmp_path / "run" / "last.pth")
+    wrong = {k: (torch.zeros(5, *v.shape[1:]) if k == "head.fc.weight" else v) for k, v in ckpt["model"].items()}
+    for changes, error, message in [
+            (dict(model=wrong), WeightsMismatchError, "{} does not fit PaleTransformer"),
+            (dict(model_ema=wrong), WeightsMismatchError, "{} (EMA) does not fit PaleTransformer"),
+            (dict(attention_kernels={"format": -1}), ValueError, "not saved attention kernel choices")]:
+        path = tmp_path / "changed.pth"
+        save_torch(dict(ckpt, **changes), path)
+        with pytest.raises(error, match="^" + re.escape(message.format(path))):
+            train(None, [], resume=path)
+
+
+def test_images_devices_and_json_as_the_commands_use_them(tmp_path):
+    from PIL import Image
+
+    from pale.errors import InputError, MissingFileError
+    from pale.io import atomic_write_json, find_images, load_image, resolve_device
+
+    for rel in ("a/x.png", "a/sub/y.JPG", "b/z.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (3, 2), 7).save(tmp_path / rel)
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    (tmp_path / "empty").mkdir()
+    assert find_images([tmp_path / "a", tmp_path / "b"]) == [
+        tmp_path / "a/sub/y.JPG", tmp_path / "a/x.png", tmp_path / "b/z.png"]
+    with pytest.raises(MissingFileError, match="^image or folder not found: "):
+        find_images(tmp_path / "nope")
+    with pytest.raises(InputError, match=f"^folder {tmp_path / 'empty'} holds no images"):
+        find_images(tmp_path / "empty")
+    assert load_image(tmp_path / "b/z.png").mode == "RGB" and load_image(tmp_path / "b/z.png", "L").mode == "L"
+    assert resolve_device() == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    atomic_write_json(tmp_path / "m.json", {"b": 1, "a": [2]})
+    assert (tmp_path / "m.json").read_text() == '{\n  "a": [\n    2\n  ],\n  "b": 1\n}\n'

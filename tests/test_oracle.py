@@ -117,6 +117,38 @@ def test_network_with_per_stage_ape_matches_the_oracle(size, training):
     _network_matches(model, net_config("parallel", "ape", IMAGE_SIZES[0]), size, training)
 
 
+def test_forward_intermediates_options_take_the_same_maps():
+    """The maps compared with the oracle above come with timm's default options; the others select,
+    normalise, lay out and stop on those same maps; ``pre_logits`` gives the pooled final map."""
+    model = build("parallel").eval()
+    images = torch.randn(1, 3, *IMAGE_SIZES[0], dtype=torch.float64)
+    with torch.no_grad():
+        features = model.forward_features(images)
+        final, maps = model.forward_intermediates(images)
+        assert len(maps) == 4 and torch.equal(final, features)
+        nhwc = model.forward_intermediates(images, output_fmt="NHWC", intermediates_only=True)
+        assert all(torch.equal(a, b.permute(0, 3, 1, 2)) for a, b in zip(maps, nhwc))
+        normed = model.forward_intermediates(images, norm=True, intermediates_only=True)
+        assert all(torch.equal(a, b) for a, b in zip(maps[:3], normed[:3]))
+        assert torch.equal(normed[3], features.permute(0, 3, 1, 2))
+        final, two = model.forward_intermediates(images, indices=[0, 1])   # runs on to the end
+        assert len(two) == 2 and torch.equal(two[1], maps[1]) and torch.equal(final, features)
+        final, two = model.forward_intermediates(images, indices=[0, 1], stop_early=True)
+        assert len(two) == 2 and torch.equal(final, maps[1].permute(0, 2, 3, 1))
+        pooled = model.forward_head(features, pre_logits=True)   # the head's input: the average token
+        torch.testing.assert_close(pooled, features.mean((1, 2)), rtol=0, atol=1e-12)
+
+
+def test_a_half_precision_table_is_resampled_in_float32():
+    """The tables' resampling keeps their dtype; PyTorch's antialiased bicubic has no CPU kernel for
+    bfloat16, so a bfloat16 table is resized in float32."""
+    from pale.models.pale_transformer import resample_pos_embed
+    table = torch.randn(1, 5, 4, 8).to(torch.bfloat16)
+    out = resample_pos_embed(table, (7, 3))
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 7, 3, 8)
+    assert torch.equal(out, resample_pos_embed(table.float(), (7, 3)).to(torch.bfloat16))
+
+
 def test_the_oracle_sees_a_changed_weight():
     """The comparison is not vacuous: one perturbed weight moves the model away from the oracle."""
     model = build("parallel")
