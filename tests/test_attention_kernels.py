@@ -17,6 +17,7 @@ U_BF16 = 2.0 ** -8  # unit roundoff of bfloat16 (8 significant bits)
 
 @pytest.fixture(autouse=True)
 def fresh_selector(monkeypatch):
+    forced = ak.get_kernel()  # the suite's pinned kernel (tests/conftest.py), restored after each test
     monkeypatch.delenv(ak.CACHE_ENV, raising=False)
     monkeypatch.delenv(ak.KERNEL_ENV, raising=False)
     monkeypatch.delenv(ak.CAP_ENV, raising=False)
@@ -24,7 +25,7 @@ def fresh_selector(monkeypatch):
     ak.set_memory_cap(None)
     ak.clear_kernel_choices()
     yield
-    ak.set_kernel("auto")  # not from the environment: the test's monkeypatch is undone after this
+    ak.set_kernel(forced)  # not from the environment: the test's monkeypatch is undone after this
     ak.set_memory_cap(ak.DEFAULT_MEMORY_CAP_MB * 2 ** 20)
     ak.clear_kernel_choices()
 
