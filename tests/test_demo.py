@@ -97,7 +97,7 @@ def test_demo_leaves_the_loader_its_cores(monkeypatch, workers, cores, threads):
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        demo._threads_beside_loader([f"train.workers={workers}"])
+        demo._threads_beside_loader([f"train.workers={workers}", "train.device=cpu"])
         assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)

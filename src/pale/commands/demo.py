@@ -53,12 +53,13 @@ def _threads_beside_loader(overrides: List[str]) -> None:
     second thread gains (measured: 280 images/s with one thread beside one loader process, 220 with two)."""
     import torch
 
+    from ..io import resolve_device
     from ..train.data import loader_workers, usable_cores
     from ..train.run import resolve_config
 
     train_cfg = resolve_config("demo_digits", overrides)["train"]
     workers = loader_workers(train_cfg["workers"])
-    if str(train_cfg["device"]) in ("cpu", "auto") and not torch.cuda.is_available() and workers:
+    if workers and resolve_device(train_cfg["device"]).type == "cpu":
         torch.set_num_threads(max(1, min(torch.get_num_threads(), usable_cores() - workers)))
 
 
