@@ -778,7 +778,7 @@ class Trainer:
                 raise InputError("train.tensorboard needs the tensorboard package "
                                  "(pip install 'pale-transformer[tensorboard]')") from None
             self.tb = SummaryWriter(str(self.out_dir / "tensorboard"))
-        self._log(f"{rt.world_size} process(es) on {rt.device.type}, amp={rt.amp_dtype}, batch {self.cfg['batch_size']} "
+        self._log(f"{rt.world_size} process(es) on {rt.device.type}, amp={self.runtime_record()['amp']}, batch {self.cfg['batch_size']} "
                   f"= {self.batch_per_device} x {rt.world_size} x {self.accum}, lr {self.lr:.3g}, "
                   f"{self.updates_per_epoch} updates/epoch"
                   + (f", EMA decay {self.ema_decay:.6g}" if self.ema is not None else ""))
@@ -967,19 +967,18 @@ class Trainer:
         return None
 
     def _better_weights(self) -> str:
-        """``"ema"`` or ``"raw"``: the weights whose latest validation scored higher on the task's metric
-        (EMA on a tie, and when there is no validation); ``"raw"`` without EMA."""
-        if self.ema is None:
-            return "raw"
+        """``"ema"`` or ``"raw"``: the weights whose latest validation scored better on the task's metric.
+        The raw weights on a tie, without validation of both, and without EMA: the rule of
+        :func:`pale.io.select_weights`, so that an export and ``--weights best`` on its checkpoint agree."""
         latest = self._val_metrics()
-        if not latest or "ema" not in latest:
-            return "ema"
+        if self.ema is None or not latest or "ema" not in latest:
+            return "raw"
         key = self.task.best_metric
         raw, ema = latest["raw"].get(key), latest["ema"].get(key)
         if raw is None or ema is None:
-            return "ema"
-        higher = raw > ema if self.task.best_mode == "max" else raw < ema
-        return "raw" if higher else "ema"
+            return "raw"
+        better = ema > raw if self.task.best_mode == "max" else ema < raw
+        return "ema" if better else "raw"
 
     def _end_epoch(self, epoch: int, record: Dict[str, Any]) -> None:
         weights = self._better_weights()
