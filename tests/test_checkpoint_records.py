@@ -19,6 +19,7 @@ import pale  # noqa: F401
 from pale.io import load_safetensors, load_torch, select_weights
 from pale.train import TrainingInterrupted, train
 from pale.train.classification import ClassificationTask
+from pale.models.attention_kernels import kernel_choices
 from pale.train.engine import Trainer, rng_state, set_rng_state
 from tiny_train import tiny_recipe, write_tiny_folder
 
@@ -116,6 +117,7 @@ def test_a_resume_with_another_runtime_says_what_changed(stopped, tmp_path, caps
     shutil.copytree(stopped[0], run)
     ckpt = load_torch(run / "last.pth")
     assert ckpt["runtime"] == dict(device="cpu", channels_last=False, amp="none")
+    assert ckpt["attention_kernels"] == kernel_choices()
     ckpt["runtime"]["channels_last"] = True
     torch.save(ckpt, run / "last.pth")
     with scripted_validation([50, 60]):
@@ -134,10 +136,14 @@ def test_the_exports_hold_the_weights_that_validated_better(tmp_path, raw, ema, 
     ckpt = load_torch(tmp_path / "run" / "best.pth")
     assert any(not torch.equal(ckpt["model"][k], ckpt["model_ema"][k]) for k in ckpt["model"])
     held = ckpt["model_ema"] if expected == "ema" else ckpt["model"]
+    assert ckpt["best_metric"] == "top1"
+    assert {k: v["top1"] for k, v in ckpt["val_metrics"].items()} == {"raw": raw, "ema": ema}
     assert select_weights(ckpt)[1] == expected
     for name in ("best.safetensors", "last.safetensors"):
         state, meta = load_safetensors(tmp_path / "run" / name)
         assert meta["weights"] == expected, name
+        assert (meta["model_name"], meta["class_names"]) == ("pale_tiny", ["a", "b"]), name
+        assert meta["data_config"] == ckpt["data_config"], name
         assert state.keys() == held.keys()
         assert all(torch.equal(state[k], held[k]) for k in held), name
 
@@ -171,10 +177,11 @@ def test_a_dry_run_writes_nothing(tmp_path):
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
-def test_a_run_without_ema_scheduler_or_class_names_checkpoints_and_resumes(tmp_path, monkeypatch):
+def test_a_run_without_ema_scheduler_or_class_names_checkpoints_and_resumes(tmp_path, monkeypatch, capsys):
     """``sched.sched=none`` (constant lr), ``ema.enabled=false``, and a task whose model description has
-    no class names (the Task interface makes them optional): saved as None, stopped mid-epoch before any
-    validation (so no ``val_metrics``), resumed to the end."""
+    no class names (the Task interface makes them optional): saved as None; stopped by SIGUSR1 (a
+    cluster's warning before preemption) in its first update, before any validation (so no
+    ``val_metrics``), and resumed to the end."""
     data = write_tiny_folder(tmp_path / "data")
     original_info = ClassificationTask.model_info
     monkeypatch.setattr(ClassificationTask, "model_info",
@@ -182,16 +189,21 @@ def test_a_run_without_ema_scheduler_or_class_names_checkpoints_and_resumes(tmp_
     original_loss = ClassificationTask.training_loss
     calls = {"n": 0}
 
-    def loss_then_sigterm(self, model, batch, rt):
+    def loss_then_sigusr1(self, model, batch, rt):
         calls["n"] += 1
         if calls["n"] == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGUSR1)
         return original_loss(self, model, batch, rt)
-    monkeypatch.setattr(ClassificationTask, "training_loss", loss_then_sigterm)
+    monkeypatch.setattr(ClassificationTask, "training_loss", loss_then_sigusr1)
     overrides = ["epochs=2", "sched.sched=none", "ema.enabled=false"]
-    with pytest.raises(TrainingInterrupted):
+    with pytest.raises(TrainingInterrupted) as stop:
         train(tiny_recipe(data), overrides, tmp_path / "run")
-    ckpt = load_torch(tmp_path / "run" / "last.pth")
+    last = tmp_path / "run" / "last.pth"
+    assert stop.value.code == 138
+    assert (f"stopped by SIGUSR1 (exit status 138: requeue the job) at epoch 1, update 1; checkpoint saved to "
+            f"{last}; continue with: pale train --resume {last} (or the same command with --resume auto)"
+            ) in capsys.readouterr().err.splitlines()
+    ckpt = load_torch(last)
     assert (ckpt["epoch"], ckpt["step"]) == (0, 1)
     assert ckpt["model_ema"] is None and ckpt["scheduler"] is None and ckpt["class_names"] is None
     assert "val_metrics" not in ckpt  # not validated yet
