@@ -54,7 +54,9 @@ def with_a_broken_image(root):
     return root
 
 
-@pytest.fixture(scope="module")
+# Function-scoped fixtures: mutmut runs, for a mutant, only the tests during which the mutated function
+# ran, and a module fixture's work counts for the first test that requests it only.
+@pytest.fixture
 def stopped(tmp_path_factory):
     """A 2-epoch run (a broken training image skipped per epoch; raw 80 / EMA 70 in epoch 1, raw 50 /
     EMA 60 in epoch 2) stopped by SIGTERM during epoch 1's validation: (run folder, stop message)."""
@@ -68,7 +70,7 @@ def stopped(tmp_path_factory):
     return run, err.getvalue()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def resumed(stopped, tmp_path_factory):
     """The stopped run continued in a copy of its folder: (run folder, summary, log)."""
     run = tmp_path_factory.mktemp("resumed") / "run"
@@ -118,11 +120,11 @@ def test_a_resume_with_another_runtime_says_what_changed(stopped, tmp_path, caps
     ckpt = load_torch(run / "last.pth")
     assert ckpt["runtime"] == dict(device="cpu", channels_last=False, amp="none")
     assert ckpt["attention_kernels"] == kernel_choices()
-    ckpt["runtime"]["channels_last"] = True
+    ckpt["runtime"].update(channels_last=True, amp="bf16")
     torch.save(ckpt, run / "last.pth")
     with scripted_validation([50, 60]):
         train(None, [], resume=run / "last.pth")
-    assert (f"note: {run / 'last.pth'} was written with other run-time settings (channels_last True -> False); "
+    assert (f"note: {run / 'last.pth'} was written with other run-time settings (channels_last True -> False, amp bf16 -> none); "
             f"the continuation is not bit-exact") in capsys.readouterr().err.splitlines()
 
 
