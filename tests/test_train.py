@@ -297,6 +297,21 @@ def test_bad_input_errors_name_the_problem(folder, tmp_path, capsys):
           "evaluation folder not found")
 
 
+def test_more_loader_workers_than_cores_is_said_once(tmp_path, capsys):
+    """The run's own warning, once; not PyTorch's, repeated for each loader and epoch."""
+    import warnings
+    from tiny_train import tiny_recipe as two_update_recipe, write_tiny_folder
+    from pale.train.data import usable_cores
+    data = write_tiny_folder(tmp_path / "data")
+    workers = usable_cores() + 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(two_update_recipe(data), ["epochs=2", f"train.workers={workers}"], tmp_path / "run")
+    assert not [w for w in caught if "DataLoader will create" in str(w.message)]
+    err = capsys.readouterr().err
+    assert err.count(f"warning: {workers} data loader processes for {usable_cores()} CPU core(s)") == 1, err
+
+
 def test_resume_can_extend_the_schedule(folder, straight, tmp_path):
     import shutil
     run = tmp_path / "run"

@@ -186,6 +186,16 @@ def setup_runtime(device: str = "auto", amp: str = "auto", channels_last: bool =
     return Runtime(dev, amp_dtypes[amp], rank, world, local_rank, channels_last)
 
 
+@contextlib.contextmanager
+def _without_torch_worker_warning() -> Iterator[None]:
+    """Silence PyTorch's warning that loader workers exceed the cores, which it repeats for every
+    loader and iterator; a run says so once, in its own words (:func:`schedule_warnings`)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+        yield
+
+
 # ---- reproducibility -----------------------------------------------------------------------------
 
 def rng_state() -> Dict[str, Any]:
@@ -626,10 +636,11 @@ class Trainer:
         self.train_sampler = EpochSampler(train_ds, rt.world_size, rt.rank, seed)
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         workers = loader_workers(tcfg["workers"], per_node)
-        self.train_loader = DataLoader(
-            SeededDataset(train_ds, seed), batch_size=self.batch_per_device, sampler=self.train_sampler,
-            num_workers=workers, collate_fn=SkipCollate(self.task.collate_fn(True)), drop_last=True,
-            pin_memory=rt.device.type == "cuda", generator=torch.Generator().manual_seed(seed))
+        with _without_torch_worker_warning():
+            self.train_loader = DataLoader(
+                SeededDataset(train_ds, seed), batch_size=self.batch_per_device, sampler=self.train_sampler,
+                num_workers=workers, collate_fn=SkipCollate(self.task.collate_fn(True)), drop_last=True,
+                pin_memory=rt.device.type == "cuda", generator=torch.Generator().manual_seed(seed))
         self.updates_per_epoch = (self.train_sampler.num_samples // self.batch_per_device) // accum
         if self.updates_per_epoch == 0:
             raise InputError(f"the training set ({len(train_ds)} samples, {self.train_sampler.num_samples} per "
@@ -641,10 +652,11 @@ class Trainer:
         self.val_loader = None
         if val_ds is not None:
             eval_bs = int(tcfg["eval_batch_size"] or 2 * self.batch_per_device)
-            self.val_loader = DataLoader(
-                val_ds, batch_size=eval_bs, sampler=ShardSampler(len(val_ds), rt.world_size, rt.rank),
-                num_workers=workers, collate_fn=SkipCollate(self.task.collate_fn(False)),
-                pin_memory=rt.device.type == "cuda")
+            with _without_torch_worker_warning():
+                self.val_loader = DataLoader(
+                    val_ds, batch_size=eval_bs, sampler=ShardSampler(len(val_ds), rt.world_size, rt.rank),
+                    num_workers=workers, collate_fn=SkipCollate(self.task.collate_fn(False)),
+                    pin_memory=rt.device.type == "cuda")
 
     def _build_optimization(self, model: nn.Module) -> None:
         """Optimizer, per-update scheduler, GradScaler (fp16 only) and EMA."""
@@ -742,7 +754,8 @@ class Trainer:
 
     def _batches(self, loader: DataLoader) -> Iterator[Any]:
         """Batches of ``loader`` without the skipped-image bookkeeping (counted here)."""
-        it = iter(loader)
+        with _without_torch_worker_warning():
+            it = iter(loader)
         while True:
             try:
                 batch, skipped = next(it)
