@@ -40,6 +40,7 @@ CONFIG = ["tests/test_config_table1.py"]
 EMA = ["tests/test_ema.py"]
 ATOMIC = ["tests/test_atomic.py"]
 RESUME = ["tests/test_train.py::test_resume_is_exact", "tests/test_train.py::test_sigterm_mid_epoch_saves_and_resume_is_exact"]
+RECORDS = ["tests/test_checkpoint_records.py"]
 
 
 @dataclass
@@ -108,6 +109,16 @@ BUGS = [
     Bug("resume_without_optimizer", "resume does not restore the optimizer state",
         [(ENGINE, r'self\.optimizer\.load_state_dict\(ckpt\["optimizer"\]\)', "pass")],
         RESUME),
+    # -- what the engine's mutation run found no test for --
+    Bug("resume_forgets_best", "a resumed run forgets the best record (and replaces best.pth by a worse epoch)",
+        [(ENGINE, r'self\.best = dict\(ckpt\.get\("best"\) or \{\}\)', "self.best = {}")],
+        RECORDS),
+    Bug("resume_forgets_skipped", "a resumed run forgets the images it skipped before the stop",
+        [(ENGINE, r'self\.skipped_images = int\(ckpt\.get\("skipped_images", 0\)\)', "self.skipped_images = 0")],
+        RECORDS),
+    Bug("export_ema_on_tie", "the exports take the EMA on a tie, while --weights best takes the raw weights",
+        [(ENGINE, r'better = ema > raw if', "better = ema >= raw if")],
+        RECORDS),
 ]
 
 
