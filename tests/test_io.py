@@ -2,6 +2,7 @@
 import json
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -137,7 +138,7 @@ def test_images_devices_and_json_as_the_commands_use_them(tmp_path):
     from PIL import Image
 
     from pale.errors import InputError, MissingFileError
-    from pale.io import atomic_write_json, find_images, load_image, resolve_device
+    from pale.io import IMAGE_EXTENSIONS, BadImageError, atomic_write_json, find_images, load_image, resolve_device
 
     for rel in ("a/x.png", "a/sub/y.JPG", "b/z.png"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -148,8 +149,13 @@ def test_images_devices_and_json_as_the_commands_use_them(tmp_path):
         tmp_path / "a/sub/y.JPG", tmp_path / "a/x.png", tmp_path / "b/z.png"]
     with pytest.raises(MissingFileError, match="^image or folder not found: "):
         find_images(tmp_path / "nope")
-    with pytest.raises(InputError, match=f"^folder {tmp_path / 'empty'} holds no images"):
+    with pytest.raises(InputError, match="^" + re.escape(
+            f"folder {tmp_path / 'empty'} holds no images (extensions: {', '.join(IMAGE_EXTENSIONS)})") + "$"):
         find_images(tmp_path / "empty")
+    assert ".png" in IMAGE_EXTENSIONS and ".jpg" in IMAGE_EXTENSIONS
+    with pytest.raises(BadImageError, match="^" + re.escape(
+            f"not an image (or an unsupported format): {tmp_path / 'a' / 'notes.txt'}") + "$"):
+        load_image(tmp_path / "a" / "notes.txt")
     assert load_image(tmp_path / "b/z.png").mode == "RGB" and load_image(tmp_path / "b/z.png", "L").mode == "L"
     assert resolve_device() == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     atomic_write_json(tmp_path / "m.json", {"b": 1, "a": [2]})
