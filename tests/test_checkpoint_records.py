@@ -6,9 +6,7 @@ that run-time settings changed, the stop message, and runs without EMA, schedule
 Validation results are scripted (each call of the task's ``evaluate`` returns the next value of a
 list as ``top1``) so that the order of raw and EMA scores, and of epochs, is known in advance."""
 import contextlib
-import io
 import os
-import shutil
 import signal
 
 import numpy as np
@@ -17,9 +15,9 @@ import torch
 
 import pale  # noqa: F401
 from pale.io import load_safetensors, load_torch, select_weights
+from pale.models.attention_kernels import kernel_choices
 from pale.train import TrainingInterrupted, train
 from pale.train.classification import ClassificationTask
-from pale.models.attention_kernels import kernel_choices
 from pale.train.engine import Trainer, rng_state, set_rng_state
 from tiny_train import tiny_recipe, write_tiny_folder
 
@@ -57,28 +55,22 @@ def with_a_broken_image(root):
 # Function-scoped fixtures: mutmut runs, for a mutant, only the tests during which the mutated function
 # ran, and a module fixture's work counts for the first test that requests it only.
 @pytest.fixture
-def stopped(tmp_path_factory):
+def stopped(tmp_path, capsys):
     """A 2-epoch run (a broken training image skipped per epoch; raw 80 / EMA 70 in epoch 1, raw 50 /
     EMA 60 in epoch 2) stopped by SIGTERM during epoch 1's validation: (run folder, stop message)."""
-    root = tmp_path_factory.mktemp("records")
-    data = with_a_broken_image(write_tiny_folder(root / "data"))
-    run = root / "stopped"
-    err = io.StringIO()
-    with scripted_validation([80, 70], sigterm_at=1), contextlib.redirect_stderr(err):
-        with pytest.raises(TrainingInterrupted):
-            train(tiny_recipe(data), ["epochs=2", KEEP_EMA, "data.skip_bad_images=true"], run)
-    return run, err.getvalue()
+    data = with_a_broken_image(write_tiny_folder(tmp_path / "data"))
+    with scripted_validation([80, 70], sigterm_at=1), pytest.raises(TrainingInterrupted):
+        train(tiny_recipe(data), ["epochs=2", KEEP_EMA, "data.skip_bad_images=true"], tmp_path / "run")
+    return tmp_path / "run", capsys.readouterr().err
 
 
 @pytest.fixture
-def resumed(stopped, tmp_path_factory):
-    """The stopped run continued in a copy of its folder: (run folder, summary, log)."""
-    run = tmp_path_factory.mktemp("resumed") / "run"
-    shutil.copytree(stopped[0], run)
-    err = io.StringIO()
-    with scripted_validation([50, 60]), contextlib.redirect_stderr(err):
+def resumed(stopped, capsys):
+    """The stopped run continued: (run folder, summary, log of the resumed part)."""
+    run = stopped[0]
+    with scripted_validation([50, 60]):
         summary = train(None, [], resume=run / "last.pth")
-    return run, summary, err.getvalue()
+    return run, summary, capsys.readouterr().err
 
 
 def test_the_stop_message_names_the_saved_checkpoint_and_the_completed_epoch(stopped):
@@ -114,9 +106,8 @@ def test_a_resume_with_the_same_runtime_says_nothing_about_it(resumed):
     assert "other run-time settings" not in resumed[2]
 
 
-def test_a_resume_with_another_runtime_says_what_changed(stopped, tmp_path, capsys):
-    run = tmp_path / "run"
-    shutil.copytree(stopped[0], run)
+def test_a_resume_with_another_runtime_says_what_changed(stopped, capsys):
+    run = stopped[0]
     ckpt = load_torch(run / "last.pth")
     assert ckpt["runtime"] == dict(device="cpu", channels_last=False, amp="none")
     assert ckpt["attention_kernels"] == kernel_choices()
