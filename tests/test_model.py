@@ -247,3 +247,30 @@ def test_cpe_is_residual_depthwise_conv():
                     torch.autograd.grad(expected, (x, cpe.proj.weight), grad)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert "identity" not in cpe.state_dict()  # the folded identity is not a saved parameter
+
+
+@pytest.mark.parametrize("size", [(1, 1), (2, 2), (2, 5), (3, 3), (4, 6)])
+def test_depthwise_conv_on_maps_smaller_than_the_kernel(size):
+    """The explicit-padding path for maps under 3x3 gives the padded convolution's values and
+    gradients, as the convolution layers of CPE and the separable projections use it."""
+    from pale.models.pale_transformer import ConvPosEnc, SeparableProjection, depthwise_conv3x3
+    x = torch.randn(2, *size, 6, dtype=torch.float64).permute(0, 3, 1, 2).requires_grad_()  # an NCHW view of NHWC
+    weight = torch.randn(6, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    out = depthwise_conv3x3(x, weight, bias)
+    expected = torch.nn.functional.conv2d(x, weight, bias, padding=1, groups=6)
+    assert out.shape == expected.shape == x.shape
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (x, weight, bias), grad),
+                    torch.autograd.grad(expected, (x, weight, bias), grad)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # the layers: CPE and the projection (train-mode BatchNorm and folded eval-mode BatchNorm) on NHWC maps
+    tokens = torch.randn(2, *size, 6, dtype=torch.float64)
+    cpe = ConvPosEnc(6).double()
+    torch.testing.assert_close(cpe(tokens), tokens + cpe.proj(tokens.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+    proj = SeparableProjection(6).double()
+    for training in (True, False):
+        proj.train(training)
+        reference = proj.pw(proj.bn(proj.dw(tokens.permute(0, 3, 1, 2))).permute(0, 2, 3, 1))
+        torch.testing.assert_close(proj(tokens), reference)

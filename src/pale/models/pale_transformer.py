@@ -435,6 +435,21 @@ def ps_attention_one_call(q: Tensor, k: Tensor, v: Tensor, heads_per_branch: int
 # Layers
 # --------------------------------------------------------------------------------------------
 
+@torch.fx.wrap
+def depthwise_conv3x3(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """3x3 depthwise convolution with zero padding 1: ``(B, C, H, W)`` -> ``(B, C, H, W)``, ``weight``
+    ``(C, 1, 3, 3)``.
+
+    On maps smaller than the kernel (stage 4 of small inputs, e.g. 2x2 for 56x56 digits) oneDNN's
+    padded depthwise kernel, forward and backward, is about 5x slower than padding first and
+    convolving without padding; elsewhere padding inside the convolution is the faster
+    (docs/performance.md). Same sums either way. Graphs traced for every size keep the padded call.
+    """
+    if not traced_for_any_size() and (x.shape[-2] < 3 or x.shape[-1] < 3):
+        return F.conv2d(F.pad(x, (1, 1, 1, 1)), weight, bias, groups=weight.shape[0])
+    return F.conv2d(x, weight, bias, padding=1, groups=weight.shape[0])
+
+
 class SeparableProjection(nn.Module):
     """CvT-style separable projection: depthwise 3x3 conv (no bias) -> BatchNorm -> Linear.
 
@@ -450,14 +465,14 @@ class SeparableProjection(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = x.permute(0, 3, 1, 2)
         if self.bn.training or self.bn.running_mean is None:
-            x = self.bn(self.dw(x))
+            x = self.bn(depthwise_conv3x3(x, self.dw.weight))
         else:
             # BatchNorm on running statistics is affine per channel: fold it into the conv. Written
             # out rather than torch.nn.utils.fuse_conv_bn_weights, which returns detached Parameters:
             # eval-mode BatchNorm with trained weights (frozen-BN fine-tuning) needs the gradients.
             scale = self.bn.weight * torch.rsqrt(self.bn.running_var + self.bn.eps)
             bias = self.bn.bias - self.bn.running_mean * scale
-            x = F.conv2d(x, self.dw.weight * scale.view(-1, 1, 1, 1), bias, padding=1, groups=self.dw.groups)
+            x = depthwise_conv3x3(x, self.dw.weight * scale.view(-1, 1, 1, 1), bias)
         return self.pw(x.permute(0, 2, 3, 1))
 
 
@@ -567,7 +582,7 @@ class ConvPosEnc(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.proj.weight + self.identity
-        return F.conv2d(x.permute(0, 3, 1, 2), weight, self.proj.bias, padding=1, groups=self.proj.groups).permute(0, 2, 3, 1)
+        return depthwise_conv3x3(x.permute(0, 3, 1, 2), weight, self.proj.bias).permute(0, 2, 3, 1)
 
 
 class ConvPatchMerging(nn.Module):
