@@ -132,6 +132,19 @@ def test_sigusr1_saves_exits_138_and_the_next_start_resumes_exactly(folder, stra
     assert_same_run(straight, run)
 
 
+def test_persistent_loader_workers_draw_what_the_main_process_draws(folder, straight, tmp_path, monkeypatch):
+    """A loader process kept alive across epochs (and abandoned mid-epoch by a stop) changes no image:
+    interrupted in epoch 2 and resumed, both with one worker, the run ends bit for bit where the
+    uninterrupted run without workers ends."""
+    run = tmp_path / "run"
+    restore = signal_at_call(monkeypatch, signal.SIGUSR1, 5)
+    with pytest.raises(TrainingInterrupted):
+        train(recipe(**{"train.workers": 1}), [f"data.root={folder}"], run, resume="auto")
+    restore()
+    train(recipe(**{"train.workers": 1}), [f"data.root={folder}"], run, resume="auto")
+    assert_same_run(straight, run)
+
+
 def test_truncated_last_checkpoint_falls_back_to_the_previous_one(folder, straight, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     restore = signal_at_call(monkeypatch, signal.SIGTERM, 5)

@@ -640,7 +640,11 @@ class Trainer:
             self.train_loader = DataLoader(
                 SeededDataset(train_ds, seed), batch_size=self.batch_per_device, sampler=self.train_sampler,
                 num_workers=workers, collate_fn=SkipCollate(self.task.collate_fn(True)), drop_last=True,
-                pin_memory=rt.device.type == "cuda", generator=torch.Generator().manual_seed(seed))
+                pin_memory=rt.device.type == "cuda", generator=torch.Generator().manual_seed(seed),
+                # workers live across epochs (starting them cost ~2 s per epoch in the demo); the
+                # sampler stays in this process and SeededDataset seeds every image from its
+                # (epoch, index) key, so their age changes no draw
+                persistent_workers=workers > 0)
         self.updates_per_epoch = (self.train_sampler.num_samples // self.batch_per_device) // accum
         if self.updates_per_epoch == 0:
             raise InputError(f"the training set ({len(train_ds)} samples, {self.train_sampler.num_samples} per "
@@ -656,7 +660,11 @@ class Trainer:
                 self.val_loader = DataLoader(
                     val_ds, batch_size=eval_bs, sampler=ShardSampler(len(val_ds), rt.world_size, rt.rank),
                     num_workers=workers, collate_fn=SkipCollate(self.task.collate_fn(False)),
-                    pin_memory=rt.device.type == "cuda")
+                    pin_memory=rt.device.type == "cuda", persistent_workers=workers > 0,
+                    # its own generator: without one, every new iterator draws its workers' seed from
+                    # the global RNG (drop path's), and a resumed run, whose first validation starts
+                    # new workers, would continue another random stream than the run it continues
+                    generator=torch.Generator().manual_seed(seed))
 
     def _build_optimization(self, model: nn.Module) -> None:
         """Optimizer, per-update scheduler, GradScaler (fp16 only) and EMA."""
