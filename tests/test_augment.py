@@ -15,7 +15,7 @@ import pale  # noqa: F401
 from pale.train import resolve_config
 from pale.train.classification import _posterize_any_bits, build_train_transform, data_config, make_pillow_safe
 from pale.train.data import AugmentationError, ImageFolderDataset, write_image_folder
-from pale.train.recipe import shipped_recipes
+from pale.train.recipe import RecipeError, shipped_recipes
 
 PILLOW_REFUSES_ZERO_BITS = tuple(int(x) for x in PIL.__version__.split(".")[:2]) >= (13, 0)
 
@@ -167,3 +167,26 @@ def test_an_error_inside_a_transform_names_the_step_and_the_image(tmp_path):
         with pytest.raises(AugmentationError, match=r"transform AutoAugment \(Posterize\) failed on image .*b[/\\]"
                                                     r"img_00001\.png .*bits must be"):
             dataset[1]
+
+
+@pytest.mark.parametrize("fill, corner", [(None, (33, 33, 33)), (0, (0, 0, 0)), ([255, 0, 10], (255, 0, 10))])
+def test_aug_fill_is_what_rotation_uncovers(fill, corner):
+    """`aug.fill` colours what the geometric ops uncover; without it, timm's normalisation mean (33 for
+    the digits' 0.1307)."""
+    cfg = resolve_config({"data": {"img_size": 32, "mean": [0.1307] * 3, "std": [0.3081] * 3},
+                          "aug": {"scale": [1.0, 1.0], "ratio": [1.0, 1.0], "hflip": 0.0, "color_jitter": 0.0,
+                                  "auto_augment": "rand-m9-n1-mstd0", "reprob": 0.0, "fill": fill}})
+    transform = build_train_transform(cfg, data_config(cfg))
+    rotate = next(op for op in transform.transforms[1].ops if op.name == "Rotate")
+    rotate.prob, rotate.magnitude = 1.0, 10  # 30 degrees: the corners come from outside the image
+    white = Image.new("RGB", (32, 32), (200, 200, 200))
+    assert rotate(white).getpixel((0, 0)) == corner
+    # every geometric op of the policy got it
+    assert {op.kwargs["fillcolor"] for op in transform.transforms[1].ops} == {corner}
+
+
+@pytest.mark.parametrize("fill", [256, -1, [0, 0], 0.5, "black", True])
+def test_bad_aug_fill_is_refused_by_name(fill):
+    cfg = resolve_config({"aug": {"fill": fill}})
+    with pytest.raises(RecipeError, match=r"aug.fill must be an intensity 0-255 or a list of three, \[r, g, b\], got "):
+        build_train_transform(cfg, data_config(cfg))

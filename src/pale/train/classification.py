@@ -59,6 +59,7 @@ CLASSIFICATION_DEFAULTS: Dict[str, Any] = {
         "vflip": 0.0,
         "color_jitter": 0.4,     # brightness, contrast, saturation; 0: off (applied with auto_augment too)
         "auto_augment": "original",  # timm policy string: original (AutoAugment), rand-..., null: none
+        "fill": None,            # 0-255 or [r, g, b]: what rotate/shear/translate uncover; null: the mean (timm's)
         "train_interpolation": "bicubic",
         "reprob": 0.25,
         "remode": "pixel",
@@ -187,7 +188,24 @@ def build_train_transform(cfg: Dict[str, Any], dc: Dict[str, Any]):
     except (AssertionError, KeyError) as err:  # timm asserts on policy strings it does not know
         raise RecipeError(f"aug.auto_augment {a['auto_augment']!r} is not a timm policy (e.g. original, v0, "
                           f"rand-m9-mstd0.5, augmix-m5-w4-d2){': ' + str(err) if str(err) else ''}") from None
-    return make_pillow_safe(transform)
+    return fill_uncovered(make_pillow_safe(transform), a["fill"])
+
+
+def fill_uncovered(transform: Any, fill: Any) -> Any:
+    """``transform`` with ``fill`` (an intensity 0-255 or ``[r, g, b]``) as the colour that every timm
+    geometric op (rotate, shear, translate) paints where it uncovers the canvas (returned for chaining;
+    changed in place). ``None`` keeps timm's choice, the normalisation mean: grey on photos, but a
+    visible frame around digits or scans on black or white. The transform's output is RGB."""
+    if fill is None:
+        return transform
+    values = list(fill) if isinstance(fill, (list, tuple)) else [fill] * 3
+    if len(values) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255
+                                   for v in values):
+        raise RecipeError(f"aug.fill must be an intensity 0-255 or a list of three, [r, g, b], got {fill!r}")
+    for op in _augment_ops(transform):
+        if "fillcolor" in op.kwargs:
+            op.kwargs["fillcolor"] = tuple(values)
+    return transform
 
 
 def build_eval_transform(dc: Dict[str, Any]):
