@@ -282,6 +282,10 @@ def test_bad_input_errors_name_the_problem(folder, tmp_path, capsys):
     base = ["train", "--recipe", str(recipe), "-o", str(tmp_path / "out")]
     fails(base + ["--data", str(tmp_path / "missing")], "data folder not found", str(tmp_path / "missing"))
     fails(base + ["--data", str(folder), "--set", "aug.mixup_alpha=0.2"], "unknown recipe key 'aug.mixup_alpha'")
+    fails(base + ["--data", str(folder), "--set", "train.attention_kernel=fastest"],
+          "train.attention_kernel must be auto or one of flash, math, explicit", "'fastest'")
+    fails(base + ["--data", str(folder), "--set", "train.attention_kernel=cudnn"],
+          "train.attention_kernel='cudnn' is not available on cpu; expected auto or one of flash, math, explicit")
     empty = make_folder(tmp_path / "empty", n_train=6, n_val=3)
     (empty / "train" / "dog").mkdir()
     fails(base + ["--data", str(empty)], "class folder", str(empty / "train" / "dog"), "holds no images")
@@ -295,6 +299,22 @@ def test_bad_input_errors_name_the_problem(folder, tmp_path, capsys):
     assert summary["skipped_images"] == 1
     fails(["eval", str(tmp_path / "skip" / "best.pth"), "--data", str(tmp_path / "nothing")],
           "evaluation folder not found")
+
+
+def test_a_fixed_attention_kernel_runs_every_call_and_nothing_is_timed(folder, tmp_path, monkeypatch):
+    from pale.models import attention_kernels as ak
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("a kernel fixed by the recipe must not be timed")
+
+    ak.clear_kernel_choices()
+    monkeypatch.setattr(ak, "_measure", no_timing)
+    before = ak.get_kernel()
+    with ak.recording() as calls:
+        train(tiny_recipe(**{"epochs": 1, "train.attention_kernel": "math"}), [f"data.root={folder}"], tmp_path / "run")
+    assert calls and {kernel for _, _, kernel in calls} == {"math"}
+    assert {key.train for key, _, _ in calls} == {True, False}  # the training steps and the validation
+    assert ak.get_kernel() == before  # the process's choice comes back after the run
 
 
 def test_more_loader_workers_than_cores_is_said_once(tmp_path, capsys):

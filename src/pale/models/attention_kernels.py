@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["CANDIDATES", "KernelKey", "attention", "attention_probs", "explicit_attention", "select_kernel", "kernel_key",
+__all__ = ["ALL_KERNELS", "CANDIDATES", "KernelKey", "attention", "attention_probs", "explicit_attention", "select_kernel", "kernel_key",
            "set_kernel", "get_kernel", "use_kernel", "set_memory_cap", "kernel_choices",
            "load_kernel_choices", "clear_kernel_choices", "recording", "measure_seconds", "hardware_id",
            "cpu_model_name"]
@@ -124,7 +124,8 @@ _KERNELS: Dict[str, Dict[str, KernelFn]] = {
              "cudnn": _sdpa_backend(SDPBackend.CUDNN_ATTENTION),
              "math": _sdpa_backend(SDPBackend.MATH), "explicit": explicit_attention},
 }
-_ALL_KERNELS = tuple(dict.fromkeys(n for names in CANDIDATES.values() for n in names))
+#: Every kernel name of every device type.
+ALL_KERNELS: Tuple[str, ...] = tuple(dict.fromkeys(n for names in CANDIDATES.values() for n in names))
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,8 +192,8 @@ class _Measurement:
 
 def _kernel_from_env() -> str:
     name = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
-    if name != "auto" and name not in _ALL_KERNELS:
-        raise ValueError(f"{KERNEL_ENV}={name!r} is not one of auto, {', '.join(_ALL_KERNELS)}")
+    if name != "auto" and name not in ALL_KERNELS:
+        raise ValueError(f"{KERNEL_ENV}={name!r} is not one of auto, {', '.join(ALL_KERNELS)}")
     return name
 
 
@@ -228,8 +229,8 @@ def set_kernel(name: Optional[str]) -> None:
     if name is None:
         _state.kernel = _kernel_from_env()
         return
-    if name != "auto" and name not in _ALL_KERNELS:
-        raise ValueError(f"unknown attention kernel {name!r}; expected auto or one of {', '.join(_ALL_KERNELS)}")
+    if name != "auto" and name not in ALL_KERNELS:
+        raise ValueError(f"unknown attention kernel {name!r}; expected auto or one of {', '.join(ALL_KERNELS)}")
     _state.kernel = name
 
 
@@ -316,7 +317,7 @@ def _parse_entries(entries: Mapping[str, object], source: str) -> Dict[KernelKey
         except (KeyError, TypeError, ValueError, AttributeError):
             raise ValueError(f"{source}: attention kernel entry {text!r} needs 'shape' (4 ints) and "
                              f"'times_s' (kernel -> seconds), got {entry!r}") from None
-        unknown = set(times) - set(_ALL_KERNELS)
+        unknown = set(times) - set(ALL_KERNELS)
         if len(shape) != 4 or unknown:
             raise ValueError(f"{source}: attention kernel entry {text!r} has shape {shape} or unknown kernels "
                              f"{sorted(unknown)}")

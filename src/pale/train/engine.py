@@ -81,7 +81,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .. import io as pio
 from ..errors import InputError
-from ..models.attention_kernels import kernel_choices, load_kernel_choices
+from ..models.attention_kernels import (ALL_KERNELS, CANDIDATES, kernel_choices, load_kernel_choices,
+                                         use_kernel)
 from ..progress import log, progress
 from .data import (AugmentationError, BadImageError, EpochSampler, SeededDataset, ShardSampler, SkipCollate,
                    clean_worker_error, loader_workers, usable_cores)
@@ -479,6 +480,9 @@ class Trainer:
             raise RecipeError(f"train.on_nonfinite must be 'stop' or 'skip', got {tcfg['on_nonfinite']!r}")
         if tcfg["dist_bn"] not in ("reduce", "broadcast", "none"):
             raise RecipeError(f"train.dist_bn must be reduce, broadcast or none, got {tcfg['dist_bn']!r}")
+        if tcfg["attention_kernel"] not in ("auto", *ALL_KERNELS):
+            raise RecipeError(f"train.attention_kernel must be auto or one of {', '.join(ALL_KERNELS)}, "
+                              f"got {tcfg['attention_kernel']!r}")
         if int(tcfg["accum_steps"]) < 1:
             raise RecipeError(f"train.accum_steps must be >= 1, got {tcfg['accum_steps']}")
         if tcfg["resume"] not in (None, "auto"):
@@ -589,6 +593,10 @@ class Trainer:
     def _build(self) -> None:
         cfg, tcfg = self.cfg, self.cfg["train"]
         self.rt = rt = setup_runtime(tcfg["device"], tcfg["amp"], bool(tcfg["channels_last"]))
+        kernel = tcfg["attention_kernel"]
+        if kernel != "auto" and kernel not in CANDIDATES.get(rt.device.type, ()):
+            raise RecipeError(f"train.attention_kernel={kernel!r} is not available on {rt.device.type}; expected "
+                              f"auto or one of {', '.join(CANDIDATES.get(rt.device.type, ()))}")
         seed = int(cfg["seed"])
         random_seed(seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
         model = self._build_model()
@@ -804,7 +812,8 @@ class Trainer:
                   f"{self.updates_per_epoch} updates/epoch"
                   + (f", EMA decay {self.ema_decay:.6g}" if self.ema is not None else ""))
         started = time.time()
-        with self._signal_handlers():
+        kernel = tcfg["attention_kernel"]
+        with self._signal_handlers(), (use_kernel(kernel) if kernel != "auto" else contextlib.nullcontext()):
             for epoch in range(self.start_epoch, epochs):
                 record = self._train_epoch(epoch)
                 self._sync_norm_stats()

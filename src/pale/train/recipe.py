@@ -73,6 +73,11 @@ ENGINE_DEFAULTS: Config = {
         "amp": "auto",           # auto (bf16 on CPUs with native bf16, else none; bf16/fp16 on CUDA) | bf16 | fp16 | none
         "val_amp": False,        # validate under the training autocast (true) or in fp32 (false, as pale eval)
         "channels_last": False,
+        # auto: time the attention kernels per shape at first use (pale.models.attention_kernels); or
+        # flash | math | explicit (| efficient | cudnn on CUDA) for every call. Timings on a busy machine
+        # may pick another kernel in the next run, which rounds differently, so only a fixed kernel
+        # repeats a run's numbers exactly.
+        "attention_kernel": "auto",
         "sync_bn": False,        # SyncBatchNorm across processes (the separable q/k/v projections use BN)
         "dist_bn": "reduce",     # reduce | broadcast | none: make BN running stats equal on all ranks each epoch
         "grad_checkpointing": False,
