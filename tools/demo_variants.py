@@ -1,0 +1,132 @@
+"""The experiment-only models and loss of the demo's fourth search (docs/training.md), for reproducing it.
+
+Not part of the package: a convolutional stem for the demo's Pale, the small convolutional network used
+as a reference and as a teacher, and DeiT-style distillation from that teacher. Registers the models
+with timm, then runs the ``pale`` command line with the remaining arguments:
+
+    python tools/demo_variants.py demo --seed 0 -o runs/cs --set model.name=pale_conv_stem
+    python tools/demo_variants.py train --recipe teacher.yaml --data runs/demo/data -o runs/teacher
+    python tools/demo_variants.py --teacher runs/teacher/last.pth --kind soft --alpha 0.8 --tau 2 \\
+        demo --seed 0 -o runs/kd
+
+``teacher.yaml``: the ``demo_digits`` recipe with ``model: {name: digits_cnn, kwargs: {}, drop_path_rate: 0}``,
+``data.img_size: 28`` and ``epochs: 15``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# `pale demo` starts itself again (losing the registrations below) to change OpenMP's wait policy when
+# other jobs keep the cores busy, unless a policy is set; OpenMP reads it when torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from timm.models import register_model  # noqa: E402
+
+from pale.models.pale_transformer import PaleTransformer, _create_pale  # noqa: E402
+
+
+class ConvStem(nn.Module):
+    """Two 3x3 stride-2 convolutions (BatchNorm and GELU between), then LayerNorm: ``(B, H, W, C_in)`` ->
+    ``(B, H/4, W/4, C)``, in place of the 7x7 stride-4 stem."""
+
+    def __init__(self, in_chans: int, dim: int):
+        super().__init__()
+        self.convs = nn.Sequential(nn.Conv2d(in_chans, dim // 2, 3, 2, 1, bias=False), nn.BatchNorm2d(dim // 2),
+                                   nn.GELU(), nn.Conv2d(dim // 2, dim, 3, 2, 1))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.convs(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+
+@register_model
+def pale_conv_stem(pretrained: bool = False, **kwargs) -> PaleTransformer:
+    """``pale_tiny`` (with the given kwargs) whose stem is :class:`ConvStem`."""
+    model = _create_pale("pale_tiny", **kwargs)
+    model.stem = ConvStem(model.in_chans, model.embed_dims[0])
+    return model
+
+
+class DigitsCNN(nn.Module):
+    """Five 3x3 conv-BN-ReLU layers (16, 16, pool, 32, 32, pool, 64), global average pooling, a linear head:
+    36k parameters, 5.8M multiply-adds at 28x28."""
+
+    def __init__(self, in_chans: int = 3, num_classes: int = 10, drop_rate: float = 0.0, **_ignored):
+        super().__init__()
+
+        def conv(i: int, o: int) -> list:
+            return [nn.Conv2d(i, o, 3, 1, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(*conv(in_chans, 16), *conv(16, 16), nn.MaxPool2d(2), *conv(16, 32),
+                                      *conv(32, 32), nn.MaxPool2d(2), *conv(32, 64), nn.AdaptiveAvgPool2d(1),
+                                      nn.Flatten(), nn.Dropout(drop_rate))
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+@register_model
+def digits_cnn(pretrained: bool = False, **kwargs) -> DigitsCNN:
+    # drop_path_rate and timm's pretrained_cfg arguments have no meaning here
+    return DigitsCNN(**{k: v for k, v in kwargs.items() if k in ("in_chans", "num_classes", "drop_rate")})
+
+
+def distil_from(teacher_path: str, kind: str, alpha: float, tau: float) -> None:
+    """Make the classification loss ``(1 - alpha) * recipe loss + alpha * distillation loss`` against the
+    teacher's outputs on the same augmented batch (resized to the teacher's input size): cross-entropy
+    with its top class (``hard``, DeiT) or KL divergence at temperature ``tau`` (``soft``)."""
+    from pale.io import create_model_from_file
+    from pale.train.classification import ClassificationTask
+
+    teacher, info = create_model_from_file(teacher_path, weights="ema")
+    teacher.requires_grad_(False)
+    size = tuple(info["data_config"]["input_size"][1:])
+    recipe_loss = ClassificationTask.training_loss
+
+    def training_loss(self, model, batch, rt):
+        if self.mixup_fn is not None:  # the teacher would see other images than the student
+            raise SystemExit("distillation here needs aug.mixup=0 and aug.cutmix=0")
+        images = rt.to_device(batch[0])
+        captured = {}
+
+        def keep_logits(module, args, output):
+            captured["logits"] = output
+        handle = model.register_forward_hook(keep_logits)
+        try:
+            loss, n = recipe_loss(self, model, batch, rt)
+        finally:
+            handle.remove()
+        with torch.no_grad():
+            small = images if tuple(images.shape[-2:]) == size else F.interpolate(images, size=size, mode="area")
+            target = teacher.to(images.device)(small)
+        logits = captured["logits"]
+        if kind == "hard":
+            extra = F.cross_entropy(logits, target.argmax(1))
+        else:
+            extra = F.kl_div(F.log_softmax(logits / tau, 1), F.log_softmax(target / tau, 1), reduction="batchmean",
+                             log_target=True) * tau * tau
+        return (1 - alpha) * loss + alpha * extra, n
+
+    ClassificationTask.training_loss = training_loss
+
+
+def main(argv: list) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", help="checkpoint of the teacher (distil from it)")
+    parser.add_argument("--kind", choices=("hard", "soft"), default="soft")
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--tau", type=float, default=1.0)
+    args, rest = parser.parse_known_args(argv)
+    if args.teacher:
+        distil_from(args.teacher, args.kind, args.alpha, args.tau)
+    from pale.cli import main as pale_main
+    return pale_main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
