@@ -79,7 +79,9 @@ def digits_cnn(pretrained: bool = False, **kwargs) -> DigitsCNN:
 def distil_from(teacher_path: str, kind: str, alpha: float, tau: float) -> None:
     """Make the classification loss ``(1 - alpha) * recipe loss + alpha * distillation loss`` against the
     teacher's outputs on the same augmented batch (resized to the teacher's input size): cross-entropy
-    with its top class (``hard``, DeiT) or KL divergence at temperature ``tau`` (``soft``)."""
+    with its top class (``hard``, DeiT) or KL divergence at temperature ``tau`` (``soft``, the loss of
+    timm's ``LogitDistillationTask``, which drives timm's own training loop rather than a pale Task and
+    builds its teacher by model name rather than from a pale checkpoint)."""
     from pale.io import create_model_from_file
     from pale.train.classification import ClassificationTask
 
