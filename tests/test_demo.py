@@ -38,6 +38,8 @@ def _check_run(out, expect_top1=None):
                  "--output", str(out / "reload.json")]) == 0
     reloaded = json.loads((out / "reload.json").read_text())
     assert reloaded["top1"] == metrics["top1"] and reloaded["n"] == 1000
+    # the weight set the demo tested is the one `pale eval` picks by default, and metrics.json names it
+    assert metrics["weights"] == reloaded["weights"] and metrics["weights"] in ("raw", "ema")
     if expect_top1 is not None:
         assert metrics["top1"] >= expect_top1
     return metrics
@@ -62,6 +64,7 @@ def test_demo_pipeline_one_epoch(tmp_path, monkeypatch, capsys):
     result = next(line for line in printed if line.startswith("test top-1"))
     assert f"test top-1 {metrics['top1']:.2f}% on 1000 held-out digits" in result
     assert f"training {metrics['train_time_s']:.0f} s" in result
+    assert f"tested the {metrics['weights']} weights of {out / 'last.pth'} (validated better" in "\n".join(printed)
     assert 0 < metrics["train_time_s"] <= metrics["total_time_s"]
 
 

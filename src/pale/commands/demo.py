@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     m = run_demo(args.output, overrides)
     print(f"test top-1 {m['top1']:.2f}% on {m['n_test']} held-out digits (top-5 {m['top5']:.2f}%); "
           f"training {m['train_time_s']:.0f} s, {m['total_time_s']:.0f} s in all")
+    print(f"tested the {m['weights']} weights of {m['checkpoint']} ({m['weights_reason']})")
     print(f"wrote {args.output}/metrics.json, {args.output}/curves.png, {m['checkpoint']}")
     print(f"check it: {m['eval_command']}")
     return 0
