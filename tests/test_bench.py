@@ -131,3 +131,15 @@ def test_bad_input():
     assert main(["bench", "--models", "pale_tiny", "--repeats", "0"]) == 1
     with pytest.raises(SystemExit):
         main(["bench", "--img-size", "12y3"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--img-size", "2"], "argument --img-size: image size must be N or HxW with sides >= 3, got '2'"),
+    (["--img-size", "64x2"], "argument --img-size: image size must be N or HxW with sides >= 3, got '64x2'"),
+    (["--threads", "0"], "argument --threads: must be >= 1, got 0"),
+])
+def test_bad_options_are_refused_before_anything_runs(capsys, args, message):
+    # --img-size 2 used to fail with the model's ValueError traceback, --threads 0 to run with torch's default
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

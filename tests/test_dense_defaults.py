@@ -59,3 +59,29 @@ def test_print_config_shows_the_backbones_values(capsys):
     assert pale_main(["det", "train", "--backbone", "pale_base", "--print-config"]) == 0
     out = capsys.readouterr().out
     assert "weight_decay: 0.05" in out and "drop_path_rate: 0.5" in out
+
+
+@pytest.mark.parametrize("task", [SegmentationTask, DetectionTask])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_dense_defaults_keep_every_rule(task, variant):
+    from pale.train.recipe import ENGINE_RULES, check_rules
+
+    cfg = resolve_dense_config(task, None, [f"model.name={variant}"])
+    check_rules(cfg, (*ENGINE_RULES, *task.rules))  # raises on the first value out of range
+
+
+@pytest.mark.parametrize("command, override, message", [
+    ("seg", "data.crop_size=[512]", "data.crop_size must be a list of 2 integers, each >= 1, got [512]"),
+    ("seg", "data.flip=1.5", "data.flip must be a number in [0, 1], got 1.5"),
+    ("seg", "test.mode=tiles", "test.mode must be one of whole, slide, got 'tiles'"),
+    ("seg", "data.num_classes=0", "data.num_classes must be null or an integer >= 1, got 0"),
+    ("det", "data.min_size=[]", "data.min_size must be a non-empty list of integers, each >= 1, got []"),
+    ("det", "model.drop_path_rate=1", "model.drop_path_rate must be null or a number in [0, 1), got 1"),
+    ("det", "epochs=0", "epochs must be an integer >= 1, got 0"),
+])
+def test_dense_settings_out_of_range_are_refused_by_name(tmp_path, capsys, command, override, message):
+    # refused before the data folder is read: it does not exist
+    assert pale_main([command, "train", "--data", str(tmp_path / "none"), "-o", str(tmp_path / "out"),
+                      "--set", override]) == 1
+    err = capsys.readouterr().err
+    assert f"pale {command} train: error: {message}" in err and "Traceback" not in err, err

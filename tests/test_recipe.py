@@ -13,7 +13,8 @@ from pale.cli import main
 from pale.train import ENGINE_DEFAULTS, RecipeError, resolve_config, resolved_lr
 from pale.train.classification import build_eval_transform, check_model_kwargs, data_config
 from pale.train.engine import build_optimizer, build_scheduler
-from pale.train.recipe import ema_decay, parse_override, recipe_path, schedule_warnings, shipped_recipes
+from pale.train.recipe import (ENGINE_RULES, check_optimizer_name, check_rules, ema_decay, list_rule, number_rule,
+                               parse_override, recipe_path, schedule_warnings, shipped_recipes)
 
 # The appendix, "Detailed Experimental Settings", "Image Classification on ImageNet-1K".
 APPENDIX = {
@@ -262,3 +263,55 @@ def test_an_unknown_auto_augment_policy_is_named():
     cfg = resolve_config("small_data", ["aug.auto_augment=orignal"])
     with pytest.raises(RecipeError, match="aug.auto_augment 'orignal' is not a timm policy"):
         build_train_transform(cfg, data_config(cfg))
+
+
+def test_number_rules_keep_their_bounds_open_or_closed():
+    cfg = {"a": {"x": 0.0}}
+    check_rules(cfg, [number_rule("a.x", 0, 1)])
+    with pytest.raises(RecipeError, match=r"a.x must be a number in \(0, 1\], got 0.0"):
+        check_rules(cfg, [number_rule("a.x", 0, 1, lo_open=True)])
+    check_rules({"a": {"x": 1}}, [number_rule("a.x", 0, 1)])
+    with pytest.raises(RecipeError, match=r"must be a number in \[0, 1\), got 1"):
+        check_rules({"a": {"x": 1}}, [number_rule("a.x", 0, 1, hi_open=True)])
+    with pytest.raises(RecipeError, match="must be an integer >= 1, got 2.5"):
+        check_rules({"n": 2.5}, [number_rule("n", 1, integer=True)])
+    for bad in (True, "3", float("nan"), float("inf"), [3]):  # booleans, strings, non-finite, lists
+        with pytest.raises(RecipeError, match="n must be a number >= 0"):
+            check_rules({"n": bad}, [number_rule("n", 0)])
+    check_rules({"n": None}, [number_rule("n", 0, nullable=True)])
+    with pytest.raises(RecipeError, match="n must be a number >= 0, got None"):
+        check_rules({"n": None}, [number_rule("n", 0)])
+    check_rules({"other": {"section": 1}}, [number_rule("a.x", 0)])  # absent keys: another task's
+
+
+def test_list_rules_check_length_bounds_and_order():
+    pair = list_rule("p", 0, 1, length=2, lo_open=True, order="non-decreasing")
+    check_rules({"p": [0.5, 0.5]}, [pair])
+    for bad in ([0.5], [0.5, 0.4], [0, 0.5], [0.5, 1.5], "0.5,0.6", None):
+        with pytest.raises(RecipeError, match=r"p must be a list of 2 numbers, each in \(0, 1\], in non-decreasing"):
+            check_rules({"p": bad}, [pair])
+    epochs = list_rule("m", 0, order="increasing", empty=True)
+    check_rules({"m": []}, [epochs])
+    with pytest.raises(RecipeError, match="m must be a list of numbers, each >= 0, in increasing order, got \\[8, 8\\]"):
+        check_rules({"m": [8, 8]}, [epochs])
+    with pytest.raises(RecipeError, match="s must be null or a non-empty list of numbers, each > 0, got \\[\\]"):
+        check_rules({"s": []}, [list_rule("s", 0, lo_open=True, nullable=True)])
+
+
+@pytest.mark.parametrize("name", shipped_recipes())
+def test_shipped_recipes_keep_every_rule(name):
+    from pale.train.run import TASKS
+
+    cfg = resolve_config(name, [])
+    task = TASKS[cfg["task"]]
+    check_rules(cfg, (*ENGINE_RULES, *task.rules))  # raises on the first value out of range
+    check_optimizer_name(cfg["optim"]["opt"])
+
+
+def test_optimizer_names_are_timm_names():
+    for name in ("adamw", "sgd", "lamb", "lookahead_adamw", "AdamW"):
+        check_optimizer_name(name)
+    with pytest.raises(RecipeError, match="'adamww' is not a timm optimizer \\(did you mean adamw"):
+        check_optimizer_name("adamww")
+    with pytest.raises(RecipeError, match="'fast_adamw' is not a timm optimizer"):
+        check_optimizer_name("fast_adamw")

@@ -268,6 +268,40 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_pat
                                              if v.is_floating_point())
 
 
+# Each of these used to train silently on a meaningless setting or to fail deep inside timm or torch
+# (AssertionError, "Invalid learning rate", "bernoulli_ expects p to be in [0, 1]").
+@pytest.mark.parametrize("override, message", [
+    ("epochs=0", "epochs must be an integer >= 1, got 0"),
+    ("batch_size=-4", "batch_size must be an integer >= 1, got -4"),
+    ("optim.lr=-1", "optim.lr must be null or a number > 0, got -1"),
+    ("optim.lr=fast", "optim.lr must be null or a number > 0, got 'fast'"),
+    ("optim.weight_decay=-0.05", "optim.weight_decay must be null or a number >= 0"),
+    ("optim.betas=[0.9]", "optim.betas must be a list of 2 numbers, each in [0, 1), got [0.9]"),
+    ("optim.opt=adamww", "optim.opt 'adamww' is not a timm optimizer (did you mean adamw"),
+    ("sched.sched=plateau", "sched.sched must be one of cosine, tanh, step, multistep, poly, got 'plateau'"),
+    ("sched.min_lr=-1e-5", "sched.min_lr must be a number >= 0"),
+    ("sched.decay_milestones=[8,3]", "sched.decay_milestones must be a list of numbers, each >= 0, in increasing order"),
+    ("ema.decay=1.5", "ema.decay must be a number in [0, 1), got 1.5"),
+    ("train.eval_every=0", "train.eval_every must be an integer >= 1, got 0"),
+    ("train.accum_steps=0", "train.accum_steps must be an integer >= 1, got 0"),
+    ("model.drop_path_rate=1.5", "model.drop_path_rate must be a number in [0, 1), got 1.5"),
+    ("data.img_size=2", "data.img_size must be an integer >= 3 or a list [height, width] of them"),
+    ("data.crop_pct=0", "data.crop_pct must be a number in (0, 1], got 0"),
+    ("data.std=[0,1,1]", "data.std must be null or a non-empty list of numbers, each > 0, got [0, 1, 1]"),
+    ("aug.scale=[0.9,0.1]", "aug.scale must be a list of 2 numbers, each in (0, 1], in non-decreasing order"),
+    ("aug.hflip=2", "aug.hflip must be a number in [0, 1], got 2"),
+    ("aug.smoothing=1.5", "aug.smoothing must be a number in [0, 1), got 1.5"),
+    ("aug.mixup=-1", "aug.mixup must be a number >= 0, got -1"),
+])
+def test_out_of_range_settings_are_refused_by_name(folder, tmp_path, capsys, override, message):
+    out = tmp_path / "out"
+    assert main(["train", "--recipe", "small_data", "--data", str(folder), "-o", str(out), "--dry-run",
+                 "--set", override]) == 1
+    err = capsys.readouterr().err
+    assert f"pale train: error: {message}" in err and "Traceback" not in err, err
+    assert not out.exists() or not any(out.iterdir())  # refused before anything was written
+
+
 def test_bad_input_errors_name_the_problem(folder, tmp_path, capsys):
     def fails(args, *needles):
         assert main(args) == 1

@@ -12,6 +12,7 @@ import sys
 from typing import List, Tuple
 
 from ..errors import InputError
+from ._options import positive_int
 
 DEFAULT_MODELS = ["pale_tiny", "swin_tiny_patch4_window7_224", "convnext_tiny", "deit_small_patch16_224"]
 
@@ -24,8 +25,8 @@ def _size(text: str) -> Tuple[int, int]:
         raise argparse.ArgumentTypeError(f"image size must be N or HxW, got {text!r}") from None
     if len(size) == 1:
         size = size * 2
-    if len(size) != 2 or min(size) < 1:
-        raise argparse.ArgumentTypeError(f"image size must be N or HxW with positive sides, got {text!r}")
+    if len(size) != 2 or min(size) < 3:  # the Pale stem (7x7, stride 4) needs 3x3
+        raise argparse.ArgumentTypeError(f"image size must be N or HxW with sides >= 3, got {text!r}")
     return size  # type: ignore[return-value]
 
 
@@ -52,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--baseline", default="swin_tiny_patch4_window7_224",
                    help="model the ratio columns divide by (default: %(default)s; '' for none)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON ('-' for stdout)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=run)

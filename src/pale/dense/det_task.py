@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from ..errors import InputError, MissingFileError
 from ..train import Runtime, Task
+from ..train.recipe import list_rule, number_rule
 from .det_data import CocoInstances, detection_collate
 from .engine import dense_defaults, fill_variant_defaults, load_dense_model
 from .maskrcnn import build_mask_rcnn
@@ -59,6 +60,17 @@ DET_DEFAULTS: Dict[str, Any] = dense_defaults(
         "flip": 0.5,
         "skip_bad_images": False,
     }})
+
+#: ranges of the settings above (:func:`pale.train.recipe.check_rules`)
+DET_RULES = (
+    number_rule("model.drop_path_rate", 0, 1, hi_open=True, nullable=True),
+    number_rule("model.fpn_channels", 1, integer=True),
+    number_rule("model.roi_samples", 1, integer=True),
+    list_rule("data.min_size", 1, integer=True),
+    number_rule("data.max_size", 1, integer=True),
+    number_rule("data.test_min_size", 1, integer=True),
+    number_rule("data.flip", 0, 1),
+)
 
 
 def coco_results(outputs: List[Dict[str, torch.Tensor]], image_ids: List[int], cat_ids: List[int]) -> List[Dict[str, Any]]:
@@ -129,6 +141,7 @@ class DetectionTask(Task):
 
     defaults = DET_DEFAULTS
     variant_defaults = DET_VARIANT_DEFAULTS
+    rules = DET_RULES
     best_metric, best_mode = "bbox_ap", "max"
     curve_metrics = ("bbox_ap", "segm_ap")
 

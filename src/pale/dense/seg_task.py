@@ -21,6 +21,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..errors import InputError
 from ..train import Runtime, Task
+from ..train.recipe import choice_rule, list_rule, number_rule
 from ..io import BadImageError
 from .engine import dense_defaults, fill_variant_defaults, load_dense_model
 from .seg_data import (IGNORE_INDEX, SegmentationFolder, SegTrainTransform,
@@ -108,12 +109,32 @@ def evaluate_segmenter(model: nn.Module, batches: Iterable[Any], rt: Runtime, nu
     out["pixels"] = int(conf.sum())
     return out
 
+#: ranges of the settings above (:func:`pale.train.recipe.check_rules`)
+SEG_RULES = (
+    number_rule("model.drop_path_rate", 0, 1, hi_open=True, nullable=True),
+    number_rule("model.decoder_channels", 1, integer=True),
+    number_rule("model.aux_weight", 0),
+    number_rule("data.num_classes", 1, integer=True, nullable=True),
+    number_rule("data.iters_per_epoch", 1, integer=True, nullable=True),
+    list_rule("data.scale", 1, length=2, integer=True),
+    list_rule("data.ratio_range", 0, length=2, lo_open=True, order="non-decreasing"),
+    list_rule("data.crop_size", 1, length=2, integer=True),
+    number_rule("data.cat_max_ratio", 0, 1, lo_open=True),
+    number_rule("data.flip", 0, 1),
+    choice_rule("test.mode", ("whole", "slide")),
+    list_rule("test.scale", 1, length=2, integer=True, nullable=True),
+    list_rule("test.crop_size", 1, length=2, integer=True),
+    list_rule("test.stride", 1, length=2, integer=True),
+    list_rule("test.scales", 0, lo_open=True),
+)
+
 
 class SegmentationTask(Task):
     """UperNet + Pale on an ADE20K-layout folder."""
 
     defaults = SEG_DEFAULTS
     variant_defaults = SEG_VARIANT_DEFAULTS
+    rules = SEG_RULES
     best_metric, best_mode = "miou", "max"
     curve_metrics = ("miou", "macc", "aacc")
 
@@ -127,8 +148,6 @@ class SegmentationTask(Task):
         if d["label_ids"] is not None:
             self.label_ids = [int(i) for i in d["label_ids"]]
         elif d["num_classes"] is not None:
-            if int(d["num_classes"]) < 1:
-                raise InputError(f"data.num_classes must be >= 1, got {d['num_classes']}")
             self.label_ids = contiguous_label_ids(int(d["num_classes"]), reduce)
         else:  # neither given: the classes are the ids the training annotations use
             self.label_ids = scan_label_ids(scan_segmentation_folder(self.root, d["train_split"] or ""), reduce)

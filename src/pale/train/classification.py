@@ -27,10 +27,10 @@ from .. import io as pio
 from ..errors import InputError, MissingFileError
 from .data import ImageFolderDataset
 from .engine import Runtime, Task
-from .recipe import RecipeError
+from .recipe import RecipeError, choice_rule, list_rule, number_rule
 
 __all__ = ["ClassificationTask", "evaluate_classifier", "build_eval_transform", "build_train_transform",
-           "make_pillow_safe", "check_model_kwargs", "data_config", "CLASSIFICATION_DEFAULTS"]
+           "make_pillow_safe", "check_model_kwargs", "data_config", "CLASSIFICATION_DEFAULTS", "CLASSIFICATION_RULES"]
 
 CLASSIFICATION_DEFAULTS: Dict[str, Any] = {
     "model": {
@@ -73,6 +73,37 @@ CLASSIFICATION_DEFAULTS: Dict[str, Any] = {
         "smoothing": 0.1,
     },
 }
+
+#: ranges of the settings above (:func:`pale.train.recipe.check_rules`)
+CLASSIFICATION_RULES = (
+    number_rule("model.drop_path_rate", 0, 1, hi_open=True),
+    number_rule("model.drop_rate", 0, 1, hi_open=True),
+    ("data.img_size", lambda v: _is_image_size(v), "an integer >= 3 or a list [height, width] of them (pixels)"),
+    number_rule("data.crop_pct", 0, 1, lo_open=True),
+    choice_rule("data.crop_mode", ("squash", "center", "border")),
+    list_rule("data.mean", nullable=True),
+    list_rule("data.std", 0, lo_open=True, nullable=True),
+    list_rule("aug.scale", 0, 1, length=2, lo_open=True, order="non-decreasing"),
+    list_rule("aug.ratio", 0, length=2, lo_open=True, order="non-decreasing"),
+    number_rule("aug.hflip", 0, 1),
+    number_rule("aug.vflip", 0, 1),
+    number_rule("aug.color_jitter", 0, nullable=True),
+    number_rule("aug.reprob", 0, 1),
+    choice_rule("aug.remode", ("pixel", "rand", "const")),
+    number_rule("aug.recount", 1, integer=True),
+    number_rule("aug.mixup", 0),
+    number_rule("aug.cutmix", 0),
+    list_rule("aug.cutmix_minmax", 0, 1, length=2, order="non-decreasing", nullable=True),
+    number_rule("aug.mixup_prob", 0, 1),
+    number_rule("aug.mixup_switch_prob", 0, 1),
+    choice_rule("aug.mixup_mode", ("batch", "pair", "elem")),
+    number_rule("aug.smoothing", 0, 1, hi_open=True),
+)
+
+
+def _is_image_size(value: Any) -> bool:
+    sides = value if isinstance(value, (list, tuple)) and len(value) == 2 else [value]
+    return all(isinstance(v, int) and not isinstance(v, bool) and v >= 3 for v in sides)
 
 
 # set by the task from other recipe keys, never through model.kwargs
@@ -120,8 +151,6 @@ def check_model_kwargs(name: str, kwargs: Dict[str, Any]) -> None:
 def data_config(cfg: Dict[str, Any], model: Optional[nn.Module] = None) -> Dict[str, Any]:
     """Input size, crop, interpolation and normalisation used for evaluation (stored with the weights)."""
     d = cfg["data"]
-    if d["crop_mode"] not in ("squash", "center", "border"):
-        raise RecipeError(f"data.crop_mode must be squash, center or border, got {d['crop_mode']!r}")
     pre = getattr(model, "pretrained_cfg", None) or {}
     size = d["img_size"]
     h, w = to_2tuple(size)
@@ -240,6 +269,7 @@ class ClassificationTask(Task):
     """A timm classifier (``model.name``, Pale by default) on an image folder."""
 
     defaults = CLASSIFICATION_DEFAULTS
+    rules = CLASSIFICATION_RULES
     best_metric = "top1"
     best_mode = "max"
     curve_metrics = ("top1", "top5")

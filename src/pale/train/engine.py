@@ -86,7 +86,8 @@ from ..models.attention_kernels import (ALL_KERNELS, CANDIDATES, kernel_choices,
 from ..progress import log, progress
 from .data import (AugmentationError, BadImageError, EpochSampler, SeededDataset, ShardSampler, SkipCollate,
                    clean_worker_error, loader_workers, usable_cores)
-from .recipe import RecipeError, dump_recipe, ema_decay, schedule_warnings
+from .recipe import (ENGINE_RULES, RecipeError, RecipeRule, check_optimizer_name, check_rules, dump_recipe, ema_decay,
+                     schedule_warnings)
 
 __all__ = ["Task", "Runtime", "Trainer", "NonFiniteLossError", "TrainingInterrupted", "setup_runtime",
            "checkpoint_files", "load_latest_checkpoint", "config_differences", "RESTART_KEYS",
@@ -237,6 +238,7 @@ def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Opt
     from timm.optim import create_optimizer_v2
 
     ocfg = cfg["optim"]
+    check_optimizer_name(ocfg["opt"])
     kwargs: Dict[str, Any] = dict(opt=ocfg["opt"], lr=resolved_lr(cfg), weight_decay=float(ocfg["weight_decay"]),
                                   momentum=float(ocfg["momentum"]), layer_decay=ocfg["layer_decay"])
     name = str(ocfg["opt"]).lower()
@@ -287,8 +289,12 @@ class Task:
     curve_metrics: Sequence[str] = ("top1",)
     #: extra keyword arguments for DistributedDataParallel (e.g. find_unused_parameters=True)
     ddp_kwargs: Mapping[str, Any] = {}
+    #: ranges of the task's own settings (:func:`pale.train.recipe.check_rules`), checked with the engine's
+    rules: Sequence[RecipeRule] = ()
 
     def __init__(self, cfg: Config):
+        check_rules(cfg, (*ENGINE_RULES, *self.rules))
+        check_optimizer_name(cfg["optim"]["opt"])
         self.cfg = cfg
 
     def build_model(self) -> nn.Module:
@@ -483,15 +489,9 @@ class Trainer:
         if tcfg["attention_kernel"] not in ("auto", *ALL_KERNELS):
             raise RecipeError(f"train.attention_kernel must be auto or one of {', '.join(ALL_KERNELS)}, "
                               f"got {tcfg['attention_kernel']!r}")
-        if int(tcfg["accum_steps"]) < 1:
-            raise RecipeError(f"train.accum_steps must be >= 1, got {tcfg['accum_steps']}")
         if tcfg["resume"] not in (None, "auto"):
             raise RecipeError(f"train.resume must be null or auto, got {tcfg['resume']!r} (a checkpoint to "
                               f"continue is given with --resume PATH)")
-        if int(tcfg["checkpoint_every_updates"]) < 0 or int(tcfg["keep_checkpoints"]) < 1:
-            raise RecipeError(f"train.checkpoint_every_updates must be >= 0 (0: at the end of each epoch only) and "
-                              f"train.keep_checkpoints >= 1; got {tcfg['checkpoint_every_updates']} and "
-                              f"{tcfg['keep_checkpoints']}")
         if auto:
             found = load_latest_checkpoint(self.out_dir)
             if found is not None:

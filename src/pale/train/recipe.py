@@ -16,18 +16,22 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
 
 from ..errors import InputError
 
-__all__ = ["RecipeError", "ENGINE_DEFAULTS", "shipped_recipes", "recipe_path", "load_yaml", "merge",
-           "parse_override", "apply_overrides", "resolve_recipe", "dump_recipe", "schedule_warnings", "ema_decay"]
+__all__ = ["RecipeError", "ENGINE_DEFAULTS", "ENGINE_RULES", "RecipeRule", "number_rule", "list_rule", "choice_rule",
+           "check_rules", "check_optimizer_name", "shipped_recipes", "recipe_path", "load_yaml", "merge", "parse_override",
+           "apply_overrides", "resolve_recipe", "dump_recipe", "schedule_warnings", "ema_decay"]
 
 Config = Dict[str, Any]
+#: ``(dotted key, test of its value, what the value must be)``: see :func:`check_rules`
+RecipeRule = Tuple[str, Callable[[Any], bool], str]
 
 
 class RecipeError(InputError):
@@ -95,6 +99,128 @@ ENGINE_DEFAULTS: Config = {
         "progress": True,
     },
 }
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _bounds(lo: Optional[float], hi: Optional[float], lo_open: bool, hi_open: bool, integer: bool
+            ) -> Tuple[Callable[[Any], bool], str, str]:
+    """A test of one number against the bounds; what it is ("an integer"); the bounds (">= 1", "in [0, 1)")."""
+    def ok(v: Any) -> bool:
+        if not _is_number(v) or (integer and float(v) != int(v)):
+            return False
+        return (lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or (v < hi if hi_open else v <= hi))
+
+    if lo is not None and hi is not None:
+        bounds = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    elif lo is not None:
+        bounds = f"{'>' if lo_open else '>='} {lo:g}"
+    elif hi is not None:
+        bounds = f"{'<' if hi_open else '<='} {hi:g}"
+    else:
+        bounds = ""
+    return ok, "an integer" if integer else "a number", bounds
+
+
+def number_rule(key: str, lo: Optional[float] = None, hi: Optional[float] = None, *, lo_open: bool = False,
+                hi_open: bool = False, integer: bool = False, nullable: bool = False) -> RecipeRule:
+    """``key`` holds one number within the bounds (open or closed), or null when ``nullable``."""
+    ok, kind, bounds = _bounds(lo, hi, lo_open, hi_open, integer)
+    what = f"{kind} {bounds}".strip()
+    if nullable:
+        return key, lambda v: v is None or ok(v), f"null or {what}"
+    return key, ok, what
+
+
+def list_rule(key: str, lo: Optional[float] = None, hi: Optional[float] = None, *, length: Optional[int] = None,
+              order: str = "", lo_open: bool = False, hi_open: bool = False, integer: bool = False,
+              nullable: bool = False, empty: bool = False) -> RecipeRule:
+    """``key`` holds a list of numbers within the bounds: ``length`` of them if given, else any number
+    (none only when ``empty``); ``order`` ``"increasing"`` (strictly) or ``"non-decreasing"``; or null
+    when ``nullable``."""
+    ok, kind, bounds = _bounds(lo, hi, lo_open, hi_open, integer)
+    steps = {"": lambda a, b: True, "increasing": lambda a, b: a < b, "non-decreasing": lambda a, b: a <= b}[order]
+
+    def test(v: Any) -> bool:
+        if v is None:
+            return nullable
+        return (isinstance(v, (list, tuple)) and (length is None or len(v) == length) and (empty or len(v) > 0)
+                and all(ok(x) for x in v) and all(steps(a, b) for a, b in zip(v, v[1:])))
+
+    items = "numbers" if kind == "a number" else "integers"
+    what = f"a list of {length} {items}" if length else f"a {'' if empty else 'non-empty '}list of {items}"
+    what += f", each {bounds}" if bounds else ""
+    what += f", in {order} order" if order else ""
+    return key, test, ("null or " if nullable else "") + what
+
+
+def choice_rule(key: str, choices: Sequence[Any], nullable: bool = False) -> RecipeRule:
+    """``key`` holds one of ``choices`` (or null when ``nullable``)."""
+    names = ", ".join(str(c) for c in choices)
+    return key, lambda v: (v is None and nullable) or v in choices, \
+        ("null or " if nullable else "") + f"one of {names}"
+
+
+def check_rules(cfg: Mapping[str, Any], rules: Iterable[RecipeRule]) -> None:
+    """Refuse the first value that breaks its rule, naming the key, what it must be and what it is.
+    Keys absent from ``cfg`` (another task's sections) are skipped."""
+    for key, ok, what in rules:
+        node: Any = cfg
+        for part in key.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                break
+            node = node[part]
+        else:
+            if not ok(node):
+                raise RecipeError(f"{key} must be {what}, got {node!r}")
+
+
+def check_optimizer_name(opt: Any) -> None:
+    """Refuse an ``optim.opt`` that timm's ``create_optimizer_v2`` does not know, with close names."""
+    from timm.optim import list_optimizers
+
+    known = list_optimizers()
+    parts = str(opt).lower().split("_")  # timm reads "lookahead_<name>" as <name> inside Lookahead
+    if parts[-1] not in known or (len(parts) > 1 and parts[:-1] != ["lookahead"]):
+        close = difflib.get_close_matches(parts[-1], known, n=3)
+        raise RecipeError(f"optim.opt {opt!r} is not a timm optimizer"
+                          f"{' (did you mean ' + ', '.join(close) + '?)' if close else ''}; "
+                          f"e.g. adamw, sgd, lamb, or lookahead_adamw; all: timm.optim.list_optimizers()")
+
+
+#: Values the engine's settings must have (types come from :data:`ENGINE_DEFAULTS`; these are ranges).
+ENGINE_RULES: Tuple[RecipeRule, ...] = (
+    number_rule("epochs", 1, integer=True),
+    number_rule("batch_size", 1, integer=True),
+    number_rule("optim.lr", 0, lo_open=True, nullable=True),
+    number_rule("optim.lr_base", 0, lo_open=True),
+    number_rule("optim.lr_base_size", 0, lo_open=True),
+    number_rule("optim.weight_decay", 0, nullable=True),
+    list_rule("optim.betas", 0, 1, length=2, hi_open=True),
+    number_rule("optim.eps", 0, lo_open=True),
+    number_rule("optim.momentum", 0, 1),
+    number_rule("optim.layer_decay", 0, 1, lo_open=True, nullable=True),
+    number_rule("sched.warmup_epochs", 0),
+    number_rule("sched.warmup_updates", 0, integer=True, nullable=True),
+    number_rule("sched.warmup_lr", 0),
+    number_rule("sched.min_lr", 0),
+    number_rule("sched.cooldown_epochs", 0, integer=True),
+    number_rule("sched.decay_rate", 0, lo_open=True),
+    list_rule("sched.decay_milestones", 0, order="increasing", empty=True),
+    # plateau is left out: the engine steps schedulers by epoch or update, never with a metric
+    choice_rule("sched.sched", ("cosine", "tanh", "step", "multistep", "poly")),
+    number_rule("ema.decay", 0, 1, hi_open=True),
+    number_rule("ema.max_window", 0, 1, lo_open=True, nullable=True),
+    number_rule("train.accum_steps", 1, integer=True),
+    number_rule("train.eval_every", 1, integer=True),
+    number_rule("train.eval_batch_size", 1, integer=True, nullable=True),
+    number_rule("train.clip_grad", 0, lo_open=True, nullable=True),
+    choice_rule("train.clip_mode", ("norm", "value", "agc")),
+    number_rule("train.checkpoint_every_updates", 0, integer=True),
+    number_rule("train.keep_checkpoints", 1, integer=True),
+)
 
 
 def shipped_recipes() -> List[str]:
