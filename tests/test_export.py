@@ -125,6 +125,24 @@ def test_safetensors_export_loads_back(tiny_checkpoint, tmp_path):
         assert torch.equal(via_timm(x), ref)
 
 
+def test_the_file_name_chooses_the_format_and_a_contradiction_is_refused(tiny_checkpoint, tmp_path, capsys):
+    # -o x.safetensors used to get an ONNX graph (the default format) under that name
+    out = tmp_path / "weights.safetensors"
+    assert main(["export", "-c", str(tiny_checkpoint), "-o", str(out)]) == 0
+    again, info = pio.create_model_from_file(out)
+    assert info["model_name"] == "pale_tiny"
+    capsys.readouterr()
+    for args, message in [
+        (["-o", str(tmp_path / "m.onnx"), "--format", "safetensors"], "names an onnx file but --format is safetensors"),
+        (["-o", str(tmp_path / "m.txt")], "cannot tell the format from -o"),
+        (["-o", str(tmp_path / "m.onnx"), "--opset", "99"], "ONNX opset 99 is not one torch"),
+    ]:
+        assert main(["export", "-c", str(tiny_checkpoint), *args]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.safetensors"]  # nothing else written
+
+
 @pytest.mark.slow
 def test_dynamo_exporter_also_matches(tiny_checkpoint, tmp_path):
     model, _ = pio.create_model_from_file(tiny_checkpoint)

@@ -5,19 +5,42 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
+from ..errors import InputError
 from ._options import add_checkpoint, add_weights, positive_float, positive_int
+
+
+FORMATS = {".onnx": "onnx", ".safetensors": "safetensors"}
+
+
+def output_format(output: Optional[str], fmt: Optional[str]) -> str:
+    """The export format: ``--format``, or the one the ``-o`` file name ends with (ONNX without ``-o``).
+    A known suffix that contradicts ``--format``, or an unknown one without it, is refused."""
+    suffix = Path(output).suffix.lower() if output else ""
+    if fmt is None:
+        if output is None:
+            return "onnx"
+        if suffix not in FORMATS:
+            raise InputError(f"cannot tell the format from -o {output}: name it .onnx or .safetensors, "
+                             f"or pass --format onnx|safetensors")
+        return FORMATS[suffix]
+    if suffix in FORMATS and FORMATS[suffix] != fmt:
+        article = "an" if FORMATS[suffix] == "onnx" else "a"
+        raise InputError(f"-o {output} names {article} {FORMATS[suffix]} file but --format is {fmt}")
+    return fmt
 
 
 def run(args: argparse.Namespace) -> int:
     from .. import export as ex
     from ..io import describe_weights
 
+    fmt = output_format(args.output, args.format)
     model, info = ex.load_model_for_export(args.model, args.checkpoint, args.weights)
     name = info["model_name"]
     print(describe_weights(info), file=sys.stderr)
-    out = Path(args.output) if args.output else Path(f"{name}.{args.format}")
-    if args.format == "safetensors":
+    out = Path(args.output) if args.output else Path(f"{name}.{fmt}")
+    if fmt == "safetensors":
         ex.export_safetensors(model, info, out)
         print(f"wrote {out} ({info['weights']} weights of {name}; metadata: model_name, model_kwargs, class_names, "
               f"weights{', data_config' if info.get('data_config') else ''})")
@@ -59,7 +82,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "(then it must match); without a checkpoint, the model with fresh weights")
     add_checkpoint(p, "a .pth checkpoint or .safetensors export", required=False)
     add_weights(p)
-    p.add_argument("--format", "-f", choices=["onnx", "safetensors"], default="onnx")
+    p.add_argument("--format", "-f", choices=["onnx", "safetensors"], default=None,
+                   help="default: from the -o file name (.onnx or .safetensors), onnx without -o")
     p.add_argument("--output", "-o", metavar="FILE", help="output file (default MODEL.FORMAT)")
     p.add_argument("--exporter", choices=["auto", "legacy", "dynamo"], default="auto",
                    help="ONNX exporter: legacy TorchScript trace, torch.export, or auto (default: legacy, "
