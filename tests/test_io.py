@@ -40,6 +40,16 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, monkeypatch):
     assert not (tmp_path / "PWNED").exists()
 
 
+@pytest.mark.parametrize("content", [b'{"top1": 97.7}', b"", b"PK"])
+def test_a_file_that_is_no_checkpoint_says_so(tmp_path, content):
+    # a JSON file given as a checkpoint used to be "refused" as a pickle that could run code
+    path = tmp_path / "metrics.json"
+    path.write_bytes(content)
+    message = "checkpoint is empty" if not content else "is not a PyTorch checkpoint: neither a zip archive nor a pickle"
+    with pytest.raises(CheckpointError, match=message):
+        load_torch(path)
+
+
 def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     path = tmp_path / "ckpt.pth"
     torch.save({"model": {"w": torch.randn(100, 100)}}, path)

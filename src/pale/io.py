@@ -245,6 +245,12 @@ def _require_file(path: PathLike, what: str) -> Path:
 def load_torch(path: PathLike) -> Any:
     """``torch.load`` with ``weights_only=True``: tensors and plain containers only, never code."""
     p = _require_file(path, "checkpoint")
+    with open(p, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive; files of torch < 1.6 and plain torch pickles start with a pickle opcode
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise CheckpointError(f"{p} is not a PyTorch checkpoint: neither a zip archive nor a pickle (it starts "
+                              f"with {head!r}); expected a .pth that pale train or torch.save wrote")
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
