@@ -220,8 +220,17 @@ def test_schedule_warnings_name_a_warm_up_longer_than_half_the_run_and_too_many_
     assert len(warnings) == 2
     assert "warm-up (4000 updates) is longer than half the run (6000 updates" in warnings[0]
     assert "8 data loader processes for 2 CPU core(s) compete with training (train.workers" in warnings[1]
+    assert warnings[0].endswith("lower sched.warmup_epochs, or try --recipe small_data")
     small = resolve_config("small_data")
     assert schedule_warnings(small, updates_per_epoch=50, num_samples=3200, workers=1, cores=2) == []
+    # a dense recipe counts its warm-up in updates, and small_data is a classification recipe
+    from pale.dense.engine import resolve_dense_config
+    from pale.dense.seg_task import SegmentationTask
+
+    seg = resolve_dense_config(SegmentationTask, None, ["epochs=1", "data.iters_per_epoch=4"])
+    warnings = schedule_warnings(seg, updates_per_epoch=4, num_samples=8, workers=1, cores=2)
+    assert warnings == ["the warm-up (1500 updates) is longer than half the run (4 updates: 1 epoch(s) x 4 for "
+                        "8 images); lower sched.warmup_updates"]
 
 
 def test_small_data_recipe_fits_a_few_thousand_images():

@@ -391,12 +391,13 @@ def schedule_warnings(cfg: Mapping[str, Any], updates_per_epoch: int, num_sample
     epochs = int(cfg["epochs"])
     total = epochs * updates_per_epoch
     s = cfg["sched"]
-    warmup = float(s["warmup_updates"]) if s.get("warmup_updates") is not None else \
-        float(s["warmup_epochs"]) * updates_per_epoch
+    in_updates = s.get("warmup_updates") is not None
+    warmup = float(s["warmup_updates"]) if in_updates else float(s["warmup_epochs"]) * updates_per_epoch
     if warmup > total / 2:
+        key = "sched.warmup_updates" if in_updates else "sched.warmup_epochs"
+        hint = ", or try --recipe small_data" if cfg.get("task") == "classification" else ""
         out.append(f"the warm-up ({warmup:.0f} updates) is longer than half the run ({total} updates: {epochs} "
-                   f"epochs x {updates_per_epoch} for {num_samples} images); lower sched.warmup_epochs, or try "
-                   f"--recipe small_data")
+                   f"epoch(s) x {updates_per_epoch} for {num_samples} images); lower {key}{hint}")
     if workers > cores:
         out.append(f"{workers} data loader processes for {cores} CPU core(s) compete with training "
                    f"(train.workers; null picks from the cores)")
