@@ -278,7 +278,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_pat
     ("optim.weight_decay=-0.05", "optim.weight_decay must be null or a number >= 0"),
     ("optim.betas=[0.9]", "optim.betas must be a list of 2 numbers, each in [0, 1), got [0.9]"),
     ("optim.opt=adamww", "optim.opt 'adamww' is not a timm optimizer (did you mean adamw"),
-    ("sched.sched=plateau", "sched.sched must be one of cosine, tanh, step, multistep, poly, got 'plateau'"),
+    ("sched.sched=plateau", "sched.sched must be one of cosine, tanh, step, multistep, poly, none, got 'plateau'"),
     ("sched.min_lr=-1e-5", "sched.min_lr must be a number >= 0"),
     ("sched.decay_milestones=[8,3]", "sched.decay_milestones must be a list of numbers, each >= 0, in increasing order"),
     ("ema.decay=1.5", "ema.decay must be a number in [0, 1), got 1.5"),

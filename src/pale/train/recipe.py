@@ -209,8 +209,9 @@ ENGINE_RULES: Tuple[RecipeRule, ...] = (
     number_rule("sched.cooldown_epochs", 0, integer=True),
     number_rule("sched.decay_rate", 0, lo_open=True),
     list_rule("sched.decay_milestones", 0, order="increasing", empty=True),
-    # plateau is left out: the engine steps schedulers by epoch or update, never with a metric
-    choice_rule("sched.sched", ("cosine", "tanh", "step", "multistep", "poly")),
+    # none: a constant lr. plateau is left out: the engine steps schedulers by epoch or update, never
+    # with a metric
+    choice_rule("sched.sched", ("cosine", "tanh", "step", "multistep", "poly", "none")),
     number_rule("ema.decay", 0, 1, hi_open=True),
     number_rule("ema.max_window", 0, 1, lo_open=True, nullable=True),
     number_rule("train.accum_steps", 1, integer=True),
