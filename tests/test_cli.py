@@ -145,6 +145,10 @@ def test_eval_predict_export_use_and_print_the_chosen_weights(trained, tmp_path,
     assert main(["export", "-c", ckpt, "--format", "safetensors", "-o", str(tmp_path / "w.safetensors")]) == 0
     state, meta = pio.load_safetensors(tmp_path / "w.safetensors")
     assert meta["weights"] == "raw" and meta["model_name"] == "pale_tiny"
+    if not torch.cuda.is_available():  # the message names the eval option, not only the recipe key
+        capsys.readouterr()
+        assert main(["eval", "-c", ckpt, "--data", str(root / "data"), "--amp", "fp16"]) == 1
+        assert "amp fp16 (train.amp, --amp) needs a CUDA device" in capsys.readouterr().err
     assert all(torch.equal(state[k], v) for k, v in raw.state_dict().items())
 
 

@@ -162,3 +162,19 @@ def test_attention_overlay_png(checkpoint, tmp_path, capsys):
     assert main(["visualize", "attention", str(photo), "-c", str(checkpoint), "--token", "300", "0",
                  "-o", str(out)]) == 1
     assert "outside the 300x451 image" in capsys.readouterr().err
+
+
+def test_the_output_suffix_chooses_the_image_format_and_an_unknown_one_is_refused(checkpoint, tmp_path, capsys):
+    # -o rf.txt used to get a PNG under that name, and the attention figure a matplotlib traceback
+    assert main(["visualize", "receptive-field", "--size", "9", "11", "-o", str(tmp_path / "rf.jpg")]) == 0
+    assert Image.open(tmp_path / "rf.jpg").format == "JPEG"
+    assert main(["visualize", "receptive-field", "--size", "9", "11", "-o", str(tmp_path / "rf.txt")]) == 1
+    assert "cannot write an image to" in capsys.readouterr().err
+    digit = tmp_path / "digit.png"
+    Image.fromarray((np.arange(28 * 28).reshape(28, 28) % 256).astype(np.uint8)).save(digit)
+    assert main(["visualize", "attention", str(digit), "-c", str(checkpoint), "--token", "3", "3",
+                 "-o", str(tmp_path / "att.txt")]) == 1
+    err = capsys.readouterr().err
+    assert "cannot write a figure to" in err and ".txt is not a format matplotlib writes" in err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digit.png", "rf.jpg"]  # nothing half-written

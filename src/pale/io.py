@@ -43,7 +43,7 @@ PathLike = Union[str, os.PathLike]
 __all__ = [
     "IMAGE_EXTENSIONS", "WEIGHT_CHOICES", "BadImageError", "load_image", "find_images", "resolve_device",
     "select_weights", "CheckpointError", "WeightsMismatchError", "LoadReport", "atomic_path", "atomic_write_bytes", "atomic_write_text",
-    "atomic_write_json", "atomic_savefig", "save_torch", "load_torch", "save_safetensors",
+    "atomic_write_json", "atomic_savefig", "atomic_save_image", "save_torch", "load_torch", "save_safetensors",
     "load_safetensors", "load_state_dict_file", "load_weights", "save_checkpoint", "read_model_file",
     "describe_weights",
     "create_model_from_file",
@@ -217,10 +217,28 @@ def atomic_write_json(path: PathLike, obj: Any) -> None:
 
 
 def atomic_savefig(fig: Any, path: PathLike, **kwargs: Any) -> None:
-    """``fig.savefig`` through a temporary file (format taken from ``path``'s suffix)."""
-    fmt = Path(path).suffix.lstrip(".") or "png"
+    """``fig.savefig`` through a temporary file (format taken from ``path``'s suffix, PNG without one)."""
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    supported = fig.canvas.get_supported_filetypes()
+    if fmt not in supported:
+        raise InputError(f"cannot write a figure to {path}: .{fmt} is not a format matplotlib writes; "
+                         f"use one of {', '.join('.' + f for f in sorted(supported))}")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=fmt, **kwargs)
+
+
+def atomic_save_image(pixels: Any, path: PathLike) -> None:
+    """An ``(H, W[, 3])`` uint8 array as an image file through a temporary file (format from ``path``'s
+    suffix, PNG without one)."""
+    from PIL import Image
+
+    suffix = Path(path).suffix.lower()
+    formats = Image.registered_extensions()  # ".png" -> "PNG", ...
+    if suffix and suffix not in formats:
+        raise InputError(f"cannot write an image to {path}: Pillow knows no {suffix} format; "
+                         f"use e.g. .png, .jpg or .webp")
+    with atomic_path(path) as tmp:
+        Image.fromarray(pixels).save(tmp, format=formats.get(suffix, "PNG"))
 
 
 # ---- torch / safetensors files -------------------------------------------------------------------

@@ -9,8 +9,6 @@ from ._options import add_checkpoint, add_device, add_weights, nonnegative_int, 
 
 
 def run_receptive_field(args: argparse.Namespace) -> int:
-    from PIL import Image
-
     from .. import ATTN_MODES, create_attention
     from .. import io as pio
     from ..visualize import receptive_field, render_receptive_fields
@@ -30,8 +28,7 @@ def run_receptive_field(args: argparse.Namespace) -> int:
         fields[label] = receptive_field(layer, (h, w), token)
     picture = render_receptive_fields(fields, token, cell=args.cell)
     out = Path(args.output)
-    with pio.atomic_path(out) as tmp:
-        Image.fromarray(picture).save(tmp, format="PNG")
+    pio.atomic_save_image(picture, out)
     print(f"wrote {out} ({picture.shape[1]}x{picture.shape[0]} px): token {token} on a {h}x{w} map, "
           f"pale size {args.pale_size}, stripe width {args.stripe_width}, modes {', '.join(fields)}")
     for label, branches in fields.items():

@@ -182,9 +182,9 @@ def setup_runtime(device: str = "auto", amp: str = "auto", channels_last: bool =
             amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     amp_dtypes = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     if amp not in amp_dtypes:
-        raise InputError(f"train.amp must be one of auto, {', '.join(amp_dtypes)}; got {amp!r}")
+        raise InputError(f"amp (train.amp, --amp) must be one of auto, {', '.join(amp_dtypes)}; got {amp!r}")
     if amp == "fp16" and dev.type != "cuda":
-        raise InputError("train.amp=fp16 needs a CUDA device; use bf16 (or none) on the CPU")
+        raise InputError("amp fp16 (train.amp, --amp) needs a CUDA device; use bf16 (or none) on the CPU")
     return Runtime(dev, amp_dtypes[amp], rank, world, local_rank, channels_last)
 
 
