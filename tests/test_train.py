@@ -4,6 +4,7 @@ non-finite losses stop or are skipped, checkpoints record both weights and their
 run's EMA is trained, validation runs in fp32, and `pale eval` reloads the export to the same top-1."""
 import json
 import os
+import shutil
 import signal
 
 import numpy as np
@@ -320,6 +321,13 @@ def test_bad_input_errors_name_the_problem(folder, tmp_path, capsys):
           "train.attention_kernel must be auto or one of flash, math, explicit", "'fastest'")
     fails(base + ["--data", str(folder), "--set", "train.attention_kernel=cudnn"],
           "train.attention_kernel='cudnn' is not available on cpu; expected auto or one of flash, math, explicit")
+    one_class = make_folder(tmp_path / "one_class", n_train=6, n_val=3)
+    for extra in sorted((one_class / "train").iterdir())[1:]:
+        shutil.rmtree(extra)
+    fails(base + ["--data", str(one_class)], f"training folder {one_class / 'train'} has one class",
+          "needs at least two class sub-folders")
+    fails(base + ["--data", str(folder), "--set", "data.val_split=validation"],
+          f"validation folder not found: {folder / 'validation'}", "data.val_split=null")
     empty = make_folder(tmp_path / "empty", n_train=6, n_val=3)
     (empty / "train" / "dog").mkdir()
     fails(base + ["--data", str(empty)], "class folder", str(empty / "train" / "dog"), "holds no images")
@@ -367,7 +375,6 @@ def test_more_loader_workers_than_cores_is_said_once(tmp_path, capsys):
 
 
 def test_resume_can_extend_the_schedule(folder, straight, tmp_path):
-    import shutil
     run = tmp_path / "run"
     run.mkdir()
     shutil.copy(straight[0] / "last.pth", run / "last.pth")

@@ -287,6 +287,13 @@ class ClassificationTask(Task):
         from .data import scan_image_folder
         self.train_dir = self.root / d["train_split"]
         _, self.class_names = scan_image_folder(self.train_dir, what="training folder")
+        if len(self.class_names) < 2:  # one class: the loss is 0 from the start and nothing is learned
+            raise InputError(f"training folder {self.train_dir} has one class ({self.class_names[0]}): a "
+                             f"classifier needs at least two class sub-folders")
+        val_dir = self.root / d["val_split"] if d["val_split"] else None
+        if val_dir is not None and not val_dir.is_dir():
+            raise MissingFileError(f"validation folder not found: {val_dir} (name the split with "
+                                   f"--set data.val_split=NAME, or train without validation: data.val_split=null)")
         self.num_classes = len(self.class_names)
         self.mixup_fn = None
         self._model: Optional[nn.Module] = None

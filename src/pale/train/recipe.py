@@ -396,7 +396,9 @@ def schedule_warnings(cfg: Mapping[str, Any], updates_per_epoch: int, num_sample
     warmup = float(s["warmup_updates"]) if in_updates else float(s["warmup_epochs"]) * updates_per_epoch
     if warmup > total / 2:
         key = "sched.warmup_updates" if in_updates else "sched.warmup_epochs"
-        hint = ", or try --recipe small_data" if cfg.get("task") == "classification" else ""
+        shorter = load_yaml(recipe_path("small_data"))["sched"]["warmup_epochs"]  # suggested where it helps
+        hint = ", or try --recipe small_data" if cfg.get("task") == "classification" and not in_updates \
+            and float(s["warmup_epochs"]) > float(shorter) else ""
         out.append(f"the warm-up ({warmup:.0f} updates) is longer than half the run ({total} updates: {epochs} "
                    f"epoch(s) x {updates_per_epoch} for {num_samples} images); lower {key}{hint}")
     if workers > cores:
