@@ -285,6 +285,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_pat
     ("ema.decay=1.5", "ema.decay must be a number in [0, 1), got 1.5"),
     ("train.eval_every=0", "train.eval_every must be an integer >= 1, got 0"),
     ("train.accum_steps=0", "train.accum_steps must be an integer >= 1, got 0"),
+    ("train.on_nonfinite=ignore", "train.on_nonfinite must be one of stop, skip, got 'ignore'"),
     ("model.drop_path_rate=1.5", "model.drop_path_rate must be a number in [0, 1), got 1.5"),
     ("data.img_size=2", "data.img_size must be an integer >= 3 or a list [height, width] of them"),
     ("data.crop_pct=0", "data.crop_pct must be a number in (0, 1], got 0"),

@@ -74,11 +74,18 @@ CLASSIFICATION_DEFAULTS: Dict[str, Any] = {
     },
 }
 
+
+def _is_image_size(value: Any) -> bool:
+    """An int, or an ``[h, w]`` pair of ints, each at least 3 (the Pale stem's smallest input)."""
+    sides = value if isinstance(value, (list, tuple)) and len(value) == 2 else [value]
+    return all(isinstance(v, int) and not isinstance(v, bool) and v >= 3 for v in sides)
+
+
 #: ranges of the settings above (:func:`pale.train.recipe.check_rules`)
 CLASSIFICATION_RULES = (
     number_rule("model.drop_path_rate", 0, 1, hi_open=True),
     number_rule("model.drop_rate", 0, 1, hi_open=True),
-    ("data.img_size", lambda v: _is_image_size(v), "an integer >= 3 or a list [height, width] of them (pixels)"),
+    ("data.img_size", _is_image_size, "an integer >= 3 or a list [height, width] of them (pixels)"),
     number_rule("data.crop_pct", 0, 1, lo_open=True),
     choice_rule("data.crop_mode", ("squash", "center", "border")),
     list_rule("data.mean", nullable=True),
@@ -99,11 +106,6 @@ CLASSIFICATION_RULES = (
     choice_rule("aug.mixup_mode", ("batch", "pair", "elem")),
     number_rule("aug.smoothing", 0, 1, hi_open=True),
 )
-
-
-def _is_image_size(value: Any) -> bool:
-    sides = value if isinstance(value, (list, tuple)) and len(value) == 2 else [value]
-    return all(isinstance(v, int) and not isinstance(v, bool) and v >= 3 for v in sides)
 
 
 # set by the task from other recipe keys, never through model.kwargs

@@ -482,10 +482,6 @@ class Trainer:
         auto = str(resume) == "auto" or (resume is None and tcfg["resume"] == "auto")
         self.resume_path = Path(resume) if resume and not auto else None
         self._resume_ckpt: Optional[Dict[str, Any]] = None
-        if tcfg["on_nonfinite"] not in ("stop", "skip"):
-            raise RecipeError(f"train.on_nonfinite must be 'stop' or 'skip', got {tcfg['on_nonfinite']!r}")
-        if tcfg["dist_bn"] not in ("reduce", "broadcast", "none"):
-            raise RecipeError(f"train.dist_bn must be reduce, broadcast or none, got {tcfg['dist_bn']!r}")
         if tcfg["attention_kernel"] not in ("auto", *ALL_KERNELS):
             raise RecipeError(f"train.attention_kernel must be auto or one of {', '.join(ALL_KERNELS)}, "
                               f"got {tcfg['attention_kernel']!r}")

@@ -219,6 +219,8 @@ ENGINE_RULES: Tuple[RecipeRule, ...] = (
     number_rule("train.eval_batch_size", 1, integer=True, nullable=True),
     number_rule("train.clip_grad", 0, lo_open=True, nullable=True),
     choice_rule("train.clip_mode", ("norm", "value", "agc")),
+    choice_rule("train.on_nonfinite", ("stop", "skip")),
+    choice_rule("train.dist_bn", ("reduce", "broadcast", "none")),
     number_rule("train.checkpoint_every_updates", 0, integer=True),
     number_rule("train.keep_checkpoints", 1, integer=True),
 )
