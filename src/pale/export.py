@@ -91,11 +91,12 @@ def export_onnx(model: nn.Module, path: pio.PathLike, *, exporter: str = "auto",
     """
     if exporter not in EXPORTERS + ("auto",):
         raise InputError(f"unknown exporter {exporter!r}; expected auto or one of {EXPORTERS}")
-    from torch.onnx import _constants as onnx_constants  # the opsets this torch can write
-
-    if not onnx_constants.ONNX_MIN_OPSET <= opset <= onnx_constants.ONNX_MAX_OPSET:
-        raise InputError(f"ONNX opset {opset} is not one torch {torch.__version__} exports: "
-                         f"{onnx_constants.ONNX_MIN_OPSET} to {onnx_constants.ONNX_MAX_OPSET}")
+    # the opsets this torch can write (a private module: if a torch release moves it, the exporter
+    # itself refuses a bad opset, with a less direct message)
+    lowest = getattr(getattr(torch.onnx, "_constants", None), "ONNX_MIN_OPSET", None)
+    highest = getattr(getattr(torch.onnx, "_constants", None), "ONNX_MAX_OPSET", None)
+    if lowest is not None and highest is not None and not lowest <= opset <= highest:
+        raise InputError(f"ONNX opset {opset} is not one torch {torch.__version__} exports: {lowest} to {highest}")
     model = model.eval()
     if dynamic:
         _check_dynamic_export_supported(model)

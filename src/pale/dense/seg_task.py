@@ -109,6 +109,7 @@ def evaluate_segmenter(model: nn.Module, batches: Iterable[Any], rt: Runtime, nu
     out["pixels"] = int(conf.sum())
     return out
 
+
 #: ranges of the settings above (:func:`pale.train.recipe.check_rules`)
 SEG_RULES = (
     number_rule("model.drop_path_rate", 0, 1, hi_open=True, nullable=True),

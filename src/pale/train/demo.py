@@ -114,7 +114,8 @@ def run_demo(out_dir: os.PathLike = "runs/demo", overrides: Optional[Iterable[st
     checkpoint = out / "last.pth"
     result = evaluate_checkpoint(str(checkpoint), str(data_root / "test"), batch_size=250)
     metrics = dict(top1=result["top1"], top5=result["top5"], loss=result["loss"], n_test=result["n"],
-                   checkpoint=str(checkpoint), weights=result["weights"], weights_reason=result["weights_reason"], test_data=str(data_root / "test"), best_val=summary["best"],
+                   checkpoint=str(checkpoint), weights=result["weights"], weights_reason=result["weights_reason"],
+                   test_data=str(data_root / "test"), best_val=summary["best"],
                    last_val=summary["last"], epochs=summary["epochs"], train_time_s=summary["train_time_s"],
                    total_time_s=round(time.time() - started, 1), eval_command=
                    f"pale eval {checkpoint} --data {data_root / 'test'} --batch-size 250")

@@ -238,7 +238,6 @@ def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Opt
     from timm.optim import create_optimizer_v2
 
     ocfg = cfg["optim"]
-    check_optimizer_name(ocfg["opt"])
     kwargs: Dict[str, Any] = dict(opt=ocfg["opt"], lr=resolved_lr(cfg), weight_decay=float(ocfg["weight_decay"]),
                                   momentum=float(ocfg["momentum"]), layer_decay=ocfg["layer_decay"])
     name = str(ocfg["opt"]).lower()
