@@ -12,6 +12,7 @@ import pale  # noqa: F401
 from pale import export as ex
 from pale import io as pio
 from pale.cli import main
+from pale.errors import InputError
 
 TINY = dict(embed_dims=(16, 32, 32, 64), depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 2), num_classes=5)
 CLASSES = ["cat", "coffee", "person", "rocket", "tree"]
@@ -136,6 +137,9 @@ def test_the_file_name_chooses_the_format_and_a_contradiction_is_refused(tiny_ch
         (["-o", str(tmp_path / "m.onnx"), "--format", "safetensors"], "names an onnx file but --format is safetensors"),
         (["-o", str(tmp_path / "m.txt")], "cannot tell the format from -o"),
         (["-o", str(tmp_path / "m.onnx"), "--opset", "99"], "ONNX opset 99 is not one torch"),
+        # sizes the model refuses: one line naming the size, not a failed trace and a failed torch.export
+        (["-o", str(tmp_path / "m.onnx"), "--trace-size", "2", "2"], "does not run on 2x2 images"),
+        (["-o", str(tmp_path / "m.onnx"), "--check-size", "1", "5"], "does not run on 1x5 images"),
     ]:
         assert main(["export", "-c", str(tiny_checkpoint), *args]) == 1
         err = capsys.readouterr().err
@@ -159,3 +163,13 @@ def test_auto_falls_back_to_dynamo_for_static_vanilla(tmp_path):
     result = ex.export_onnx(model, tmp_path / "v.onnx", dynamic=False)
     assert result.exporter == "dynamo" and "cannot export this model" in result.failed["legacy"]
     assert result.checks[0].max_rel_err <= 1e-4
+
+
+def test_exporter_errors_become_one_plain_line():
+    # the dynamo exporter's messages carry terminal colour codes and a multi-line report
+    raw = "Failed to export the model with torch.export. \x1b[96mThis is step 1/3\x1b[0m of exporting.\nNext steps: ..."
+    with pytest.raises(InputError) as caught:
+        with ex._clear_exporter_errors("dynamo"):
+            raise torch.onnx.errors.OnnxExporterError(raw)
+    assert str(caught.value) == ("the dynamo ONNX exporter cannot export this model: Failed to export the model "
+                                 "with torch.export. This is step 1/3 of exporting.")

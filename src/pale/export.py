@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -104,6 +105,7 @@ def export_onnx(model: nn.Module, path: pio.PathLike, *, exporter: str = "auto",
         trace_size = tuple(model.pretrained_cfg["input_size"][1:])
     trace_size = tuple(trace_size)
     sizes = [trace_size] + ([tuple(s) for s in check_sizes if tuple(s) != trace_size] if dynamic else [])
+    _check_model_runs_at(model, sizes)
     failed: Dict[str, str] = {}
     for name in (EXPORTERS if exporter == "auto" else (exporter,)):
         used_opset = opset if name == "legacy" else max(opset, 18)
@@ -114,6 +116,19 @@ def export_onnx(model: nn.Module, path: pio.PathLike, *, exporter: str = "auto",
             continue
         return OnnxExport(name, used_opset, trace_size, checks, failed)
     raise InputError("; ".join(f"{msg}" for msg in failed.values()) + f"; {path} was not written")
+
+
+def _check_model_runs_at(model: nn.Module, sizes: Sequence[Size]) -> None:
+    """Run ``model`` eagerly on one image of every size, so that a size the model refuses is one line
+    naming the size, not a failed trace followed by a failed torch.export of the same input."""
+    in_chans = getattr(model, "in_chans", 3)
+    with torch.no_grad():
+        for size in sizes:
+            try:
+                model(torch.zeros(1, in_chans, *size))
+            except (ValueError, TypeError, RuntimeError) as err:
+                raise InputError(f"the model does not run on {size[0]}x{size[1]} images (trace or check "
+                                 f"size): {err}") from None
 
 
 def _export_checked(model: nn.Module, path: pio.PathLike, exporter: str, opset: int, trace_size: Size,
@@ -162,6 +177,7 @@ def _clear_exporter_errors(exporter: str) -> Iterator[None]:
         yield
     except torch.onnx.errors.OnnxExporterError as err:
         first = str(err).strip().splitlines()[-1 if exporter == "legacy" else 0]
+        first = re.sub(r"\x1b\[[0-9;]*m", "", first)  # the dynamo exporter colours its messages
         raise InputError(f"the {exporter} ONNX exporter cannot export this model: {first}") from None
 
 

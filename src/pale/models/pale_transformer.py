@@ -178,7 +178,8 @@ def check_image_batch(x: Tensor, in_chans: int) -> Tensor:
     if not x.is_floating_point():
         raise TypeError(f"expected a floating-point image tensor, got {x.dtype}")
     if x.shape[-2] < 3 or x.shape[-1] < 3:
-        raise ValueError(f"images must be at least 3x3 for the 7x7/stride-4 stem, got {tuple(x.shape[-2:])}")
+        raise ValueError(f"images must be at least 3x3 for the 7x7/stride-4 stem, got "
+                         f"{int(x.shape[-2])}x{int(x.shape[-1])}")
     return x
 
 
