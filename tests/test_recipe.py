@@ -204,6 +204,13 @@ def test_set_model_kwargs_through_pale_train(tmp_path, capsys):
     assert main(args + ["--set", "model.kwargs.dpeths=[1,1,1,1]"]) == 1
     err = capsys.readouterr().err
     assert "model.kwargs.dpeths" in err and "did you mean 'depths'" in err and "num_heads" in err
+    # values the constructor refuses: one line with its reason, not its traceback
+    for value, reason in [("pale_size=[7,7,7]", "pale_size must be an int, a pair, or one entry per stage (4)"),
+                          ("num_heads=[3,3,3,3]", "dim=32 is not divisible by num_heads=3")]:
+        assert main(args + ["--set", f"model.kwargs.{value}"]) == 1
+        err = capsys.readouterr().err
+        assert "model settings (model.name, model.kwargs) do not build a model" in err and reason in err, err
+        assert "Traceback" not in err
 
 
 def test_ema_decay_is_capped_by_the_run_length():

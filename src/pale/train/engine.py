@@ -80,7 +80,7 @@ from timm.utils import random_seed, unwrap_model
 from torch.utils.data import DataLoader, Dataset
 
 from .. import io as pio
-from ..errors import InputError
+from ..errors import InputError, UserError
 from ..models.attention_kernels import (ALL_KERNELS, CANDIDATES, kernel_choices, load_kernel_choices,
                                          use_kernel)
 from ..progress import log, progress
@@ -615,7 +615,13 @@ class Trainer:
     def _build_model(self) -> nn.Module:
         """The task's model on the device, with gradient checkpointing and channels-last as the recipe asks."""
         rt = self.task.runtime = self.rt
-        model = self.task.build_model()
+        try:
+            model = self.task.build_model()
+        except UserError:
+            raise
+        except (ValueError, TypeError) as err:  # a constructor refusing its arguments, e.g. 3 pale sizes for 4 stages
+            raise RecipeError(f"the recipe's model settings (model.name, model.kwargs) do not build a model: "
+                              f"{err}") from None
         if self.cfg["train"]["grad_checkpointing"]:
             if not hasattr(model, "set_grad_checkpointing"):
                 raise InputError(f"{type(model).__name__} has no set_grad_checkpointing()")
