@@ -104,12 +104,15 @@ def test_cli_json(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(bench, "machine_peaks", lambda repeats=5: {"matmul_fp32": 50.0, "matmul_bf16": 5.0})
     out = tmp_path / "bench.json"
     rc = main(["bench", "--models", "pale_tiny", "--img-size", "32", "--batch-size", "1", "--mode", "infer",
-               "--warmup", "1", "--repeats", "1", "--no-memory", "--quiet", "--json", str(out)])
+               "--warmup", "1", "--repeats", "1", "--no-memory", "--quiet", "-o", str(out), "--json"])
     assert rc == 0
     doc = json.loads(out.read_text())
     assert doc["results"][0]["model"] == "pale_tiny" and doc["results"][0]["img_size"] == [32, 32]
     assert doc["results"][0]["train_images_per_s"] is None
-    assert "pale_tiny" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "pale_tiny" in printed
+    # --json prints the same document after the table
+    assert json.loads(printed[printed.index("\n{") + 1:])["results"] == doc["results"]
 
 
 def test_cli_attention_kernels(tmp_path, capsys):

@@ -321,3 +321,34 @@ def test_kind_and_table_choices_match_the_library():
     from pale.conformance import TABLES
 
     assert set(KIND_HELP) == set(model_kinds()) and PAPER_TABLE_NAMES == TABLES
+
+
+def _commands(parser, prefix=()):
+    """``(name, parser)`` of every command and sub-command under ``parser``."""
+    import argparse
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield prefix + (name,), sub
+                yield from _commands(sub, prefix + (name,))
+
+
+def test_every_output_is_dash_o_and_old_spellings_are_hidden():
+    import argparse
+
+    from pale.cli import build_parser
+
+    writers = []
+    for name, sub in _commands(build_parser()):
+        for action in sub._actions:
+            visible = action.help != argparse.SUPPRESS
+            if action.dest == "output" and visible:
+                writers.append(" ".join(name))
+                assert action.option_strings[:2] == ["--output", "-o"], (name, action.option_strings)
+            # older spellings of an output (--out, --json-out) parse but are not shown
+            assert not (visible and {"--out", "--json-out"} & set(action.option_strings)), (name, action.option_strings)
+    assert {"train", "demo", "export", "predict", "eval", "bench", "complexity-report", "visualize attention",
+            "seg predict", "det predict"} <= set(writers)
+    parse = build_parser().parse_args
+    assert parse(["complexity-report", "--out", "x.md"]).output == "x.md"
+    assert parse(["bench", "--json", "b.json"]).json == "b.json" and parse(["bench", "--json"]).json == "-"

@@ -196,7 +196,7 @@ def test_every_table_row_and_report_size_agrees_within_one_percent():
 @pytest.mark.slow
 def test_complexity_report_writes_doc_and_plot(tmp_path):
     out = tmp_path / "complexity.md"
-    assert pale_main(["complexity-report", "--out", str(out), "--sides", "64", "96", "--repeats", "1"]) == 0
+    assert pale_main(["complexity-report", "-o", str(out), "--sides", "64", "96", "--repeats", "1"]) == 0
     text = out.read_text()
     for heading in ("Table 7", "Table 8", "Table 9", "512x2048", "global (Eq. 4)", "complexity.png"):
         assert heading in text

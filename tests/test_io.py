@@ -7,8 +7,10 @@ import re
 import pytest
 import torch
 
+from pale.errors import InputError
 from pale.io import (CheckpointError, WeightsMismatchError, atomic_path, atomic_write_text,
-                     create_model_from_file, load_torch, load_weights, save_checkpoint, save_safetensors)
+                     create_model_from_file, load_torch, load_weights, output_folder, save_checkpoint,
+                     save_safetensors)
 from pale.models.pale_transformer import PaleTransformer
 
 SMALL = dict(embed_dims=(16, 32, 32, 64), depths=(1, 1, 1, 1), num_heads=(2, 2, 4, 4), num_classes=3)
@@ -28,6 +30,20 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
             raise RuntimeError("crash while writing")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_an_output_that_is_a_folder_or_under_a_file_is_refused_before_writing(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "results").mkdir()
+    with pytest.raises(InputError, match="results: it is a folder; name a file"):
+        atomic_write_text(tmp_path / "results", "x")
+    with pytest.raises(InputError, match=r"notes.txt is a file, not a folder"):
+        atomic_write_text(tmp_path / "notes.txt" / "metrics.json", "x")
+    with pytest.raises(InputError, match=r"run folder .*notes.txt/run/a: .*notes.txt is a file, not a folder"):
+        output_folder(tmp_path / "notes.txt" / "run" / "a", "run folder")
+    assert output_folder(tmp_path / "new" / "run") == tmp_path / "new" / "run"  # not there yet: fine
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "results"]
 
 
 def test_malicious_pickle_is_refused_without_running(tmp_path, monkeypatch):

@@ -317,6 +317,8 @@ def test_bad_input_errors_name_the_problem(folder, tmp_path, capsys):
     recipe.write_text(yaml.safe_dump(tiny_recipe()))
     base = ["train", "--recipe", str(recipe), "-o", str(tmp_path / "out")]
     fails(base + ["--data", str(tmp_path / "missing")], "data folder not found", str(tmp_path / "missing"))
+    fails(["train", "--recipe", str(recipe), "--data", str(folder), "-o", str(recipe / "run")],
+          f"run folder {recipe / 'run'}: {recipe} is a file, not a folder")
     fails(base + ["--data", str(folder), "--set", "aug.mixup_alpha=0.2"], "unknown recipe key 'aug.mixup_alpha'")
     fails(base + ["--data", str(folder), "--set", "train.attention_kernel=fastest"],
           "train.attention_kernel must be auto or one of flash, math, explicit", "'fastest'")

@@ -42,7 +42,7 @@ PathLike = Union[str, os.PathLike]
 
 __all__ = [
     "IMAGE_EXTENSIONS", "WEIGHT_CHOICES", "BadImageError", "load_image", "find_images", "resolve_device",
-    "select_weights", "CheckpointError", "WeightsMismatchError", "LoadReport", "atomic_path", "atomic_write_bytes", "atomic_write_text",
+    "select_weights", "CheckpointError", "WeightsMismatchError", "LoadReport", "output_folder", "atomic_path", "atomic_write_bytes", "atomic_write_text",
     "atomic_write_json", "atomic_savefig", "atomic_save_image", "save_torch", "load_torch", "save_safetensors",
     "load_safetensors", "load_state_dict_file", "load_weights", "save_checkpoint", "read_model_file",
     "describe_weights",
@@ -150,6 +150,18 @@ def resolve_device(device: Union[str, torch.device] = "auto") -> torch.device:
 
 # ---- atomic writes -------------------------------------------------------------------------------
 
+def output_folder(path: PathLike, what: str = "output folder") -> Path:
+    """``path`` as a folder to write into, refused in one line when it, or a folder above it, is an
+    existing file (before anything is written: otherwise the first write fails deep inside)."""
+    folder = Path(path)
+    for part in (folder, *folder.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise InputError(f"{what} {folder}: {part} is a file, not a folder")
+            break
+    return folder
+
+
 def _ordinary_mode() -> int:
     """The permissions ``open(path, "w")`` gives a new file: ``0o666`` minus the umask."""
     umask = os.umask(0)  # reading the umask means setting it; put it straight back
@@ -168,6 +180,9 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     exception the temporary file is removed and ``path`` is left as it was.
     """
     target = Path(path)
+    if target.is_dir():
+        raise InputError(f"cannot write {target}: it is a folder; name a file")
+    output_folder(target.parent, f"cannot write {target}: its folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)

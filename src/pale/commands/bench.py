@@ -54,7 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", default="swin_tiny_patch4_window7_224",
                    help="model the ratio columns divide by (default: %(default)s; '' for none)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON ('-' for stdout)")
+    p.add_argument("--output", "-o", metavar="FILE", help="also write the results as JSON to FILE")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
+                   help="also print the results as JSON (the older --json FILE writes FILE, as -o does)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=run)
 
@@ -95,14 +97,20 @@ def run(args: argparse.Namespace) -> int:
         print(line)
     print("GFLOP/s = 2 x measured forward multiply-adds x inference images/s; % peak = of matmul peak in the "
           "same dtype. MiB = RSS high-water growth over the built model, one process per model and mode.")
-    if args.json:
-        doc = to_json(results, peaks, info, sys.argv)
-        if args.json == "-":
-            print(json.dumps(doc, indent=2))
-        else:
-            from ..io import atomic_write_json
-            atomic_write_json(args.json, doc)
+    if args.json or args.output:
+        _emit_json(args, to_json(results, peaks, info, sys.argv))
     return 0
+
+
+def _emit_json(args: argparse.Namespace, doc: dict) -> None:
+    """Write ``doc`` to ``-o FILE`` and print it for ``--json`` (or write it to the ``--json FILE`` of old)."""
+    from ..io import atomic_write_json
+
+    for path in (args.output, None if args.json == "-" else args.json):
+        if path:
+            atomic_write_json(path, doc)
+    if args.json == "-":
+        print(json.dumps(doc, indent=2))
 
 
 def _attention_kernels(args: argparse.Namespace, info: dict, bf16_note: str, log) -> int:
@@ -132,12 +140,7 @@ def _attention_kernels(args: argparse.Namespace, info: dict, bf16_note: str, log
         print(f"\n{key[0]}, {key[1][0]}x{key[1][1]}, batch {key[2]} (times: forward, plus backward when training; "
               f"best of 3 rounds that run every candidate in turn, after a warm-up)")
         print(format_kernel_table([r for m, s, b, r in rows if (m, s, b) == key]))
-    if args.json:
-        doc = {"machine": info, "command": sys.argv,
-               "attention_kernels": [dict(asdict(r), model=m, img_size=list(s), batch_size=b) for m, s, b, r in rows]}
-        if args.json == "-":
-            print(json.dumps(doc, indent=2))
-        else:
-            from ..io import atomic_write_json
-            atomic_write_json(args.json, doc)
+    if args.json or args.output:
+        _emit_json(args, {"machine": info, "command": sys.argv, "attention_kernels": [
+            dict(asdict(r), model=m, img_size=list(s), batch_size=b) for m, s, b, r in rows]})
     return 0

@@ -403,7 +403,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--repeats and --threads must be >= 1")
     if not args.sides or min(args.sides) < 32:
         raise InputError(f"--sides must be input sides of at least 32 pixels, got {args.sides}")
-    out = Path(args.out)
+    out = Path(args.output)
     plot_path = out.with_suffix(".png")
     text = build_report(args.sides, args.repeats, args.threads, args.count_device, plot_path.name, plot_path)
     atomic_write_text(out, text)
@@ -415,7 +415,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "complexity-report", help="write docs/complexity.md: the paper's Tables 7-9, every mode's cost, a plot",
         description=__doc__)
-    p.add_argument("--out", default="docs/complexity.md", help="markdown file; the PNG goes next to it")
+    p.add_argument("--output", "-o", default="docs/complexity.md",
+                   help="markdown file; the PNG goes next to it (default docs/complexity.md)")
+    p.add_argument("--out", dest="output", help=argparse.SUPPRESS)  # the spelling before -o
     p.add_argument("--sides", type=int, nargs="+", default=[224, 320, 416, 512],
                    help="square input sides to time (default: 224 320 416 512)")
     p.add_argument("--repeats", type=int, default=3, help="timed forward passes per model and side (best is kept)")

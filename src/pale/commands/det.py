@@ -52,7 +52,7 @@ def run_predict(args: argparse.Namespace) -> int:
     model, info = load_detector(args.checkpoint, device, args.weights)
     loaded(info, device)
     names = ["background"] + list(info.get("class_names") or [])
-    out_dir = Path(args.output)
+    out_dir = pio.output_folder(args.output)
     for f in files:
         rgb = np.asarray(pio.load_image(f), dtype=np.uint8)
         x = torch.from_numpy(rgb.astype(np.float32) / 255).permute(2, 0, 1).to(device)

@@ -69,7 +69,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from ..dense.seg_data import normalize
     from ..dense.seg_eval import segment
     from ..dense.seg_task import load_segmenter
-    from ..io import find_images, load_image, resolve_device
+    from ..io import find_images, load_image, output_folder, resolve_device
 
     files = find_images(args.inputs)
     device = resolve_device(args.device)
@@ -79,7 +79,7 @@ def run_predict(args: argparse.Namespace) -> int:
     names = info.get("class_names") or [str(i) for i in label_ids]
     colours = palette(len(label_ids))
     settings = _test_settings(args, info)
-    out_dir = Path(args.output)
+    out_dir = output_folder(args.output)
     for f in files:
         rgb = np.asarray(load_image(f), dtype=np.uint8)
         x = normalize(torch.from_numpy(rgb.astype(np.float32) / 255).permute(2, 0, 1))[None].to(device)

@@ -98,7 +98,7 @@ def run_demo(out_dir: os.PathLike = "runs/demo", overrides: Optional[Iterable[st
     from .evaluate import evaluate_checkpoint
     from .run import train
 
-    out = Path(out_dir)
+    out = pio.output_folder(out_dir, "run folder")
     started = time.time()
     data_root = out / "data"
     counts = prepare_digits(data_root)

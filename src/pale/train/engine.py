@@ -476,7 +476,7 @@ class Trainer:
     def __init__(self, task: Task, cfg: Config, out_dir: os.PathLike, resume: Optional[os.PathLike] = None,
                  dry_run: bool = False):
         self.task, self.cfg, self.dry_run = task, cfg, dry_run
-        self.out_dir = Path(out_dir)
+        self.out_dir = pio.output_folder(out_dir, "run folder")
         tcfg = cfg["train"]
         auto = str(resume) == "auto" or (resume is None and tcfg["resume"] == "auto")
         self.resume_path = Path(resume) if resume and not auto else None
