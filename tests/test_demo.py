@@ -34,8 +34,10 @@ def _check_run(out, expect_top1=None):
     assert metrics["n_test"] == 1000
     assert (out / "curves.png").stat().st_size > 1000
     assert metrics["checkpoint"] == str(out / "last.pth")
-    assert main(["eval", metrics["checkpoint"], "--data", str(out / "data" / "test"), "--batch-size", "250",
-                 "--output", str(out / "reload.json")]) == 0
+    # the command the demo prints to check its result, as printed
+    command = metrics["eval_command"].split()
+    assert command[:3] == ["pale", "eval", "-c"]
+    assert main(command[1:] + ["--output", str(out / "reload.json")]) == 0
     reloaded = json.loads((out / "reload.json").read_text())
     assert reloaded["top1"] == metrics["top1"] and reloaded["n"] == 1000
     # the weight set the demo tested is the one `pale eval` picks by default, and metrics.json names it

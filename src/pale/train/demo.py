@@ -118,6 +118,6 @@ def run_demo(out_dir: os.PathLike = "runs/demo", overrides: Optional[Iterable[st
                    test_data=str(data_root / "test"), best_val=summary["best"],
                    last_val=summary["last"], epochs=summary["epochs"], train_time_s=summary["train_time_s"],
                    total_time_s=round(time.time() - started, 1), eval_command=
-                   f"pale eval {checkpoint} --data {data_root / 'test'} --batch-size 250")
+                   f"pale eval -c {checkpoint} --data {data_root / 'test'} --batch-size 250")
     pio.atomic_write_json(out / "metrics.json", metrics)
     return metrics
