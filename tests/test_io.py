@@ -186,3 +186,28 @@ def test_images_devices_and_json_as_the_commands_use_them(tmp_path):
     assert resolve_device() == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     atomic_write_json(tmp_path / "m.json", {"b": 1, "a": [2]})
     assert (tmp_path / "m.json").read_text() == '{\n  "a": [\n    2\n  ],\n  "b": 1\n}\n'
+
+
+def test_16_bit_and_float_images_are_scaled_to_8_bits_not_clipped(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from pale.io import load_image
+
+    ramp16 = np.linspace(0, 65535, 64).astype(np.uint16).reshape(8, 8)
+    Image.fromarray(ramp16).save(tmp_path / "ramp16.png")
+    assert Image.open(tmp_path / "ramp16.png").mode == "I;16"
+    # Pillow's own convert clips: almost every pixel of a 16-bit ramp comes out white
+    assert (np.asarray(Image.open(tmp_path / "ramp16.png").convert("L")) == 255).mean() > 0.9
+    rgb = np.asarray(load_image(tmp_path / "ramp16.png"))
+    assert rgb.shape == (8, 8, 3) and rgb.dtype == np.uint8
+    assert np.array_equal(rgb[..., 0], np.rint(ramp16 / 257.0).astype(np.uint8))  # the high byte, rounded
+    ramp = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    Image.fromarray(ramp).save(tmp_path / "ramp.tif")
+    assert np.array_equal(np.asarray(load_image(tmp_path / "ramp.tif", "L")), np.rint(ramp * 255).astype(np.uint8))
+    small = np.arange(64, dtype=np.int32).reshape(8, 8)  # 'I' with 8-bit values: kept as they are
+    Image.fromarray(small).save(tmp_path / "small.tif")
+    assert np.array_equal(np.asarray(load_image(tmp_path / "small.tif", "L")), small.astype(np.uint8))
+    photo = (np.arange(8 * 8 * 3) % 256).astype(np.uint8).reshape(8, 8, 3)
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    assert np.array_equal(np.asarray(load_image(tmp_path / "photo.png")), photo)  # 8-bit: untouched

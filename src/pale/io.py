@@ -41,7 +41,7 @@ PathLike = Union[str, os.PathLike]
 # whose files may hold many frames). A file named explicitly loads whatever its extension.
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "WEIGHT_CHOICES", "BadImageError", "load_image", "find_images", "resolve_device",
+    "IMAGE_EXTENSIONS", "WEIGHT_CHOICES", "BadImageError", "to_8bit", "load_image", "find_images", "resolve_device",
     "select_weights", "CheckpointError", "WeightsMismatchError", "LoadReport", "output_folder", "atomic_path", "atomic_write_bytes", "atomic_write_text",
     "atomic_write_json", "atomic_savefig", "atomic_save_image", "save_torch", "load_torch", "save_safetensors",
     "load_safetensors", "load_state_dict_file", "load_weights", "save_checkpoint", "read_model_file",
@@ -92,8 +92,31 @@ class BadImageError(InputError):
     """An image file that cannot be decoded."""
 
 
+def to_8bit(img: Any) -> Any:
+    """A 16-bit, 32-bit integer or float single-channel PIL image as 8-bit ``'L'``, scaled by its range;
+    any other image as it is.
+
+    Pillow's ``convert`` clips such images to 0-255 instead of scaling them: a 16-bit PNG (0-65535)
+    comes out nearly white, a float image in [0, 1] black. Here 16-bit data keeps its high byte
+    (as Pillow does for 16-bit RGB), ``'I'`` images with values above 255 are read as 16-bit, and
+    float images in [0, 1] are scaled by 255 (others clipped to 0-255).
+    """
+    if not (img.mode.startswith("I;16") or img.mode in ("I", "F")):
+        return img
+    import numpy as np
+    from PIL import Image
+
+    values = np.asarray(img, dtype=np.float64)
+    if img.mode == "F":
+        scale = 255.0 if values.size and 0.0 <= values.min() and values.max() <= 1.0 else 1.0
+    else:
+        scale = 255.0 / 65535.0 if img.mode != "I" or values.max(initial=0) > 255 else 1.0
+    return Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), "L")
+
+
 def load_image(path: PathLike, mode: str = "RGB") -> Any:
-    """Open and fully decode an image as a PIL image in ``mode`` (``'RGB'``, ``'L'``, ...).
+    """Open and fully decode an image as a PIL image in ``mode`` (``'RGB'``, ``'L'``, ...); 16-bit and
+    float images are scaled to 8 bits by their range (:func:`to_8bit`), not clipped.
 
     A missing file is a :class:`~pale.errors.MissingFileError`; anything PIL cannot decode is a
     :class:`BadImageError`; both name ``path``.
@@ -105,7 +128,7 @@ def load_image(path: PathLike, mode: str = "RGB") -> Any:
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert(mode)
+            return to_8bit(img).convert(mode)
     except UnidentifiedImageError:
         raise BadImageError(f"not an image (or an unsupported format): {path}") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
