@@ -266,6 +266,18 @@ def test_overrides_parse_yaml_values():
     assert set(ENGINE_DEFAULTS) <= set(cfg)
 
 
+def test_numbers_without_a_dot_in_the_exponent_are_numbers(tmp_path):
+    # YAML 1.1 (PyYAML) reads 1e-3 as a string; optim.lr (default null) then refused "got '1e-3'"
+    assert parse_override("optim.lr=1e-3") == {"optim": {"lr": 0.001}}
+    assert parse_override("x=[5E-4,-2e+1,1.5e-3]") == {"x": [5e-4, -20.0, 1.5e-3]}
+    assert parse_override("x=1e") == {"x": "1e"} and parse_override("x=abc1e3") == {"x": "abc1e3"}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("task: classification\noptim:\n  lr: 4e-4\n  weight_decay: 5e-2\n")
+    cfg = resolve_config(str(recipe), ["sched.min_lr=1e-6"])
+    assert (cfg["optim"]["lr"], cfg["optim"]["weight_decay"], cfg["sched"]["min_lr"]) == (4e-4, 0.05, 1e-6)
+    assert isinstance(cfg["optim"]["lr"], float)
+
+
 def test_print_config_cli(capsys):
     assert main(["train", "--recipe", "pale_small_imagenet", "--set", "epochs=7", "--print-config"]) == 0
     out = capsys.readouterr().out

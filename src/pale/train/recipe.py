@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -245,10 +246,29 @@ def recipe_path(name_or_path: Union[str, Path]) -> Path:
                       f"{', '.join(shipped_recipes())})")
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-3`` and ``5E-4`` as numbers (YAML 1.2) rather than strings.
+
+    PyYAML follows YAML 1.1, whose floats need a dot (``1.0e-3``), so ``--set optim.lr=1e-3`` or
+    ``lr: 1e-3`` in a recipe would be the string ``'1e-3'`` and be refused as not a number.
+    """
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),  # the exponent forms without a dot
+    list("-+0123456789"))
+
+
+def parse_yaml(text: str) -> Any:
+    """``text`` as YAML, through :class:`RecipeLoader`."""
+    return yaml.load(text, Loader=RecipeLoader)
+
+
 def load_yaml(path: Union[str, Path]) -> Config:
     p = recipe_path(path)
     try:
-        data = yaml.safe_load(p.read_text())
+        data = parse_yaml(p.read_text())
     except yaml.YAMLError as err:
         raise RecipeError(f"recipe {p} is not valid YAML: {err}") from None
     if data is None:
@@ -329,7 +349,7 @@ def parse_override(text: str) -> Config:
     if not key or any(not part for part in key.split(".")):
         raise RecipeError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = parse_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     out: Config = {}
