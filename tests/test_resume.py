@@ -2,12 +2,20 @@
 run, checkpoints every N updates rotate as last.pth, last-1.pth, SIGUSR1 saves and exits with 138 (requeue),
 and a truncated newest checkpoint falls back to the previous one. Every continuation ends with the weights
 of an uninterrupted run, bit for bit (CPU)."""
+import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
+
+import pale
 
 from pale.cli import main
 from pale.io import CheckpointError, load_torch
@@ -191,3 +199,48 @@ def test_measured_attention_kernels_are_saved_and_restored_on_resume(folder, tmp
     restored = ak.kernel_choices()["choices"]
     assert all(restored[key] == entry for key, entry in saved["choices"].items())
     ak.clear_kernel_choices()
+
+
+def test_a_signal_to_the_whole_process_group_still_saves(folder, tmp_path):
+    """Ctrl-C, ``timeout`` and Slurm signal every process of the job, the loader workers too. A worker
+    killed by the signal used to make PyTorch raise inside the checkpoint save that the signal asked for
+    (a traceback, and no last.pth); the workers now ignore it and the run stops as after a signal to it alone."""
+    recipe_file = tmp_path / "long.yaml"
+    recipe_file.write_text(yaml.safe_dump(json.loads(json.dumps(recipe(epochs=1000, **{"train.workers": 1})))))
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE",
+               PYTHONPATH=os.pathsep.join([str(Path(pale.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-m", "pale", "train", "--recipe", str(recipe_file), "--data", str(folder),
+                             "-o", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # its own process group, as a job's
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "last.pth").exists():  # the first save: training, workers running, handlers set
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err and "checkpoint saved" in err and "Traceback" not in err, err
+    assert load_torch(run / "last.pth")["num_updates"] >= EVERY
+
+
+def test_a_failed_checkpoint_write_leaves_the_kept_ones_as_they_were(folder, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train(recipe(epochs=1), [f"data.root={folder}"], run)
+    kept = {p.name: p.read_bytes() for p in checkpoint_files(run)}
+    assert list(kept) == ["last.pth", "last-1.pth"]
+
+    def disk_full(obj, path, *args, **kwargs):
+        Path(path).write_bytes(b"the first bytes")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        train(None, ["epochs=2"], resume=run)
+    # before: the rotation came first, and the failed write left no last.pth
+    assert {p.name: p.read_bytes() for p in checkpoint_files(run)} == kept
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []  # no temporary file left

@@ -27,7 +27,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -193,14 +193,16 @@ def _ordinary_mode() -> int:
 
 
 @contextlib.contextmanager
-def atomic_path(path: PathLike) -> Iterator[Path]:
+def atomic_path(path: PathLike, before_replace: Optional[Callable[[], None]] = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path`` in one rename.
 
     The one way ``pale`` writes a file a user keeps. After the caller has written the temporary
     file: its permissions are set to an ordinary new file's (``0o666`` minus the umask, whatever the
     writer created it with), its data is flushed to disk (``fsync``) BEFORE the rename, so a crash
     leaves the old file or the whole new one, then the directory entry is flushed too. On an
-    exception the temporary file is removed and ``path`` is left as it was.
+    exception the temporary file is removed and ``path`` is left as it was. ``before_replace`` runs
+    once the new file is complete and on disk, just before the rename (e.g. to rotate older copies,
+    so that a failed write leaves them as they were).
     """
     target = Path(path)
     if target.is_dir():
@@ -219,6 +221,8 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
             os.fsync(fd)
         finally:
             os.close(fd)
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp_path, target)
         _fsync_dir(target.parent)
     finally:
@@ -281,9 +285,9 @@ def atomic_save_image(pixels: Any, path: PathLike) -> None:
 
 # ---- torch / safetensors files -------------------------------------------------------------------
 
-def save_torch(obj: Any, path: PathLike) -> None:
-    """``torch.save`` atomically."""
-    with atomic_path(path) as tmp:
+def save_torch(obj: Any, path: PathLike, before_replace: Optional[Callable[[], None]] = None) -> None:
+    """``torch.save`` atomically (``before_replace``: see :func:`atomic_path`)."""
+    with atomic_path(path, before_replace) as tmp:
         torch.save(obj, tmp)
 
 
@@ -485,11 +489,13 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], stric
 
 
 def save_checkpoint(path: PathLike, model: nn.Module, model_name: str, model_kwargs: Mapping[str, Any],
-                    class_names: Optional[List[str]] = None, **extra: Any) -> None:
-    """Write a ``.pth`` checkpoint (atomically) that :func:`create_model_from_file` can rebuild."""
+                    class_names: Optional[List[str]] = None, before_replace: Optional[Callable[[], None]] = None,
+                    **extra: Any) -> None:
+    """Write a ``.pth`` checkpoint (atomically; ``before_replace``: see :func:`atomic_path`) that
+    :func:`create_model_from_file` can rebuild."""
     obj = dict(model=model.state_dict(), model_name=model_name, model_kwargs=dict(model_kwargs),
                class_names=list(class_names) if class_names is not None else None, **extra)
-    save_torch(obj, path)
+    save_torch(obj, path, before_replace)
 
 
 def create_model_from_file(path: PathLike, strict: bool = True, weights: str = "best",

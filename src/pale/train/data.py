@@ -28,7 +28,7 @@ from ..io import BadImageError, find_images, load_image
 
 __all__ = ["BadImageError", "AugmentationError", "scan_image_folder", "ImageFolderDataset", "load_image",
            "SeededDataset", "EpochSampler", "ShardSampler", "SkipCollate", "clean_worker_error", "usable_cores",
-           "loader_workers"]
+           "loader_workers", "ignore_stop_signals"]
 
 
 def usable_cores() -> int:
@@ -55,6 +55,21 @@ def loader_workers(setting: Any, processes_per_node: int = 1) -> int:
 
 class AugmentationError(InputError):
     """A transform failed on an image (the message names the step and the file)."""
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """``worker_init_fn`` of the training loaders: the worker ignores SIGINT, SIGTERM and SIGUSR1.
+
+    Ctrl-C in a terminal, ``timeout`` and Slurm signal every process of the job, the loader workers
+    too. The training process catches these signals, finishes its update and saves ``last.pth``; a
+    worker killed by the same signal made PyTorch's SIGCHLD handler raise inside that save, which was
+    lost. The workers still exit when the training process shuts its loaders down, or dies.
+    """
+    import signal
+
+    for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def failing_step(transform: Any, err: BaseException) -> str:

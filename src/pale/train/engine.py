@@ -85,7 +85,7 @@ from ..models.attention_kernels import (ALL_KERNELS, CANDIDATES, kernel_choices,
                                          use_kernel)
 from ..progress import log, progress
 from .data import (AugmentationError, BadImageError, EpochSampler, SeededDataset, ShardSampler, SkipCollate,
-                   clean_worker_error, loader_workers, usable_cores)
+                   clean_worker_error, ignore_stop_signals, loader_workers, usable_cores)
 from .recipe import (ENGINE_RULES, RecipeError, RecipeRule, check_optimizer_name, check_rules, dump_recipe, ema_decay,
                      schedule_warnings)
 
@@ -526,8 +526,9 @@ class Trainer:
     def _rotate_last(self) -> None:
         """``last.pth`` -> ``last-1.pth`` -> ... before a new ``last.pth``, keeping ``train.keep_checkpoints`` files.
 
-        Renames are atomic; a crash between them leaves the newest checkpoint under the next name, which
-        :func:`load_latest_checkpoint` finds."""
+        Called once the new checkpoint is complete on disk under a temporary name (a failed write rotates
+        nothing). Renames are atomic; a crash between them leaves the newest checkpoint under the next
+        name, which :func:`load_latest_checkpoint` finds."""
         keep = int(self.cfg["train"]["keep_checkpoints"])
         names = [self.out_dir / "last.pth"] + [self.out_dir / f"last-{i}.pth" for i in range(1, keep)]
         for stale in set(checkpoint_files(self.out_dir)) - set(names):
@@ -554,12 +555,12 @@ class Trainer:
                 {k: v.detach().cpu() for k, v in self.ema.module.named_buffers() if v.is_floating_point()})
         path = self.out_dir / name
         if self.rt.is_main and not self.dry_run:
-            if rotate:
-                self._rotate_last()
             info = self.task.model_info()
             pio.save_checkpoint(
                 path, unwrap_model(self.model), info.pop("model_name"), info.pop("model_kwargs"),
                 info.pop("class_names", None), **info,
+                # older copies move down only once the new file is complete: a failed write keeps them all
+                before_replace=self._rotate_last if rotate else None,
                 model_ema=self.ema.module.state_dict() if self.ema is not None else None, ema_buffers=ema_buffers,
                 optimizer=self.optimizer.state_dict(),
                 scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
@@ -650,6 +651,7 @@ class Trainer:
                 SeededDataset(train_ds, seed), batch_size=self.batch_per_device, sampler=self.train_sampler,
                 num_workers=workers, collate_fn=SkipCollate(self.task.collate_fn(True)), drop_last=True,
                 pin_memory=rt.device.type == "cuda", generator=torch.Generator().manual_seed(seed),
+                worker_init_fn=ignore_stop_signals,
                 # workers live across epochs (starting them cost ~2 s per epoch in the demo); the
                 # sampler stays in this process and SeededDataset seeds every image from its
                 # (epoch, index) key, so their age changes no draw
@@ -670,6 +672,7 @@ class Trainer:
                     val_ds, batch_size=eval_bs, sampler=ShardSampler(len(val_ds), rt.world_size, rt.rank),
                     num_workers=workers, collate_fn=SkipCollate(self.task.collate_fn(False)),
                     pin_memory=rt.device.type == "cuda", persistent_workers=workers > 0,
+                    worker_init_fn=ignore_stop_signals,
                     # its own generator: without one, every new iterator draws its workers' seed from
                     # the global RNG (drop path's), and a resumed run, whose first validation starts
                     # new workers, would continue another random stream than the run it continues
