@@ -248,6 +248,19 @@ def test_bugs_keep_their_traceback(monkeypatch):
     assert issubclass(pio.CheckpointError, UserError) and issubclass(pio.BadImageError, UserError)
 
 
+def test_ctrl_c_is_one_line_and_exit_status_130(monkeypatch, capsys):
+    from pale.commands import predict as predict_command
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(predict_command, "run", interrupted)
+    assert main(["predict", "x.png", "-c", "c.pth"]) == 130
+    assert capsys.readouterr().err.strip() == "pale predict: interrupted"
+    monkeypatch.setenv("PALE_DEBUG", "1")  # the traceback, for whoever debugs
+    with pytest.raises(KeyboardInterrupt):
+        main(["predict", "x.png", "-c", "c.pth"])
+
+
 def test_predict_into_a_closed_pipe_exits_quietly(trained):
     root, _, _ = trained
     folders = " ".join([str(root / "data")] * 150)  # 450 predictions: more JSON than a pipe buffers

@@ -58,6 +58,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     except BrokenPipeError:
         return _quiet_broken_pipe()
+    except KeyboardInterrupt:  # Ctrl-C (pale train saves first and exits 130 itself; a second Ctrl-C ends here)
+        if os.environ.get("PALE_DEBUG"):
+            raise
+        name = " ".join(filter(None, [args.command, getattr(args, "action", None)]))
+        print(f"\npale {name}: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
 
 
 if __name__ == "__main__":
