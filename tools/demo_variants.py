@@ -1,13 +1,16 @@
-"""The experiment-only models and loss of the demo's fourth search (docs/training.md), for reproducing it.
+"""The experiment-only models, loss and augmentation of the demo's fourth and fifth searches
+(docs/training.md), for reproducing them.
 
 Not part of the package: a convolutional stem for the demo's Pale, the small convolutional network used
-as a reference and as a teacher, and DeiT-style distillation from that teacher. Registers the models
-with timm, then runs the ``pale`` command line with the remaining arguments:
+as a reference and as a teacher, DeiT-style distillation from that teacher, and elastic distortion in
+front of the recipe's training transform. Registers the models with timm, then runs the ``pale``
+command line with the remaining arguments:
 
     python tools/demo_variants.py demo --seed 0 -o runs/cs --set model.name=pale_conv_stem
     python tools/demo_variants.py train --recipe teacher.yaml --data runs/demo/data -o runs/teacher
     python tools/demo_variants.py --teacher runs/teacher/last.pth --kind soft --alpha 0.8 --tau 2 \\
         demo --seed 0 -o runs/kd
+    OMP_NUM_THREADS=1 python tools/demo_variants.py --elastic 34 4 demo --workers 0 --seed 0 -o runs/el
 
 ``teacher.yaml``: the ``demo_digits`` recipe with ``model: {name: digits_cnn, kwargs: {}, drop_path_rate: 0}``,
 ``data.img_size: 28`` and ``epochs: 15``.
@@ -117,13 +120,32 @@ def distil_from(teacher_path: str, kind: str, alpha: float, tau: float) -> None:
     ClassificationTask.training_loss = training_loss
 
 
+def elastic_first(alpha: float, sigma: float) -> None:
+    """Put torchvision's elastic distortion (Simard et al., 2003) in front of the recipe's training
+    transform, on the image as read (28x28 for the demo's digits), the uncovered canvas black."""
+    from torchvision import transforms as T
+
+    from pale.train import classification
+
+    recipe_transform = classification.build_train_transform
+
+    def build_train_transform(cfg, dc):
+        return T.Compose([T.ElasticTransform(alpha=alpha, sigma=sigma, fill=0), recipe_transform(cfg, dc)])
+
+    classification.build_train_transform = build_train_transform
+
+
 def main(argv: list) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", help="checkpoint of the teacher (distil from it)")
     parser.add_argument("--kind", choices=("hard", "soft"), default="soft")
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--tau", type=float, default=1.0)
+    parser.add_argument("--elastic", type=float, nargs=2, metavar=("ALPHA", "SIGMA"),
+                        help="elastic distortion before the recipe's training transform")
     args, rest = parser.parse_known_args(argv)
+    if args.elastic:
+        elastic_first(*args.elastic)
     if args.teacher:
         distil_from(args.teacher, args.kind, args.alpha, args.tau)
     from pale.cli import main as pale_main
