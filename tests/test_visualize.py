@@ -178,3 +178,16 @@ def test_the_output_suffix_chooses_the_image_format_and_an_unknown_one_is_refuse
     assert "cannot write a figure to" in err and ".txt is not a format matplotlib writes" in err
     assert "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["digit.png", "rf.jpg"]  # nothing half-written
+
+
+def test_receptive_field_refuses_maps_and_pictures_too_large_to_draw(tmp_path, capsys):
+    # --size 500 500 ran for minutes; --cell 1000 wrote a 60105x12061 px PNG
+    out = tmp_path / "rf.png"
+    assert main(["visualize", "receptive-field", "--size", "500", "500", "-o", str(out)]) == 1
+    assert "--size 500 500: at most 128 tokens per side" in capsys.readouterr().err
+    assert main(["visualize", "receptive-field", "--cell", "1000", "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "--cell 1000 makes a 60105x12061 px picture (at most 16384 per side); use --cell 271 or less" in err
+    assert not out.exists()
+    assert main(["visualize", "receptive-field", "--cell", "271", "--size", "3", "12", "-o", str(out)]) == 0
+    assert max(Image.open(out).size) <= 16384

@@ -8,15 +8,29 @@ from pathlib import Path
 from ._options import add_checkpoint, add_device, add_weights, nonnegative_int, positive_int
 
 
+#: Largest map side of ``visualize receptive-field`` (a diagram of single tokens; Pale-T's largest map,
+#: stage 1 at 224x224, is 56x56); 128x128 takes ~25 s and 2 GB, the float64 gradient of every mode.
+MAX_RF_SIDE = 128
+#: Largest side of its picture, in pixels.
+MAX_RF_PIXELS = 16384
+
+
 def run_receptive_field(args: argparse.Namespace) -> int:
     from .. import ATTN_MODES, create_attention
     from .. import io as pio
-    from ..visualize import receptive_field, render_receptive_fields
+    from ..errors import InputError, settings_error
+    from ..visualize import RFLayout, receptive_field, render_receptive_fields
 
     h, w = args.size
+    if max(h, w) > MAX_RF_SIDE:
+        raise InputError(f"--size {h} {w}: at most {MAX_RF_SIDE} tokens per side (Pale-T's largest map is 56x56)")
     token = tuple(args.token) if args.token else (h // 2, w // 2)
     modes = args.mode or list(ATTN_MODES)
-    from ..errors import settings_error
+    pixels = RFLayout(len(modes), h, w, args.cell).size
+    if max(pixels) > MAX_RF_PIXELS:
+        fits = next(c for c in range(args.cell, 0, -1) if max(RFLayout(len(modes), h, w, c).size) <= MAX_RF_PIXELS)
+        raise InputError(f"--cell {args.cell} makes a {pixels[1]}x{pixels[0]} px picture (at most {MAX_RF_PIXELS} "
+                         f"per side); use --cell {fits} or less, fewer --mode, or a smaller --size")
 
     fields = {}
     for mode in modes:
