@@ -72,8 +72,8 @@ def atomic_targets(monkeypatch):
     original = pio.atomic_path
 
     @contextlib.contextmanager
-    def recording(path):
-        with original(path) as tmp:
+    def recording(path, before_replace=None):
+        with original(path, before_replace) as tmp:
             yield tmp
         seen.append(Path(path).resolve())
     monkeypatch.setattr(pio, "atomic_path", recording)

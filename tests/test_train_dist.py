@@ -41,10 +41,10 @@ RANK_SCRIPT = textwrap.dedent("""
     original = pio.atomic_path
 
     @contextlib.contextmanager
-    def logged(path):
+    def logged(path, before_replace=None):
         with open(os.path.join(spy_dir, f"writes-rank{rank}.txt"), "a") as log:
             log.write(f"{path}\\n")
-        with original(path) as tmp:
+        with original(path, before_replace) as tmp:
             yield tmp
     pio.atomic_path = logged
 
