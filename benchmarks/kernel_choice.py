@@ -17,6 +17,7 @@ import argparse
 import time
 from typing import Callable, Dict, List
 
+from _options import add_model_pair_options
 from pale.bench import Runner, Setting, machine_info
 from pale.models.attention_kernels import CANDIDATES, use_kernel
 
@@ -34,13 +35,8 @@ def _median(values: List[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="pale_tiny")
-    parser.add_argument("--baseline", default="swin_tiny_patch4_window7_224")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--rounds", type=int, default=5)
+    add_model_pair_options(parser)
     parser.add_argument("--dtype", nargs="+", choices=["fp32", "bf16"], default=["fp32"])
-    parser.add_argument("--mode", nargs="+", choices=["infer", "train"], default=["infer", "train"])
     parser.add_argument("--kernels", nargs="+", choices=CANDIDATES["cpu"], default=list(CANDIDATES["cpu"]),
                         help="fixed kernels to compare with auto (default: all)")
     args = parser.parse_args()

@@ -25,6 +25,7 @@ from typing import Callable, Dict, List
 
 from torch.profiler import ProfilerActivity, profile
 
+from _options import add_model_pair_options
 from pale.bench import Runner, Setting
 
 HEAVY_KERNELS = (
@@ -47,12 +48,7 @@ def heavy_share(fn: Callable[[], None]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="pale_tiny")
-    parser.add_argument("--baseline", default="swin_tiny_patch4_window7_224")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--mode", nargs="+", choices=["infer", "train"], default=["infer", "train"])
+    add_model_pair_options(parser)
     args = parser.parse_args()
 
     import torch
