@@ -274,3 +274,23 @@ def test_depthwise_conv_on_maps_smaller_than_the_kernel(size):
         proj.train(training)
         reference = proj.pw(proj.bn(proj.dw(tokens.permute(0, 3, 1, 2))).permute(0, 2, 3, 1))
         torch.testing.assert_close(proj(tokens), reference)
+
+
+@pytest.mark.parametrize("mode", ["parallel", "sequential", "vanilla", "axial", "cross_shaped"])
+@pytest.mark.parametrize("kernel", ["flash", "explicit"])
+def test_an_empty_batch_gives_empty_outputs(mode, kernel):
+    # used to fail inside a reshape ("cannot reshape tensor of 0 elements ... -1 ... ambiguous")
+    from pale.models.attention_kernels import use_kernel
+
+    model = PaleTransformer(embed_dims=(16, 32, 32, 64), depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 2), num_classes=3,
+                            attn_mode=mode, pale_size=2)
+    for size in [(64, 64), (33, 47)]:  # square maps take the one-call path; others pad and mask
+        with use_kernel(kernel):
+            x = torch.randn(0, 3, *size, requires_grad=True)
+            logits = model.train()(x)
+            logits.sum().backward()
+            assert logits.shape == (0, 3) and x.grad.shape == x.shape
+            with torch.no_grad():
+                features = model.eval().forward_features(x)
+                assert features.shape[0] == 0 and features.shape[-1] == 64
+                assert [f.shape[0] for f in model.forward_intermediates(x, intermediates_only=True)] == [0] * 4

@@ -217,9 +217,9 @@ def group_rows(x: Tensor, group_size: int, interlaced: bool) -> Tensor:
     return x.reshape(b * g, group_size * w, c)
 
 
-def ungroup_rows(x: Tensor, batch: int, group_size: int, width: int, interlaced: bool) -> Tensor:
-    """Inverse of :func:`group_rows`: ``(B * G, group_size * W, C)`` -> ``(B, Hp, W, C)``."""
-    g = x.shape[0] // batch
+def ungroup_rows(x: Tensor, batch: int, padded_height: int, group_size: int, width: int, interlaced: bool) -> Tensor:
+    """Inverse of :func:`group_rows`: ``(B * G, group_size * W, C)`` -> ``(B, Hp, W, C)``, ``Hp = padded_height``."""
+    g = padded_height // group_size  # not x.shape[0] // batch: an empty batch has no groups to count
     c = x.shape[-1]
     x = x.view(batch, g, group_size, width, c)
     if interlaced:
@@ -313,14 +313,14 @@ def row_group_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, group_s
         q, k, v = (F.pad(t, (0, 0, 0, 0, 0, hp - h)) for t in (q, k, v))
         groups = hp // group_size
         mask = real_key_mask(h, hp, w, group_size, interlaced, q.device)
-        mask = mask.unsqueeze(0).expand(b, groups, group_size * w).reshape(b * groups, 1, 1, -1)
+        mask = mask.unsqueeze(0).expand(b, groups, group_size * w).reshape(b * groups, 1, 1, group_size * w)
     if keep is not None:
         ids = token_ids if token_ids is not None else torch.arange(h * w, device=q.device).view(h, w)
         ids = F.pad(ids, (0, 0, 0, hp - h), value=-1).view(1, hp, w, 1)
         tokens = group_rows(ids, group_size, interlaced).squeeze(-1)
     qg, kg, vg = (split_heads(group_rows(t, group_size, interlaced), num_heads) for t in (q, k, v))
     out = attend_in_groups(qg, kg, vg, mask, fused, keep, tokens)
-    return ungroup_rows(merge_heads(out), b, group_size, w, interlaced)[:, :h]
+    return ungroup_rows(merge_heads(out), b, hp, group_size, w, interlaced)[:, :h]
 
 
 @torch.fx.wrap
@@ -395,7 +395,7 @@ def group_branches(x: Tensor, group_size: int, interlaced: bool) -> Tensor:
         in the token order of :func:`group_rows` (columns: of the transposed map).
     """
     b, p, _, c = x.shape
-    return torch.stack(_branch_grid(x, group_size, interlaced)).view(-1, group_size * p, c // 2)
+    return torch.stack(_branch_grid(x, group_size, interlaced)).view(2 * b * (p // group_size), group_size * p, c // 2)
 
 
 def ungroup_branches(x: Tensor, batch: int, group_size: int, interlaced: bool) -> Tensor:
