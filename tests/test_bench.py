@@ -146,3 +146,13 @@ def test_bad_options_are_refused_before_anything_runs(capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", *args])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_unknown_model_is_refused_before_the_machine_is_measured(capsys, monkeypatch):
+    import pale.bench as bench
+
+    def measured(*args, **kwargs):
+        raise AssertionError("the peaks were measured before the model names were checked")
+    monkeypatch.setattr(bench, "machine_peaks", measured)
+    assert main(["bench", "--models", "pale_tiny", "pale_tinny"]) == 1
+    assert "unknown model 'pale_tinny'" in capsys.readouterr().err

@@ -365,3 +365,21 @@ def test_every_output_is_dash_o_and_old_spellings_are_hidden():
     parse = build_parser().parse_args
     assert parse(["complexity-report", "--out", "x.md"]).output == "x.md"
     assert parse(["bench", "--json", "b.json"]).json == "b.json" and parse(["bench", "--json"]).json == "-"
+
+
+def test_info_at_a_size_beyond_memory_says_add_meta_and_prints_wide_numbers(capsys, monkeypatch):
+    # 100000x100000 failed inside the CPU allocator (120 GB for one activation); with --meta the total
+    # ran into the next column ("21.75M50172620.00G")
+    import pale.complexity
+
+    def allocator_fails(*args, **kwargs):  # the allocator's own words, without asking a machine for 120 GB
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 120000000000 bytes. Error code 12")
+    with monkeypatch.context() as patch:
+        patch.setattr(pale.complexity, "measure_cost", allocator_fails)
+        assert main(["info", "pale_tiny", "--img-size", "100000", "100000"]) == 1
+    err = capsys.readouterr().err
+    assert "needs more memory than this machine has" in err and "add --meta" in err and "Traceback" not in err
+    assert main(["info", "pale_tiny", "--img-size", "100000", "100000", "--meta"]) == 0
+    total = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("total")).split()
+    assert total[1] == "21.75M" and total[2].endswith("P") and total[2] == total[3]

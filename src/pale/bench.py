@@ -55,14 +55,21 @@ PEERS: Dict[str, Callable[[Pair], Dict[str, Any]]] = {
 }
 
 
-def create_model(name: str, img_size: Pair) -> nn.Module:
-    """A randomly initialised model that takes ``(B, 3, *img_size)`` images."""
+def check_model_name(name: str) -> None:
+    """Refuse a name that is neither a timm model nor one of :data:`PEERS`."""
     import timm
 
     import pale  # noqa: F401  (registers the Pale models)
 
     if name not in timm.list_models() and name not in PEERS:
         raise InputError(f"unknown model {name!r}; try pale_tiny, pale_small, pale_base or one of {sorted(PEERS)}")
+
+
+def create_model(name: str, img_size: Pair) -> nn.Module:
+    """A randomly initialised model that takes ``(B, 3, *img_size)`` images."""
+    import timm
+
+    check_model_name(name)
     kwargs = PEERS[name](img_size) if name in PEERS else {}
     return timm.create_model(name, pretrained=False, **kwargs)
 

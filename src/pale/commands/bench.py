@@ -64,7 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..bench import checkpointing_summary, format_table, machine_info, machine_peaks, run_benchmark, to_json
+    from ..bench import (check_model_name, checkpointing_summary, format_table, machine_info, machine_peaks,
+                         run_benchmark, to_json)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -72,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--warmup and --repeats must be >= 1, got {args.warmup} and {args.repeats}")
     if any(b < 1 for b in args.batch_size):
         raise InputError(f"batch sizes must be >= 1, got {args.batch_size}")
+    for name in args.models:  # before the peaks and the models are measured, which takes a while
+        check_model_name(name)
     log = (lambda s: None) if args.quiet else (lambda s: print(f"[bench] {s}", file=sys.stderr, flush=True))
     info = machine_info()
     log(f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}, load average {info['loadavg']}")

@@ -76,7 +76,7 @@ def model_kinds() -> Dict[str, ModelKind]:
 def _human(n: Optional[float], digits: int = 2) -> str:
     if n is None:
         return "-"
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:
             return f"{n / scale:.{digits}f}{unit}"
     return f"{n:.0f}"
@@ -142,13 +142,20 @@ def run(args: argparse.Namespace) -> int:
             model = kind.build(args.model, kwargs)
     try:
         cost = measure_cost(model, img_size, make_input=kind.make_input)
-    except NotImplementedError as err:
+    except NotImplementedError as err:  # before RuntimeError, its base class
         if not args.meta:
             raise
         # e.g. Mask R-CNN's RoI selection (torch.nonzero): its output shape depends on values
         raise InputError(f"--meta cannot count the {args.kind}: it runs an operator whose output shape depends on "
                          f"values, which the meta device does not have ({str(err).split('.')[0]}); "
                          f"run without --meta") from None
+    except (MemoryError, RuntimeError) as err:
+        if not isinstance(err, MemoryError) and "can't allocate memory" not in str(err) \
+                and "out of memory" not in str(err).lower():  # the CPU and CUDA allocators' words
+            raise
+        raise InputError(f"counting {args.model} at {img_size[0]}x{img_size[1]} runs a forward pass that needs more "
+                         f"memory than this machine has ({str(err).splitlines()[0][:120]}); add --meta to count "
+                         f"from shapes alone") from None
     if args.json:
         out = dict(model=args.model, kind=args.kind, settings=kwargs, img_size=list(img_size),
                    params=cost.params, macs=cost.macs, params_by_part=cost.params_by_part,
