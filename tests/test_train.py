@@ -390,14 +390,17 @@ def test_resume_can_extend_the_schedule(folder, straight, tmp_path):
     assert ckpt["history"][:2] == load_torch(straight[0] / "last.pth")["history"]
 
 
-def test_amp_auto_on_cpu_uses_bf16_only_where_native():
+@pytest.mark.parametrize("native", [False, True])
+def test_amp_auto_on_cpu_uses_bf16_only_where_native_and_bf16_asked_where_emulated_warns(native, monkeypatch, capsys):
     import torch
 
-    from pale.train.engine import setup_runtime
-    rt = setup_runtime("cpu", "auto")
-    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    assert rt.amp_dtype == (torch.bfloat16 if native else None)
-    assert setup_runtime("cpu", "bf16").amp_dtype == torch.bfloat16
+    from pale.train import engine
+    monkeypatch.setattr(engine, "native_bf16", lambda: native)
+    assert engine.setup_runtime("cpu", "auto").amp_dtype == (torch.bfloat16 if native else None)
+    assert "warning" not in capsys.readouterr().err
+    assert engine.setup_runtime("cpu", "bf16").amp_dtype == torch.bfloat16  # asked for: used, and on an
+    err = capsys.readouterr().err                                          # emulating CPU said to be slow
+    assert ("bf16 runs emulated, far slower than float32" in err) == (not native)
 
 
 @pytest.mark.parametrize("num_classes", [3, 10])

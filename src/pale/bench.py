@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 
 from .errors import InputError
+from .models.attention_kernels import native_bf16
 
 Pair = Tuple[int, int]
 DTYPES = ("fp32", "bf16")
@@ -147,11 +148,6 @@ def machine_peaks(repeats: int = 5) -> Dict[str, float]:
         "conv1x1_fp32": conv_peak(torch.float32, repeats=repeats),
         "conv1x1_bf16": conv_peak(torch.bfloat16, repeats=repeats),
     }
-
-
-def native_bf16() -> bool:
-    """Whether the CPU runs bf16 natively (AVX-512-BF16 or AMX), as oneDNN sees it."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def machine_info() -> Dict[str, Any]:

@@ -278,6 +278,11 @@ def clear_kernel_choices() -> None:
 # Saving and restoring the choices
 # --------------------------------------------------------------------------------------------
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512-BF16 or AMX), as oneDNN sees it."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def cpu_model_name() -> str:
     """The CPU's model name from ``/proc/cpuinfo``, else what :mod:`platform` knows."""
     try:

@@ -81,7 +81,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .. import io as pio
 from ..errors import InputError, UserError
-from ..models.attention_kernels import (ALL_KERNELS, CANDIDATES, kernel_choices, load_kernel_choices,
+from ..models.attention_kernels import (ALL_KERNELS, CANDIDATES, kernel_choices, load_kernel_choices, native_bf16,
                                          use_kernel)
 from ..progress import log, progress
 from .data import (AugmentationError, BadImageError, EpochSampler, SeededDataset, ShardSampler, SkipCollate,
@@ -177,7 +177,7 @@ def setup_runtime(device: str = "auto", amp: str = "auto", channels_last: bool =
         if dev.type == "cpu":
             # bf16 only pays on CPUs with native bf16 (AVX-512-BF16/AMX); elsewhere it is emulated
             # and far slower than fp32 (measured ~1 vs ~170 GFLOP/s on an AVX2-only EPYC).
-            amp = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "none"
+            amp = "bf16" if native_bf16() else "none"
         else:
             amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     amp_dtypes = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -185,6 +185,9 @@ def setup_runtime(device: str = "auto", amp: str = "auto", channels_last: bool =
         raise InputError(f"amp (train.amp, --amp) must be one of auto, {', '.join(amp_dtypes)}; got {amp!r}")
     if amp == "fp16" and dev.type != "cuda":
         raise InputError("amp fp16 (train.amp, --amp) needs a CUDA device; use bf16 (or none) on the CPU")
+    if amp == "bf16" and dev.type == "cpu" and rank == 0 and not native_bf16():
+        log("warning: this CPU has no native bf16 (AVX-512-BF16 or AMX): bf16 runs emulated, far slower than "
+            "float32; amp none (or auto, which chooses it here) is faster")
     return Runtime(dev, amp_dtypes[amp], rank, world, local_rank, channels_last)
 
 
