@@ -125,3 +125,21 @@ def test_full_demo_reaches_97_percent(tmp_path):
     metrics = run_demo(tmp_path / "demo", ["train.progress=false"])
     _check_run(tmp_path / "demo", expect_top1=97.0)
     assert metrics["train_time_s"] < 600
+
+
+def test_the_demo_replaces_only_its_own_runs_and_data(tmp_path):
+    # `pale demo -o FOLDER` deleted FOLDER's last.pth, best.pth, ... and FOLDER/data whatever they were
+    from pale.errors import InputError
+
+    other_run = tmp_path / "my_run"
+    other_run.mkdir()
+    (other_run / "last.pth").write_bytes(b"weeks of training")
+    with pytest.raises(InputError, match=r"holds another run \(last.pth\), not a demo's"):
+        run_demo(other_run, ["epochs=1"])
+    assert (other_run / "last.pth").read_bytes() == b"weeks of training"
+    my_data = tmp_path / "project" / "data" / "cats"
+    my_data.mkdir(parents=True)
+    (my_data / "tom.jpg").write_bytes(b"a cat")
+    with pytest.raises(InputError, match="holds files that are not the demo's digits"):
+        run_demo(tmp_path / "project", ["epochs=1"])
+    assert (my_data / "tom.jpg").read_bytes() == b"a cat"

@@ -74,7 +74,9 @@ def split_digits(labels: np.ndarray, seed: int = 0) -> Dict[str, np.ndarray]:
 
 
 def prepare_digits(root: Path, seed: int = 0) -> Dict[str, int]:
-    """Write the splits as an ImageFolder tree under ``root`` (skipped if already written)."""
+    """Write the splits as an ImageFolder tree under ``root`` (skipped if already written). An older
+    tree of the demo's (with its ``manifest.json``) is replaced; a folder holding anything else is refused,
+    never deleted."""
     root = Path(root)
     images, labels = load_mnist_5k()
     splits = split_digits(labels, seed)
@@ -83,6 +85,9 @@ def prepare_digits(root: Path, seed: int = 0) -> Dict[str, int]:
     if manifest.is_file() and json.loads(manifest.read_text()).get("key") == key:
         return {k: len(v) for k, v in splits.items()}
     if root.exists():
+        if not manifest.is_file() and any(root.iterdir()):
+            raise InputError(f"{root} holds files that are not the demo's digits (no manifest.json); the demo "
+                             f"replaces only its own: choose another output folder")
         shutil.rmtree(root)
     names = [str(d) for d in range(10)]
     for name, idx in splits.items():
@@ -101,10 +106,13 @@ def run_demo(out_dir: os.PathLike = "runs/demo", overrides: Optional[Iterable[st
     out = pio.output_folder(out_dir, "run folder")
     started = time.time()
     data_root = out / "data"
+    stale = sorted({*(out / name for name in RUN_FILES if (out / name).exists()), *checkpoint_files(out)})
+    if stale and not (data_root / "manifest.json").is_file():  # a run of something else: never delete it
+        raise InputError(f"{out} holds another run ({', '.join(p.name for p in stale)}), not a demo's; the demo "
+                         f"replaces only its own runs: choose another output folder (-o)")
     counts = prepare_digits(data_root)
     print(f"digits: {counts['train']} train / {counts['val']} val / {counts['test']} test (held out) in {data_root}",
           flush=True)
-    stale = sorted({*(out / name for name in RUN_FILES if (out / name).exists()), *checkpoint_files(out)})
     if stale:
         print(f"replacing the previous demo run in {out}", flush=True)
         for p in stale:
