@@ -211,3 +211,13 @@ def test_16_bit_and_float_images_are_scaled_to_8_bits_not_clipped(tmp_path):
     photo = (np.arange(8 * 8 * 3) % 256).astype(np.uint8).reshape(8, 8, 3)
     Image.fromarray(photo).save(tmp_path / "photo.png")
     assert np.array_equal(np.asarray(load_image(tmp_path / "photo.png")), photo)  # 8-bit: untouched
+
+
+def test_output_stems_keep_inputs_with_one_name_apart(tmp_path):
+    from pale.io import output_stems
+
+    files = [tmp_path / "a" / "x.png", tmp_path / "b" / "x.png", tmp_path / "b" / "x.JPG", tmp_path / "b" / "y.png"]
+    assert list(output_stems(files).values()) == ["a/x", "b/x_png", "b/x_jpg", "b/y"]
+    one_folder = [tmp_path / "b" / "x.png", tmp_path / "b" / "y.png"]
+    assert list(output_stems(one_folder).values()) == ["x", "y"]  # the plain stems, as before
+    assert output_stems([]) == {}

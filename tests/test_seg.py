@@ -258,6 +258,15 @@ def test_predict_writes_overlays_of_the_input_size(toy, tmp_path):
     assert overlay.width == 101 and overlay.height > 75 and labels.shape == (75, 101) and labels.max() < 3
     assert pale_main(["seg", "predict", str(tmp_path / "missing.jpg"), "--checkpoint",
                       str(tmp_path / "m.safetensors")]) == 1
+    # inputs with one name in two folders (and two suffixes) each keep their outputs; they overwrote each other
+    for name in ("a/x.png", "b/x.png", "b/x.jpg"):
+        (tmp_path / "many" / name).parent.mkdir(parents=True, exist_ok=True)
+        _write(tmp_path / "many" / name, np.zeros((40, 50, 3), np.uint8))
+    assert pale_main(["seg", "predict", str(tmp_path / "many"), "--checkpoint", str(tmp_path / "m.safetensors"),
+                      "-o", str(tmp_path / "many_pred"), "--test-scale", "0", "0"]) == 0
+    written = sorted(p.relative_to(tmp_path / "many_pred").as_posix() for p in (tmp_path / "many_pred").rglob("*.png"))
+    assert written == ["a/x_labels.png", "a/x_overlay.png", "b/x_jpg_labels.png", "b/x_jpg_overlay.png",
+                       "b/x_png_labels.png", "b/x_png_overlay.png"]
 
 
 def _remapped_copy(toy: Path, dest: Path, mapping: dict) -> Path:

@@ -42,7 +42,8 @@ PathLike = Union[str, os.PathLike]
 
 __all__ = [
     "IMAGE_EXTENSIONS", "WEIGHT_CHOICES", "BadImageError", "to_8bit", "load_image", "find_images", "resolve_device",
-    "select_weights", "CheckpointError", "WeightsMismatchError", "LoadReport", "output_folder", "atomic_path", "atomic_write_bytes", "atomic_write_text",
+    "select_weights", "CheckpointError", "WeightsMismatchError", "LoadReport", "output_folder", "output_stems",
+    "atomic_path", "atomic_write_bytes", "atomic_write_text",
     "atomic_write_json", "atomic_savefig", "atomic_save_image", "save_torch", "load_torch", "save_safetensors",
     "load_safetensors", "load_state_dict_file", "load_weights", "save_checkpoint", "read_model_file",
     "describe_weights",
@@ -133,6 +134,24 @@ def load_image(path: PathLike, mode: str = "RGB") -> Any:
         raise BadImageError(f"not an image (or an unsupported format): {path}") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise BadImageError(f"cannot read image {path}: {err}") from None
+
+
+def output_stems(files: List[Path]) -> Dict[Path, str]:
+    """A distinct name for each input's outputs: its path relative to the inputs' common folder, without
+    the suffix (``a/x.png`` and ``b/x.png`` -> ``a/x``, ``b/x``); where two files in one folder share a
+    stem, the suffix is kept (``x_jpg``, ``x_png``). A single folder of distinct names gives the plain
+    stems."""
+    if not files:
+        return {}
+    parents = [str(Path(f).resolve().parent) for f in files]
+    common = Path(os.path.commonpath(parents))
+    relative = {f: Path(f).resolve().relative_to(common) for f in files}
+    plain = {f: r.with_suffix("").as_posix() for f, r in relative.items()}
+    counts: Dict[str, int] = {}
+    for stem in plain.values():
+        counts[stem] = counts.get(stem, 0) + 1
+    return {f: (stem if counts[stem] == 1 else f"{stem}_{relative[f].suffix.lstrip('.').lower()}")
+            for f, stem in plain.items()}
 
 
 def find_images(inputs: Any, what: str = "image or folder", folder: str = "folder") -> List[Path]:

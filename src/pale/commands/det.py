@@ -53,6 +53,7 @@ def run_predict(args: argparse.Namespace) -> int:
     loaded(info, device)
     names = ["background"] + list(info.get("class_names") or [])
     out_dir = pio.output_folder(args.output)
+    stems = pio.output_stems(files)  # a/x.png and b/x.png must not write the same outputs
     for f in files:
         rgb = np.asarray(pio.load_image(f), dtype=np.uint8)
         x = torch.from_numpy(rgb.astype(np.float32) / 255).permute(2, 0, 1).to(device)
@@ -61,11 +62,12 @@ def run_predict(args: argparse.Namespace) -> int:
         keep = det["scores"] >= args.score_thr
         boxes, labels, scores = (det[k][keep].cpu().numpy() for k in ("boxes", "labels", "scores"))
         masks = (det["masks"][keep][:, 0] > 0.5).cpu().numpy()
-        save_png(detection_overlay(rgb, boxes, labels, scores, masks, names, args.alpha), out_dir / f"{f.stem}_overlay.png")
-        pio.atomic_write_json(out_dir / f"{f.stem}_detections.json", [
+        overlay_path = out_dir / f"{stems[f]}_overlay.png"
+        save_png(detection_overlay(rgb, boxes, labels, scores, masks, names, args.alpha), overlay_path)
+        pio.atomic_write_json(out_dir / f"{stems[f]}_detections.json", [
             dict(label=names[int(lab)], score=float(s), box_xyxy=[float(v) for v in b])
             for b, lab, s in zip(boxes, labels, scores)])
-        print(f"{f}: {len(boxes)} object(s) -> {out_dir / (f.stem + '_overlay.png')}")
+        print(f"{f}: {len(boxes)} object(s) -> {overlay_path}")
     return 0
 
 

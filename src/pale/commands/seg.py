@@ -69,7 +69,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from ..dense.seg_data import normalize
     from ..dense.seg_eval import segment
     from ..dense.seg_task import load_segmenter
-    from ..io import find_images, load_image, output_folder, resolve_device
+    from ..io import find_images, load_image, output_folder, output_stems, resolve_device
 
     files = find_images(args.inputs)
     device = resolve_device(args.device)
@@ -80,6 +80,7 @@ def run_predict(args: argparse.Namespace) -> int:
     colours = palette(len(label_ids))
     settings = _test_settings(args, info)
     out_dir = output_folder(args.output)
+    stems = output_stems(files)  # a/x.png and b/x.png must not write the same outputs
     for f in files:
         rgb = np.asarray(load_image(f), dtype=np.uint8)
         x = normalize(torch.from_numpy(rgb.astype(np.float32) / 255).permute(2, 0, 1))[None].to(device)
@@ -89,10 +90,11 @@ def run_predict(args: argparse.Namespace) -> int:
         legend = [(colours[k], f"{label_ids[k]} {names[k]}" if names[k] != str(label_ids[k]) else names[k])
                   for k in present]
         overlay = add_legend(segmentation_overlay(rgb, pred, args.alpha), legend)
-        save_png(overlay, out_dir / f"{f.stem}_overlay.png")
+        overlay_path, labels_path = (out_dir / f"{stems[f]}_{kind}.png" for kind in ("overlay", "labels"))
+        save_png(overlay, overlay_path)
         ids = label_ids[pred]  # the data set's own annotation ids
-        save_png(ids.astype(np.uint8 if label_ids.max() <= 255 else np.uint16), out_dir / f"{f.stem}_labels.png")
-        print(f"{f} -> {out_dir / (f.stem + '_overlay.png')}, {out_dir / (f.stem + '_labels.png')} "
+        save_png(ids.astype(np.uint8 if label_ids.max() <= 255 else np.uint16), labels_path)
+        print(f"{f} -> {overlay_path}, {labels_path} "
               f"(ids {', '.join(str(label_ids[k]) for k in present)})")
     return 0
 
