@@ -221,3 +221,14 @@ def test_output_stems_keep_inputs_with_one_name_apart(tmp_path):
     one_folder = [tmp_path / "b" / "x.png", tmp_path / "b" / "y.png"]
     assert list(output_stems(one_folder).values()) == ["x", "y"]  # the plain stems, as before
     assert output_stems([]) == {}
+
+
+def test_folders_are_searched_without_hidden_files_and_folders(tmp_path):
+    # macOS's "._x.jpg" resource forks are not images, and .ipynb_checkpoints holds copies
+    from pale.io import find_images
+
+    for name in ("cat/a.jpg", "cat/._a.jpg", "cat/.ipynb_checkpoints/a-checkpoint.jpg", "cat/sub/b.PNG"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    assert [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)] == ["cat/a.jpg", "cat/sub/b.PNG"]
+    assert find_images(tmp_path / "cat" / "._a.jpg") == [tmp_path / "cat" / "._a.jpg"]  # named: taken as given

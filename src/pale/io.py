@@ -156,15 +156,17 @@ def output_stems(files: List[Path]) -> Dict[Path, str]:
 
 def find_images(inputs: Any, what: str = "image or folder", folder: str = "folder") -> List[Path]:
     """The image files named: files as given, folders searched recursively for
-    :data:`IMAGE_EXTENSIONS` (sorted). A path that does not exist (``what``), or a folder without
-    images (``folder``), is an error naming it."""
+    :data:`IMAGE_EXTENSIONS` (sorted; hidden files and folders, named ``.*``, left out). A path that does
+    not exist (``what``), or a folder without images (``folder``), is an error naming it."""
     found: List[Path] = []
     for item in [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs:
         p = Path(item)
         if not p.exists():
             raise MissingFileError(f"{what} not found: {p}")
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            # hidden files and folders are skipped: macOS's "._x.jpg" resource forks, .ipynb_checkpoints copies
+            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not files:
                 raise InputError(f"{folder} {p} holds no images (extensions: {', '.join(IMAGE_EXTENSIONS)})")
             found += files
