@@ -66,6 +66,14 @@ def test_a_file_that_is_no_checkpoint_says_so(tmp_path, content):
         load_torch(path)
 
 
+def test_an_onnx_file_given_as_a_checkpoint_says_what_to_give_instead(tmp_path):
+    path = tmp_path / "digits.onnx"
+    path.write_bytes(b"\x08\x08\x12\x07pytorch")  # how an exported graph starts
+    with pytest.raises(CheckpointError, match=r"digits.onnx is an ONNX graph, .* give them the .pth checkpoint or "
+                                              r"\.safetensors export .* onnxruntime"):
+        load_torch(path)
+
+
 def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     path = tmp_path / "ckpt.pth"
     torch.save({"model": {"w": torch.randn(100, 100)}}, path)

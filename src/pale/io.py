@@ -330,6 +330,10 @@ def load_torch(path: PathLike) -> Any:
         head = f.read(4)
     # torch.save writes a zip archive; files of torch < 1.6 and plain torch pickles start with a pickle opcode
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        if p.suffix.lower() == ".onnx":
+            raise CheckpointError(f"{p} is an ONNX graph, which pale's commands do not load: give them the .pth "
+                                  f"checkpoint or .safetensors export it came from, and run the graph with "
+                                  f"onnxruntime (docs/deploy.md)")
         raise CheckpointError(f"{p} is not a PyTorch checkpoint: neither a zip archive nor a pickle (it starts "
                               f"with {head!r}); expected a .pth that pale train or torch.save wrote")
     try:
