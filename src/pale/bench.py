@@ -62,7 +62,7 @@ def check_model_name(name: str) -> None:
 
     import pale  # noqa: F401  (registers the Pale models)
 
-    if name not in timm.list_models() and name not in PEERS:
+    if not timm.is_model(name) and name not in PEERS:
         raise InputError(f"unknown model {name!r}; try pale_tiny, pale_small, pale_base or one of {sorted(PEERS)}")
 
 

@@ -46,6 +46,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from . import register_models
 
     register_models()
+    name = " ".join(filter(None, [args.command, getattr(args, "action", None)]))  # for one-line errors
     try:
         status = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
@@ -53,7 +54,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UserError as err:
         if os.environ.get("PALE_DEBUG"):
             raise
-        name = " ".join(filter(None, [args.command, getattr(args, "action", None)]))
         print(f"pale {name}: error: {err}", file=sys.stderr)
         return 1
     except BrokenPipeError:
@@ -61,7 +61,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C (pale train saves first and exits 130 itself; a second Ctrl-C ends here)
         if os.environ.get("PALE_DEBUG"):
             raise
-        name = " ".join(filter(None, [args.command, getattr(args, "action", None)]))
         print(f"\npale {name}: interrupted", file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports it
 

@@ -18,6 +18,7 @@ them. Weights-only exports are ``.safetensors`` files whose metadata holds ``mod
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -143,13 +144,11 @@ def output_stems(files: List[Path]) -> Dict[Path, str]:
     stems."""
     if not files:
         return {}
-    parents = [str(Path(f).resolve().parent) for f in files]
-    common = Path(os.path.commonpath(parents))
-    relative = {f: Path(f).resolve().relative_to(common) for f in files}
+    resolved = {f: Path(f).resolve() for f in files}
+    common = Path(os.path.commonpath([str(r.parent) for r in resolved.values()]))
+    relative = {f: r.relative_to(common) for f, r in resolved.items()}
     plain = {f: r.with_suffix("").as_posix() for f, r in relative.items()}
-    counts: Dict[str, int] = {}
-    for stem in plain.values():
-        counts[stem] = counts.get(stem, 0) + 1
+    counts = collections.Counter(plain.values())
     return {f: (stem if counts[stem] == 1 else f"{stem}_{relative[f].suffix.lstrip('.').lower()}")
             for f, stem in plain.items()}
 
