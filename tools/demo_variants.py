@@ -1,9 +1,9 @@
-"""The experiment-only models, loss and augmentation of the demo's fourth and fifth searches
+"""The experiment-only models, loss, augmentation and data of the demo's fourth to sixth searches
 (docs/training.md), for reproducing them.
 
-Not part of the package: a convolutional stem for the demo's Pale, the small convolutional network used
-as a reference and as a teacher, DeiT-style distillation from that teacher, and elastic distortion in
-front of the recipe's training transform. Registers the models with timm, then runs the ``pale``
+Not part of the package: two convolutional stems for the demo's Pale, the small convolutional network
+used as a reference and as a teacher, DeiT-style distillation from that teacher, elastic distortion in
+front of the recipe's training transform, and scikit-learn's digits as extra training data. Registers the models with timm, then runs the ``pale``
 command line with the remaining arguments:
 
     python tools/demo_variants.py demo --seed 0 -o runs/cs --set model.name=pale_conv_stem
@@ -11,6 +11,10 @@ command line with the remaining arguments:
     python tools/demo_variants.py --teacher runs/teacher/last.pth --kind soft --alpha 0.8 --tau 2 \\
         demo --seed 0 -o runs/kd
     OMP_NUM_THREADS=1 python tools/demo_variants.py --elastic 34 4 demo --workers 0 --seed 0 -o runs/el
+    OMP_NUM_THREADS=1 python tools/demo_variants.py demo --workers 0 --seed 0 -o runs/cs28 \\
+        --set model.name=pale_cnn_stem --set data.img_size=28
+    python tools/demo_variants.py --add-sklearn-digits runs/mix    # a copy of runs/demo/data
+    OMP_NUM_THREADS=1 pale train --recipe demo_digits --data runs/mix -o runs/mix-s0 --workers 0 --seed 0 --epochs 14
 
 ``teacher.yaml``: the ``demo_digits`` recipe with ``model: {name: digits_cnn, kwargs: {}, drop_path_rate: 0}``,
 ``data.img_size: 28`` and ``epochs: 15``.
@@ -33,18 +37,25 @@ from timm.models import register_model  # noqa: E402
 from pale.models.pale_transformer import PaleTransformer, _create_pale  # noqa: E402
 
 
-class ConvStem(nn.Module):
-    """Two 3x3 stride-2 convolutions (BatchNorm and GELU between), then LayerNorm: ``(B, H, W, C_in)`` ->
-    ``(B, H/4, W/4, C)``, in place of the 7x7 stride-4 stem."""
+class _NCHWConvsStem(nn.Module):
+    """Convolutions in NCHW, then LayerNorm: ``(B, H, W, C_in)`` -> ``(B, H', W', C)``."""
 
-    def __init__(self, in_chans: int, dim: int):
+    def __init__(self, convs: nn.Sequential, dim: int):
         super().__init__()
-        self.convs = nn.Sequential(nn.Conv2d(in_chans, dim // 2, 3, 2, 1, bias=False), nn.BatchNorm2d(dim // 2),
-                                   nn.GELU(), nn.Conv2d(dim // 2, dim, 3, 2, 1))
+        self.convs = convs
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.convs(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+
+class ConvStem(_NCHWConvsStem):
+    """Two 3x3 stride-2 convolutions (BatchNorm and GELU between), then LayerNorm: ``(B, H, W, C_in)`` ->
+    ``(B, H/4, W/4, C)``, in place of the 7x7 stride-4 stem."""
+
+    def __init__(self, in_chans: int, dim: int):
+        super().__init__(nn.Sequential(nn.Conv2d(in_chans, dim // 2, 3, 2, 1, bias=False), nn.BatchNorm2d(dim // 2),
+                                       nn.GELU(), nn.Conv2d(dim // 2, dim, 3, 2, 1)), dim)
 
 
 @register_model
@@ -52,6 +63,26 @@ def pale_conv_stem(pretrained: bool = False, **kwargs) -> PaleTransformer:
     """``pale_tiny`` (with the given kwargs) whose stem is :class:`ConvStem`."""
     model = _create_pale("pale_tiny", **kwargs)
     model.stem = ConvStem(model.in_chans, model.embed_dims[0])
+    return model
+
+
+class CNNStem(_NCHWConvsStem):
+    """Two 3x3 conv-BN-ReLU layers at full resolution (16 channels, as the first block of
+    :class:`DigitsCNN`), then a 3x3 stride-2 convolution and LayerNorm: ``(B, H, W, C_in)`` ->
+    ``(B, H/2, W/2, C)``, for 28x28 digits read at their own size (a 14x14 first-stage map)."""
+
+    def __init__(self, in_chans: int, dim: int, width: int = 16):
+        super().__init__(nn.Sequential(nn.Conv2d(in_chans, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
+                                       nn.ReLU(inplace=True), nn.Conv2d(width, width, 3, 1, 1, bias=False),
+                                       nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+                                       nn.Conv2d(width, dim, 3, 2, 1)), dim)
+
+
+@register_model
+def pale_cnn_stem(pretrained: bool = False, **kwargs) -> PaleTransformer:
+    """``pale_tiny`` (with the given kwargs) whose stem is :class:`CNNStem` (stride 2, not 4)."""
+    model = _create_pale("pale_tiny", **kwargs)
+    model.stem = CNNStem(model.in_chans, model.embed_dims[0])
     return model
 
 
@@ -135,6 +166,23 @@ def elastic_first(alpha: float, sigma: float) -> None:
     classification.build_train_transform = build_train_transform
 
 
+def add_sklearn_digits(data: str) -> int:
+    """Write scikit-learn's 1797 8x8 digits (16 grey levels) into ``data/train/<digit>/`` as 28x28 PNGs laid
+    out as MNIST's are: the digit scaled to 20x20 in the middle of a black 28x28 canvas."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for i, (image, label) in enumerate(zip(digits.images, digits.target)):
+        small = Image.fromarray((image * (255 / 16)).astype(np.uint8)).resize((20, 20), Image.BILINEAR)
+        canvas = Image.new("L", (28, 28), 0)
+        canvas.paste(small, (4, 4))
+        canvas.save(os.path.join(data, "train", str(label), f"sklearn_{i:05d}.png"))
+    print(f"wrote {len(digits.images)} digits into {data}/train")
+    return 0
+
+
 def main(argv: list) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", help="checkpoint of the teacher (distil from it)")
@@ -143,7 +191,11 @@ def main(argv: list) -> int:
     parser.add_argument("--tau", type=float, default=1.0)
     parser.add_argument("--elastic", type=float, nargs=2, metavar=("ALPHA", "SIGMA"),
                         help="elastic distortion before the recipe's training transform")
+    parser.add_argument("--add-sklearn-digits", metavar="DATA",
+                        help="add scikit-learn's digits to DATA/train (a copy of a demo's data folder) and stop")
     args, rest = parser.parse_known_args(argv)
+    if args.add_sklearn_digits:
+        return add_sklearn_digits(args.add_sklearn_digits)
     if args.elastic:
         elastic_first(*args.elastic)
     if args.teacher:
