@@ -167,6 +167,14 @@ def test_bad_data_errors_name_the_file(tmp_path):
     ann.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"a\.jpg is 30x20 but .*instances_train\.json says 30x21"):
         CocoInstances(tmp_path / "train", ann)[0]
+    # stored 30x20 with an EXIF tag that turns it: read as 20x30, and the error says why
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "train" / "a.jpg", exif=exif)
+    data["images"][0]["height"] = 20
+    ann.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"a\.jpg is 20x30 \(turned upright by its EXIF orientation tag.* says 30x20"):
+        CocoInstances(tmp_path / "train", ann)[0]
     data["images"][0].update(height=20, file_name="missing.jpg")
     ann.write_text(json.dumps(data))
     with pytest.raises(FileNotFoundError, match=r"missing\.jpg"):

@@ -221,6 +221,40 @@ def test_16_bit_and_float_images_are_scaled_to_8_bits_not_clipped(tmp_path):
     assert np.array_equal(np.asarray(load_image(tmp_path / "photo.png")), photo)  # 8-bit: untouched
 
 
+def _sideways_photo(path, orientation=6):
+    """A 40x20 (WxH) PNG whose top-left 10x10 corner is red, tagged with an EXIF ``orientation``."""
+    import numpy as np
+    from PIL import Image
+
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)
+    stored[:10, :10, 0] = 255
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(path, exif=exif)
+    return stored
+
+
+def test_images_are_turned_upright_by_their_exif_orientation(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from pale.io import exif_turn_note, load_image
+
+    stored = _sideways_photo(tmp_path / "phone.png", orientation=6)  # 6: shown turned 90 degrees clockwise
+    assert Image.open(tmp_path / "phone.png").size == (40, 20)
+    upright = np.asarray(load_image(tmp_path / "phone.png"))
+    assert upright.shape == (40, 20, 3)
+    assert np.array_equal(upright, np.rot90(stored, k=-1))  # the red corner is now at the top right
+    assert upright[:10, -10:, 0].min() == 255 and upright[:, :10, 0].max() == 0
+    assert "EXIF orientation" in exif_turn_note(tmp_path / "phone.png")
+    _sideways_photo(tmp_path / "flipped.png", orientation=3)  # 3: turned 180 degrees, same size
+    assert np.asarray(load_image(tmp_path / "flipped.png", "L")).shape == (20, 40)
+    assert exif_turn_note(tmp_path / "flipped.png") == ""
+    _sideways_photo(tmp_path / "plain.png", orientation=1)
+    assert np.array_equal(np.asarray(load_image(tmp_path / "plain.png")), stored)
+    assert exif_turn_note(tmp_path / "plain.png") == "" and exif_turn_note(tmp_path / "missing.png") == ""
+
+
 def test_output_stems_keep_inputs_with_one_name_apart(tmp_path):
     from pale.io import output_stems
 

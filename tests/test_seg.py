@@ -190,6 +190,15 @@ def test_bad_data_errors_name_the_file(tmp_path):
     ds = SegmentationFolder(tmp_path, "training", 3)
     with pytest.raises(ValueError, match=r"a\.png is 30x21 \(WxH\) but its image .*a\.jpg is 30x20"):
         ds[0]
+    # a phone photo stored sideways is read upright; a mask drawn on the stored pixels no longer fits, and the
+    # error says why
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(img).save(tmp_path / "images" / "training" / "a.jpg", exif=exif)
+    _write(tmp_path / "annotations" / "training" / "a.png", np.zeros((20, 30), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"a\.jpg is 20x30 \(turned upright by its EXIF orientation tag"):
+        ds[0]
+    _write(tmp_path / "images" / "training" / "a.jpg", img)
     _write(tmp_path / "annotations" / "training" / "a.png", np.full((20, 30), 7, dtype=np.uint8))
     with pytest.raises(ValueError, match=r"a\.png has label id\(s\) 7"):
         SegmentationFolder(tmp_path, "training", 3)[0]

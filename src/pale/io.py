@@ -42,8 +42,8 @@ PathLike = Union[str, os.PathLike]
 # whose files may hold many frames). A file named explicitly loads whatever its extension.
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "WEIGHT_CHOICES", "BadImageError", "to_8bit", "load_image", "find_images", "resolve_device",
-    "select_weights", "CheckpointError", "WeightsMismatchError", "LoadReport", "output_folder", "output_stems",
+    "IMAGE_EXTENSIONS", "WEIGHT_CHOICES", "BadImageError", "to_8bit", "load_image", "exif_turn_note", "find_images",
+    "resolve_device", "select_weights", "CheckpointError", "WeightsMismatchError", "LoadReport", "output_folder", "output_stems",
     "atomic_path", "atomic_write_bytes", "atomic_write_text",
     "atomic_write_json", "atomic_savefig", "atomic_save_image", "save_torch", "load_torch", "save_safetensors",
     "load_safetensors", "load_state_dict_file", "load_weights", "save_checkpoint", "read_model_file",
@@ -117,24 +117,47 @@ def to_8bit(img: Any) -> Any:
 
 
 def load_image(path: PathLike, mode: str = "RGB") -> Any:
-    """Open and fully decode an image as a PIL image in ``mode`` (``'RGB'``, ``'L'``, ...); 16-bit and
-    float images are scaled to 8 bits by their range (:func:`to_8bit`), not clipped.
+    """Open and fully decode an image as a PIL image in ``mode`` (``'RGB'``, ``'L'``, ...), upright:
+    turned as its EXIF orientation says (a phone photo is stored sideways with a tag saying so; viewers
+    and labelling tools show it turned, and OpenCV, which MMSegmentation and MMDetection read images with,
+    turns it too). 16-bit and float images are scaled to 8 bits by their range (:func:`to_8bit`), not
+    clipped.
 
     A missing file is a :class:`~pale.errors.MissingFileError`; anything PIL cannot decode is a
     :class:`BadImageError`; both name ``path``.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not Path(path).is_file():
         raise MissingFileError(f"image not found: {path}")
     try:
         with Image.open(path) as img:
             img.load()
+            try:
+                ImageOps.exif_transpose(img, in_place=True)
+            except Exception:  # a malformed EXIF block must not make a decodable image unreadable
+                pass
             return to_8bit(img).convert(mode)
     except UnidentifiedImageError:
         raise BadImageError(f"not an image (or an unsupported format): {path}") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise BadImageError(f"cannot read image {path}: {err}") from None
+
+
+def exif_turn_note(path: PathLike) -> str:
+    """For size-mismatch errors: ``' (turned upright by its EXIF orientation tag; ...)'`` if the image at
+    ``path`` carries a tag that turns it by 90 or 270 degrees, else ``''``."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            orientation = img.getexif().get(0x0112, 1)
+    except (OSError, ValueError, SyntaxError):
+        return ""
+    if orientation not in (5, 6, 7, 8):
+        return ""
+    return (" (turned upright by its EXIF orientation tag, as viewers show it: annotations must be made on the "
+            "upright image; or remove the tag, e.g. PIL.ImageOps.exif_transpose and save)")
 
 
 def output_stems(files: List[Path]) -> Dict[Path, str]:

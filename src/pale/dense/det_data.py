@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..errors import InputError, MissingFileError
-from ..io import BadImageError, load_image
+from ..io import BadImageError, exif_turn_note, load_image
 
 __all__ = ["CocoInstances", "load_coco", "detection_collate"]
 
@@ -103,8 +103,8 @@ class CocoInstances(Dataset):
             raise MissingFileError(f"image {path} (id {image_id} in {self.ann_file}) not found")
         img = load_image(str(path))
         if (img.height, img.width) != (info["height"], info["width"]):
-            raise InputError(f"image {path} is {img.width}x{img.height} but {self.ann_file} says "
-                             f"{info['width']}x{info['height']}")
+            raise InputError(f"image {path} is {img.width}x{img.height}{exif_turn_note(path)} but {self.ann_file} "
+                             f"says {info['width']}x{info['height']}")
         boxes, labels, masks = [], [], []
         for ann in self.coco.imgToAnns[image_id]:
             if ann.get("iscrowd", 0):

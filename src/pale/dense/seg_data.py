@@ -31,7 +31,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 
 from ..errors import InputError, MissingFileError
-from ..io import find_images, load_image
+from ..io import exif_turn_note, find_images, load_image
 
 __all__ = ["IGNORE_INDEX", "SegmentationFolder", "SegTrainTransform", "normalize", "scan_segmentation_folder",
            "contiguous_label_ids", "scan_label_ids", "label_lookup", "load_label", "rescale_size", "list_collate"]
@@ -110,7 +110,7 @@ def load_label(path: str, image_size: Tuple[int, int], image_path: str, lookup: 
     label = _read_annotation(path)
     if label.shape != tuple(image_size):
         raise InputError(f"annotation {path} is {label.shape[1]}x{label.shape[0]} (WxH) but its image "
-                         f"{image_path} is {image_size[1]}x{image_size[0]}")
+                         f"{image_path} is {image_size[1]}x{image_size[0]}{exif_turn_note(image_path)}")
     outside = (label < 0) | (label >= len(lookup))
     mapped = np.where(outside, -1, lookup[np.clip(label, 0, len(lookup) - 1)])
     if (mapped < 0).any():
