@@ -133,6 +133,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_torchrun_two_cpu_processes(straight2):
     proc, spy, run = straight2
     assert "2 process(es) on cpu" in proc.stderr and "batch 8 = 4 x 2 x 1" in proc.stderr
+    # DDP's stride warning for depthwise weights (C, 1, k, k), whose gradient differs in a size-1 dim only
+    assert "Grad strides do not match" not in proc.stderr
     # only rank 0 wrote files
     assert not (spy / "writes-rank1.txt").exists()
     written = {os.path.basename(p) for p in (spy / "writes-rank0.txt").read_text().split()}

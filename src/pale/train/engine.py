@@ -68,6 +68,7 @@ import random
 import re
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -195,7 +196,6 @@ def setup_runtime(device: str = "auto", amp: str = "auto", channels_last: bool =
 def _without_torch_worker_warning() -> Iterator[None]:
     """Silence PyTorch's warning that loader workers exceed the cores, which it repeats for every
     loader and iterator; a run says so once, in its own words (:func:`schedule_warnings`)."""
-    import warnings
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
         yield
@@ -613,6 +613,11 @@ class Trainer:
         if rt.distributed:
             if tcfg["sync_bn"]:
                 self.model = model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            # Depthwise convolution weights are (C, 1, k, k); oneDNN hands back their gradient with another
+            # stride along the size-1 dim, the same memory layout, which DDP compares literally and warns
+            # about once per process ("may impair performance"); it copies each gradient into its bucket
+            # whatever the strides.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
             self.model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None, **self.task.ddp_kwargs)
 
