@@ -229,6 +229,37 @@ def test_a_signal_to_the_whole_process_group_still_saves(folder, tmp_path):
     assert load_torch(run / "last.pth")["num_updates"] >= EVERY
 
 
+def test_a_run_that_fails_with_loader_workers_alive_exits(folder, tmp_path):
+    """The loader workers ignore SIGTERM (above). An exception that ended a run with their persistent
+    iterators alive left them to Python's exit, where multiprocessing terminates daemonic children with
+    SIGTERM and waits for them: the process hung after printing its traceback (seen under torchrun)."""
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(yaml.safe_dump(json.loads(json.dumps(recipe(epochs=3, **{"train.workers": 1})))))
+    script = f"""
+import sys
+from pale.cli import main
+from pale.train.classification import ClassificationTask
+recipe_loss, calls = ClassificationTask.training_loss, []
+def failing_loss(self, *args):
+    calls.append(1)
+    if len(calls) == 3:
+        raise RuntimeError("a bug in the middle of an epoch")
+    return recipe_loss(self, *args)
+ClassificationTask.training_loss = failing_loss
+sys.exit(main(["train", "--recipe", {str(recipe_file)!r}, "--data", {str(folder)!r}, "-o", {str(tmp_path / "run")!r}]))
+"""
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE",
+               PYTHONPATH=os.pathsep.join([str(Path(pale.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the process did not exit after its traceback: " + proc.communicate()[1][-2000:])
+    assert proc.returncode == 1 and "RuntimeError: a bug in the middle of an epoch" in err, err
+
+
 def test_a_failed_checkpoint_write_leaves_the_kept_ones_as_they_were(folder, tmp_path, monkeypatch):
     run = tmp_path / "run"
     train(recipe(epochs=1), [f"data.root={folder}"], run)

@@ -329,6 +329,17 @@ def test_empty_data_folder_fails_before_training(tmp_path):
         run_training(SegmentationTask, None, tiny_overrides(tmp_path), tmp_path / "run")
 
 
+def test_one_image_per_forward_is_refused_before_training(toy, tmp_path):
+    # the pyramid pooling's BatchNorm over 1x1 maps fails on one image (a ValueError deep in the first
+    # update; under torchrun with --batch-size 2 on 2 processes)
+    with pytest.raises(ValueError, match=r"batch_size 1 gives 1 image per forward .* set --batch-size 2 or more"):
+        run_training(SegmentationTask, None, tiny_overrides(toy, batch_size=1), tmp_path / "run")
+    with pytest.raises(ValueError, match=r"batch_size 2 gives 1 image per forward .* set --batch-size 4 or more"):
+        run_training(SegmentationTask, None, tiny_overrides(toy, batch_size=2, **{"train.accum_steps": 2}),
+                     tmp_path / "run")
+    assert not (tmp_path / "run" / "last.pth").exists()
+
+
 @pytest.mark.slow
 def test_training_beats_untrained_model(tmp_path):
     """A few hundred CPU steps on real photos with pasted objects: mIoU well above the untrained model's."""

@@ -21,7 +21,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..errors import InputError
 from ..train import Runtime, Task
-from ..train.recipe import choice_rule, list_rule, number_rule
+from ..train.recipe import RecipeError, choice_rule, list_rule, number_rule
 from ..io import BadImageError
 from .engine import dense_defaults, fill_variant_defaults, load_dense_model
 from .seg_data import (IGNORE_INDEX, SegmentationFolder, SegTrainTransform,
@@ -211,6 +211,20 @@ class SegmentationTask(Task):
         return None if train else list_collate
 
     # -- loss and evaluation --
+
+    def check_batch(self, per_process: int, rt: Runtime) -> None:
+        # UperNet's pyramid pooling normalises 1x1 maps with BatchNorm: one image per forward gives it
+        # one value per channel, which BatchNorm refuses in training (SyncBatchNorm over several GPUs
+        # pools the processes' values)
+        synced = rt.distributed and rt.device.type == "cuda"
+        if per_process * (rt.world_size if synced else 1) >= 2:
+            return
+        accum = int(self.cfg["train"]["accum_steps"])
+        raise RecipeError(
+            f"batch_size {self.cfg['batch_size']} gives {per_process} image per forward in each of "
+            f"{rt.world_size} process(es) ({accum} accumulation step(s)); UperNet's pyramid pooling uses "
+            f"BatchNorm on 1x1 maps, which needs at least 2 images per forward: set --batch-size "
+            f"{2 * rt.world_size * accum} or more")
 
     def training_loss(self, model: nn.Module, batch: Any, rt: Runtime) -> Tuple[torch.Tensor, int]:
         images, labels = batch

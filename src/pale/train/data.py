@@ -21,14 +21,14 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 from ..errors import InputError, MissingFileError
 from ..io import BadImageError, find_images, load_image
 
 __all__ = ["BadImageError", "AugmentationError", "scan_image_folder", "ImageFolderDataset", "load_image",
            "SeededDataset", "EpochSampler", "ShardSampler", "SkipCollate", "clean_worker_error", "usable_cores",
-           "loader_workers", "ignore_stop_signals"]
+           "loader_workers", "ignore_stop_signals", "shut_down_workers"]
 
 
 def usable_cores() -> int:
@@ -70,6 +70,22 @@ def ignore_stop_signals(worker_id: int) -> None:
     for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+def shut_down_workers(loader: Optional[DataLoader]) -> None:
+    """End the worker processes that a loader with ``persistent_workers`` keeps between epochs (in its
+    ``_iterator``). They ignore SIGTERM (:func:`ignore_stop_signals`): left alive until Python exits,
+    they block multiprocessing's exit hook, which terminates daemonic children with SIGTERM and then
+    waits for them, so a run that ended in an exception hung after printing its traceback."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is None or not hasattr(iterator, "_shutdown_workers"):
+        return
+    iterator._shutdown_workers()  # asks each worker to stop, and waits a few seconds for it
+    for worker in getattr(iterator, "_workers", []):
+        if worker.is_alive():  # stuck in a read: SIGTERM would be ignored
+            worker.kill()
+            worker.join()
+    loader._iterator = None
 
 
 def failing_step(transform: Any, err: BaseException) -> str:

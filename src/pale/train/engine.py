@@ -86,7 +86,7 @@ from ..models.attention_kernels import (ALL_KERNELS, CANDIDATES, kernel_choices,
                                          use_kernel)
 from ..progress import log, progress
 from .data import (AugmentationError, BadImageError, EpochSampler, SeededDataset, ShardSampler, SkipCollate,
-                   clean_worker_error, ignore_stop_signals, loader_workers, usable_cores)
+                   clean_worker_error, ignore_stop_signals, loader_workers, shut_down_workers, usable_cores)
 from .recipe import (ENGINE_RULES, RecipeError, RecipeRule, check_optimizer_name, check_rules, dump_recipe, ema_decay,
                      schedule_warnings)
 
@@ -315,6 +315,10 @@ class Task:
 
     def collate_fn(self, train: bool) -> Optional[Callable[[List[Any]], Any]]:
         return None
+
+    def check_batch(self, per_process: int, rt: Runtime) -> None:
+        """Refuse (:class:`RecipeError`) a training batch of ``per_process`` samples per forward that the
+        model cannot train on; any size is fine by default."""
 
     def training_loss(self, model: nn.Module, batch: Any, rt: Runtime) -> Tuple[torch.Tensor, int]:
         """The loss of one batch (called under autocast) and the number of samples in it."""
@@ -650,6 +654,7 @@ class Trainer:
                               f"{accum} accumulation steps")
         self.accum = accum
         self.batch_per_device = total // (rt.world_size * accum)
+        self.task.check_batch(self.batch_per_device, rt)
         train_ds = self.task.train_dataset()
         self.train_sampler = EpochSampler(train_ds, rt.world_size, rt.rank, seed)
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -826,16 +831,20 @@ class Trainer:
         started = time.time()
         kernel = tcfg["attention_kernel"]
         with self._signal_handlers(), (use_kernel(kernel) if kernel != "auto" else contextlib.nullcontext()):
-            for epoch in range(self.start_epoch, epochs):
-                record = self._train_epoch(epoch)
-                self._sync_norm_stats()
-                last = epoch + 1 == epochs
-                if self.val_loader is not None and (last or (epoch + 1) % int(tcfg["eval_every"]) == 0):
-                    record.update(self._validate())
-                self.history.append(record)
-                self._end_epoch(epoch, record)
-                if self._stop_requested():
-                    self._interrupted(epoch + 1, 0)
+            try:
+                for epoch in range(self.start_epoch, epochs):
+                    record = self._train_epoch(epoch)
+                    self._sync_norm_stats()
+                    last = epoch + 1 == epochs
+                    if self.val_loader is not None and (last or (epoch + 1) % int(tcfg["eval_every"]) == 0):
+                        record.update(self._validate())
+                    self.history.append(record)
+                    self._end_epoch(epoch, record)
+                    if self._stop_requested():
+                        self._interrupted(epoch + 1, 0)
+            finally:
+                shut_down_workers(self.train_loader)
+                shut_down_workers(self.val_loader)
         total_skipped = self._total_skipped()
         summary = dict(epochs=epochs, best=self.best, last=self.history[-1] if self.history else {},
                        skipped_images=total_skipped, skipped_nonfinite_batches=self.nonfinite_skipped,
