@@ -162,15 +162,29 @@ def seg_checkpoint(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("command", [["eval", "--data", "."], ["predict", "IMAGE"],
+@pytest.mark.parametrize("command", [["eval", "--data", "."], ["predict", "IMAGE"], ["export", "-o", "x.onnx"],
                                      ["visualize", "attention", "IMAGE", "--token", "1", "1"]])
 def test_segmentation_checkpoint_to_classifier_commands_is_one_line(seg_checkpoint, trained, command, capsys):
     image = str(next((trained[0] / "data" / "a").iterdir()))
     argv = [image if a == "IMAGE" else a for a in command] + ["-c", str(seg_checkpoint)]
     assert main(argv) == 1
     err = capsys.readouterr().err
-    assert "is a segmentation checkpoint (upernet_pale_tiny); use `pale seg` commands with it" in err
+    assert ("is a segmentation checkpoint (upernet_pale_tiny), which the classifier commands (eval, predict, "
+            "export, visualize) do not take: use `pale seg eval` or `pale seg predict` with it (in Python: "
+            "pale.dense.seg_task.load_segmenter)") in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_detection_checkpoint_to_a_classifier_command_names_the_det_commands(tmp_path, capsys):
+    path = tmp_path / "det.safetensors"
+    pio.save_safetensors(_sd(0.0), path, metadata=dict(task="detection", model_name="maskrcnn_pale_tiny",
+                                                        model_kwargs={"backbone": "pale_tiny", "num_classes": 2}))
+    assert main(["export", "-c", str(path), "-o", str(tmp_path / "x.onnx")]) == 1
+    assert capsys.readouterr().err.strip().endswith(
+        "is a detection checkpoint (maskrcnn_pale_tiny), which the classifier commands (eval, predict, export, "
+        "visualize) do not take: use `pale det eval` or `pale det predict` with it (in Python: "
+        "pale.dense.det_task.load_detector)")
+    assert not (tmp_path / "x.onnx").exists()
 
 
 def test_unknown_model_names_are_one_line(capsys):

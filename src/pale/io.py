@@ -561,8 +561,11 @@ def create_model_from_file(path: PathLike, strict: bool = True, weights: str = "
     state_dict, info = read_model_file(path, weights)
     task = info.get("task")
     if task not in (None, "classification"):
-        raise CheckpointError(f"{path} is a {task} checkpoint ({info.get('model_name')}); "
-                              f"use `pale {'seg' if task == 'segmentation' else 'det'}` commands with it")
+        group, loader = (("seg", "pale.dense.seg_task.load_segmenter") if task == "segmentation" else
+                         ("det", "pale.dense.det_task.load_detector"))
+        raise CheckpointError(f"{path} is a {task} checkpoint ({info.get('model_name')}), which the classifier "
+                              f"commands (eval, predict, export, visualize) do not take: use `pale {group} eval` or "
+                              f"`pale {group} predict` with it (in Python: {loader})")
     name = info.get("model_name")
     if not name:
         raise CheckpointError(f"{path} does not say which model it holds (no 'model_name'); "
