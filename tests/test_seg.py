@@ -17,7 +17,7 @@ from pale.dense.engine import run_training
 from pale.dense.overlay import palette
 from pale.dense.seg_data import SegmentationFolder, SegTrainTransform, label_lookup, load_label, scan_label_ids
 from pale.dense.seg_eval import confusion_matrix, segment, segmentation_metrics
-from pale.dense.seg_task import SegmentationTask, evaluate_segmenter, inference_settings
+from pale.dense.seg_task import SegmentationTask, evaluate_segmenter, inference_settings, seg_loss
 from pale.train import resolve_recipe
 from pale.dense.toydata import make_ade_dataset
 from pale.dense.upernet import PaleUperNet
@@ -327,6 +327,48 @@ def test_empty_data_folder_fails_before_training(tmp_path):
     (tmp_path / "images" / "training").mkdir(parents=True)
     with pytest.raises(ValueError, match="holds no images"):
         run_training(SegmentationTask, None, tiny_overrides(tmp_path), tmp_path / "run")
+
+
+def test_the_loss_averages_labelled_pixels_and_is_zero_on_a_crop_without_any():
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    logits, aux = torch.randn(2, 3, 4, 5, requires_grad=True), torch.randn(2, 3, 4, 5)
+    labels = torch.randint(0, 3, (2, 4, 5))
+    labels[0, :2] = 255
+    expected = F.cross_entropy(logits, labels, ignore_index=255) + 0.4 * F.cross_entropy(aux, labels, ignore_index=255)
+    assert torch.allclose(seg_loss((logits, aux), labels, 0.4), expected)
+    assert torch.allclose(seg_loss((logits, None), labels, 0.4), F.cross_entropy(logits, labels, ignore_index=255))
+    # a crop of pure background under reduce_zero_label: every pixel ignored. PyTorch's mean gives NaN
+    # there, which stopped training as a non-finite loss
+    ignored = torch.full((2, 4, 5), 255)
+    assert torch.isnan(F.cross_entropy(logits, ignored, ignore_index=255))
+    loss = seg_loss((logits, aux), ignored, 0.4)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_a_stopped_run_says_to_continue_with_pale_seg_train(toy, tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    from pale.train.engine import TrainingInterrupted
+
+    recipe_loss, calls = SegmentationTask.training_loss, []
+
+    def loss_then_sigterm(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would; the run stops after this update
+        return recipe_loss(self, *args)
+    monkeypatch.setattr(SegmentationTask, "training_loss", loss_then_sigterm)
+    with pytest.raises(TrainingInterrupted):
+        run_training(SegmentationTask, None, tiny_overrides(toy), tmp_path / "run")
+    last = tmp_path / "run" / "last.pth"
+    assert f"continue with: pale seg train --resume {last} (or the same command with --resume auto)" in \
+        capsys.readouterr().err
+    assert last.is_file()
 
 
 def test_one_image_per_forward_is_refused_before_training(toy, tmp_path):

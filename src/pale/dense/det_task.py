@@ -140,6 +140,7 @@ class DetectionTask(Task):
     """Mask R-CNN + Pale on COCO-format data."""
 
     defaults = DET_DEFAULTS
+    train_command = "pale det train"
     variant_defaults = DET_VARIANT_DEFAULTS
     rules = DET_RULES
     best_metric, best_mode = "bbox_ap", "max"

@@ -80,12 +80,21 @@ SEG_DEFAULTS: Dict[str, Any] = dense_defaults(
     }})
 
 
+def pixel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ``(B, K, H, W)`` logits against ``(B, H, W)`` labels, averaged over the pixels that
+    are not ``IGNORE_INDEX``; 0 (with zero gradients) when every pixel is. PyTorch's mean divides by the
+    count of labelled pixels and gives NaN for none, which a crop of pure background under
+    ``reduce_zero_label`` is (mmseg's loss gives 0 there)."""
+    labelled = (labels != IGNORE_INDEX).sum().clamp_min(1)
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum") / labelled
+
+
 def seg_loss(outputs: Tuple[torch.Tensor, Optional[torch.Tensor]], labels: torch.Tensor, aux_weight: float) -> torch.Tensor:
     """Cross-entropy of the main logits plus ``aux_weight`` times that of the auxiliary logits."""
     logits, aux = outputs
-    loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+    loss = pixel_cross_entropy(logits, labels)
     if aux is not None and aux_weight > 0:
-        loss = loss + aux_weight * F.cross_entropy(aux.float(), labels, ignore_index=IGNORE_INDEX)
+        loss = loss + aux_weight * pixel_cross_entropy(aux, labels)
     return loss
 
 
@@ -134,6 +143,7 @@ class SegmentationTask(Task):
     """UperNet + Pale on an ADE20K-layout folder."""
 
     defaults = SEG_DEFAULTS
+    train_command = "pale seg train"
     variant_defaults = SEG_VARIANT_DEFAULTS
     rules = SEG_RULES
     best_metric, best_mode = "miou", "max"

@@ -289,6 +289,8 @@ class Task:
     best_mode: str = "max"
     #: evaluation metrics drawn in ``curves.png`` (losses are always drawn)
     curve_metrics: Sequence[str] = ("top1",)
+    #: the command that trains this task, for the messages that tell how to continue a run
+    train_command: str = "pale train"
     #: extra keyword arguments for DistributedDataParallel (e.g. find_unused_parameters=True)
     ddp_kwargs: Mapping[str, Any] = {}
     #: ranges of the task's own settings (:func:`pale.train.recipe.check_rules`), checked with the engine's
@@ -521,7 +523,7 @@ class Trainer:
             shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
             raise InputError(f"{self.out_dir} holds another run ({path.name}: model {ckpt.get('model_name')}), "
                              f"whose recipe differs: {shown}. Choose another output folder, or continue that run "
-                             f"with its own recipe: pale train --resume {path}")
+                             f"with its own recipe: {self.task.train_command} --resume {path}")
 
     def runtime_record(self) -> Dict[str, Any]:
         """How this run computes beyond its recipe, stored in checkpoints as ``runtime``; a resume with
@@ -1067,6 +1069,6 @@ class Trainer:
         name = signal.Signals(signum).name
         requeue = " (exit status 138: requeue the job)" if signum == getattr(signal, "SIGUSR1", None) else ""
         self._log(f"stopped by {name}{requeue} at epoch {epoch + 1 if step else epoch}, update {step}; checkpoint "
-                  f"saved to {path}; continue with: pale train --resume {path} (or the same command with "
-                  f"--resume auto)")
+                  f"saved to {path}; continue with: {self.task.train_command} --resume {path} (or the same command "
+                  f"with --resume auto)")
         raise TrainingInterrupted(128 + int(signum))

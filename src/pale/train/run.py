@@ -60,7 +60,8 @@ def train(recipe: Union[str, os.PathLike, Dict[str, Any], None], overrides: Opti
         else:
             ckpt = pio.load_torch(resume)
         if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
-            raise pio.CheckpointError(f"{resume} is not a `pale train` checkpoint (no stored recipe)")
+            command = TASKS[task].train_command if task in TASKS else "pale train"
+            raise pio.CheckpointError(f"{resume} is not a `{command}` checkpoint (no stored recipe)")
         cfg = resolve_config(ckpt["config"], overrides, task)
         del ckpt
         out_dir = Path(out_dir) if out_dir is not None else resume.parent
