@@ -169,11 +169,13 @@ def test_create_model_from_file_checks_the_task_and_the_stored_settings(tmp_path
     ema = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
     save_checkpoint(tmp_path / "c.pth", model, "pale_tiny", TINY, task="classification", model_ema=ema)
     assert create_model_from_file(tmp_path / "c.pth", weights="ema")[1]["weights"] == "ema"
-    for task, command in (("segmentation", "seg"), ("detection", "det")):
+    for task, command, loader in (("segmentation", "seg", "seg_task.load_segmenter"),
+                                  ("detection", "det", "det_task.load_detector")):
         save_checkpoint(tmp_path / "s.pth", model, "upernet_pale_tiny", TINY, task=task)
         with pytest.raises(CheckpointError, match="^" + re.escape(
-                f"{tmp_path / 's.pth'} is a {task} checkpoint (upernet_pale_tiny); use `pale {command}` commands "
-                f"with it") + "$"):
+                f"{tmp_path / 's.pth'} is a {task} checkpoint (upernet_pale_tiny), which the classifier commands "
+                f"(eval, predict, export, visualize) do not take: use `pale {command} eval` or `pale {command} "
+                f"predict` with it (in Python: pale.dense.{loader})") + "$"):
             create_model_from_file(tmp_path / "s.pth")
     save_checkpoint(tmp_path / "b.pth", model, "pale_tiny", dict(TINY, pale_size=0))
     with pytest.raises(InputError, match="^" + re.escape(f"{tmp_path / 'b.pth'}: cannot build pale_tiny")):
