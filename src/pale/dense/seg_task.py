@@ -89,6 +89,12 @@ def pixel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum") / labelled
 
 
+def syncs_batch_norm(rt: Runtime) -> bool:
+    """Whether training on ``rt`` uses SyncBatchNorm (several CUDA processes, as mmseg), which computes the
+    batch statistics over all processes' images."""
+    return rt.distributed and rt.device.type == "cuda"
+
+
 def seg_loss(outputs: Tuple[torch.Tensor, Optional[torch.Tensor]], labels: torch.Tensor, aux_weight: float) -> torch.Tensor:
     """Cross-entropy of the main logits plus ``aux_weight`` times that of the auxiliary logits."""
     logits, aux = outputs
@@ -184,7 +190,7 @@ class SegmentationTask(Task):
         if self.cfg["model"]["pretrained"]:
             model.load_pretrained(self.cfg["model"]["pretrained"])
         rt = getattr(self, "runtime", None)
-        if rt is not None and rt.distributed and rt.device.type == "cuda":
+        if rt is not None and syncs_batch_norm(rt):
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over all GPUs, as mmseg
         return model
 
@@ -224,10 +230,8 @@ class SegmentationTask(Task):
 
     def check_batch(self, per_process: int, rt: Runtime) -> None:
         # UperNet's pyramid pooling normalises 1x1 maps with BatchNorm: one image per forward gives it
-        # one value per channel, which BatchNorm refuses in training (SyncBatchNorm over several GPUs
-        # pools the processes' values)
-        synced = rt.distributed and rt.device.type == "cuda"
-        if per_process * (rt.world_size if synced else 1) >= 2:
+        # one value per channel, which BatchNorm refuses in training
+        if per_process * (rt.world_size if syncs_batch_norm(rt) else 1) >= 2:
             return
         accum = int(self.cfg["train"]["accum_steps"])
         raise RecipeError(
@@ -267,7 +271,7 @@ def load_segmenter(path: str, device: str = "auto", weights: str = "best") -> Tu
     """A trained segmenter and its description, from a ``.pth`` or ``.safetensors`` (``weights``:
     :func:`pale.io.read_model_file`). The description's ``label_ids`` (class index -> annotation id)
     are filled in for checkpoints that predate them (ids from 0, or from 1 with ``reduce_zero_label``)."""
-    model, info = load_dense_model(path, "segmentation", "pale seg train", build_upernet, device, weights)
+    model, info = load_dense_model(path, "segmentation", SegmentationTask.train_command, build_upernet, device, weights)
     dc = dict(info.get("data_config") or {})
     if dc.get("label_ids") is None:
         dc["label_ids"] = contiguous_label_ids(int(info["model_kwargs"]["num_classes"]),
