@@ -32,9 +32,10 @@ CASES = [(mode, (97, 131), (3, 5)) for mode in ATTN_MODES] + [  # odd, non-squar
 ]
 
 
-@pytest.mark.parametrize("mode,size,pale_size", CASES)
-def test_analytic_matches_measured_per_module(mode, size, pale_size):
-    kwargs = dict(TINY, attn_mode=mode, pale_size=pale_size, stripe_width=(3, 3, 5, 5))
+@pytest.mark.parametrize("mode,size,pale_size,stem_type", [case + ("overlap",) for case in CASES] + [
+    ("parallel", (27, 31), 2, "deep"), ("vanilla", (28, 28), (3, 5), "deep")])  # odd sizes: a ceil-mode pool
+def test_analytic_matches_measured_per_module(mode, size, pale_size, stem_type):
+    kwargs = dict(TINY, attn_mode=mode, pale_size=pale_size, stripe_width=(3, 3, 5, 5), stem_type=stem_type)
     analytic = analytic_cost(PaleConfig.from_kwargs(**kwargs), size)
     measured = _measured(kwargs, size)
     assert abs(analytic.macs / measured.macs - 1) < 0.01

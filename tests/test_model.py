@@ -80,6 +80,24 @@ def test_forward_intermediates_matches_forward_features():
         torch.testing.assert_close(only[-1], inter[-1])
 
 
+def test_deep_stem_halves_instead_of_quartering():
+    # the stem of the demo: 3x3 convolutions with a ceil-mode 2x2 pool, so every stage's map is twice the
+    # paper stem's (which maps 27 -> 7); the learned position tables follow the same grids
+    model = tiny(stem_type="deep", pos_embed="ape", img_size=(27, 31)).eval()
+    assert [i["reduction"] for i in model.feature_info] == [2, 4, 8, 16]
+    assert [tuple(s.pos_embed.shape[1:3]) for s in model.stages] == [(14, 16), (7, 8), (4, 4), (2, 2)]
+    with torch.no_grad():
+        inter = model.forward_intermediates(torch.randn(2, 3, 27, 31), intermediates_only=True)
+    assert [tuple(t.shape[-2:]) for t in inter] == [(14, 16), (7, 8), (4, 4), (2, 2)]
+    assert [tuple(t.shape[-2:]) for t in tiny().eval().forward_intermediates(
+        torch.randn(1, 3, 27, 31), intermediates_only=True)][0] == (7, 8)
+    features = timm.create_model("pale_tiny", stem_type="deep", features_only=True)
+    assert features.feature_info.reduction() == [2, 4, 8, 16]
+    x = torch.randn(2, 3, 28, 28, requires_grad=True)
+    model.train()(x).sum().backward()
+    assert x.grad.abs().sum() > 0 and model.stem.convs[0].conv.weight.grad is not None
+
+
 def test_prune_intermediate_layers():
     model = tiny().eval()
     x = torch.randn(1, 3, 64, 64)
@@ -228,6 +246,7 @@ def test_bad_model_input(x, err, match):
     (dict(num_heads=(2, 2, 1, 4)), "must be even"),
     (dict(pale_size=(7, 7, 7)), "pale_size must be"),
     (dict(depths=(1, 1, 1)), "one entry per stage"),
+    (dict(stem_type="deep_conv"), r"unknown stem type 'deep_conv'; expected one of \('overlap', 'deep'\)"),
 ])
 def test_bad_model_config(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -243,6 +243,7 @@ class PaleConfig:
     num_classes: int
     in_chans: int
     img_size: Pair
+    stem_type: str = "overlap"
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "PaleConfig":
@@ -252,7 +253,7 @@ class PaleConfig:
             model = PaleTransformer(**kwargs)
         return cls(model.embed_dims, model.depths, model.num_heads, model.pale_sizes, model.attn_mode,
                    model.stripe_widths, float(model.mlp_ratio), model.pos_embed_mode, int(model.num_classes),
-                   int(model.in_chans), model.img_size)
+                   int(model.in_chans), model.img_size, model.stem_type)
 
     @classmethod
     def from_model_name(cls, model_name: str, **overrides: Any) -> "PaleConfig":
@@ -321,6 +322,17 @@ def _conv_layer(name: str, h: int, w: int, c_in: int, c_out: int, kernel: int, g
     return LayerMacs(name, (h, w), c_out, macs, macs)
 
 
+def _deep_stem_layers(h_img: int, w_img: int, h: int, w: int, c_in: int, dim: int) -> List[LayerMacs]:
+    """The convolutions of :class:`pale.models.pale_transformer.DeepConvStem`: two 3x3 at the image's size,
+    two 3x3 and the 1x1 at the pooled ``(h, w)``."""
+    half = max(dim // 2, 1)
+    return [_conv_layer("stem.convs.0.conv", h_img, w_img, c_in, half, 3),
+            _conv_layer("stem.convs.1.conv", h_img, w_img, half, half, 3),
+            _conv_layer("stem.convs.3.conv", h, w, half, dim, 3),
+            _conv_layer("stem.convs.4.conv", h, w, dim, dim, 3),
+            _conv_layer("stem.pointwise", h, w, dim, dim, 1)]
+
+
 def _linear_layer(name: str, h: int, w: int, c_in: int, c_out: int) -> LayerMacs:
     macs = h * w * c_in * c_out
     return LayerMacs(name, (h, w), c_out, macs, macs)
@@ -360,18 +372,24 @@ def analytic_cost(cfg: PaleConfig, img_size: Pair) -> AnalyticCost:
     ``(1, in_chans, H, W)`` image. Layer names follow the model's module paths."""
     h_img, w_img = as_pair(tuple(img_size), "img_size")
     if h_img < 3 or w_img < 3:
-        raise InputError(f"images must be at least 3x3 for the 7x7/stride-4 stem, got {(h_img, w_img)}")
+        raise InputError(f"images must be at least 3x3 for the Pale stem, got {(h_img, w_img)}")
     dims = cfg.embed_dims
     layers: List[LayerMacs] = []
     params: Dict[str, int] = {}
 
-    grids = stage_sizes((h_img, w_img), len(dims))
+    grids = stage_sizes((h_img, w_img), len(dims), cfg.stem_type)
     h, w = grids[0]
-    layers.append(_conv_layer("stem.proj", h, w, cfg.in_chans, dims[0], 7))
-    params["stem"] = cfg.in_chans * dims[0] * 49 + dims[0] + 2 * dims[0]
+    if cfg.stem_type == "deep":
+        layers.extend(_deep_stem_layers(h_img, w_img, h, w, cfg.in_chans, dims[0]))
+        half = max(dims[0] // 2, 1)  # 3x3 convolutions without bias, each with a BatchNorm; then 1x1 and LayerNorm
+        params["stem"] = (9 * (cfg.in_chans * half + half * half + half * dims[0] + dims[0] * dims[0])
+                          + 2 * (2 * half + 2 * dims[0]) + dims[0] * dims[0] + dims[0] + 2 * dims[0])
+    else:
+        layers.append(_conv_layer("stem.proj", h, w, cfg.in_chans, dims[0], 7))
+        params["stem"] = cfg.in_chans * dims[0] * 49 + dims[0] + 2 * dims[0]
     # APE: one learned table per stage at the stage's grid for the model's img_size; resized (not
     # counted) for other inputs.
-    ape_grids = stage_sizes(cfg.img_size, len(dims)) if cfg.pos_embed == "ape" else None
+    ape_grids = stage_sizes(cfg.img_size, len(dims), cfg.stem_type) if cfg.pos_embed == "ape" else None
 
     in_dim = dims[0]
     for i, (c, depth) in enumerate(zip(dims, cfg.depths)):
@@ -400,9 +418,10 @@ def analytic_cost(cfg: PaleConfig, img_size: Pair) -> AnalyticCost:
     return AnalyticCost(cfg, (h_img, w_img), sum(params.values()), params, layers)
 
 
-def stage_sizes(img_size: Pair, num_stages: int = 4) -> List[Pair]:
-    """``(h, w)`` of each stage's token map for an ``(H, W)`` image (stem /4, then /2 per stage)."""
-    return stage_grids(tuple(img_size), num_stages)
+def stage_sizes(img_size: Pair, num_stages: int = 4, stem_type: str = "overlap") -> List[Pair]:
+    """``(h, w)`` of each stage's token map for an ``(H, W)`` image (stem /4, or /2 for the deep stem,
+    then /2 per stage)."""
+    return stage_grids(tuple(img_size), num_stages, stem_type)
 
 
 def global_model_macs(cfg: PaleConfig, img_size: Pair) -> int:

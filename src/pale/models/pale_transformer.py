@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import (ClassifierHead, DropPath, Mlp, calculate_drop_path_rates, is_exporting,
+from timm.layers import (ClassifierHead, ConvNormAct, DropPath, Mlp, calculate_drop_path_rates, is_exporting,
                          to_2tuple, trunc_normal_, use_fused_attn)
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -44,7 +44,7 @@ from timm.models._features import feature_take_indices
 from . import attention_kernels
 
 __all__ = ["PSAttention", "GroupedAttention", "PaleBlock", "PaleStage", "PaleTransformer", "AttentionLayout",
-           "AttentionWeights", "ATTN_MODES", "POS_EMBEDS", "attention_layout", "block_direction",
+           "AttentionWeights", "ATTN_MODES", "POS_EMBEDS", "STEM_TYPES", "DeepConvStem", "attention_layout", "block_direction",
            "create_attention", "register_attention", "padded_length", "pale_count", "stage_grids", "as_pair",
            "per_stage"]
 
@@ -54,6 +54,8 @@ ATTN_MODES: Tuple[str, ...] = ("parallel", "sequential", "vanilla", "axial", "cr
 TWO_BRANCH_MODES: Tuple[str, ...] = ("parallel", "axial", "cross_shaped")
 DIRECTIONS: Tuple[str, ...] = ("row", "column")
 POS_EMBEDS: Tuple[str, ...] = ("cpe", "ape", "none")
+#: ``overlap``: the paper's 7x7 stride-4 convolution (Sec. 3.3); ``deep``: :class:`DeepConvStem`, stride 2.
+STEM_TYPES: Tuple[str, ...] = ("overlap", "deep")
 PairOrInt = Union[int, Tuple[int, int]]
 
 
@@ -99,10 +101,13 @@ def pale_count(height: int, width: int, pale_size: Tuple[int, int]) -> int:
     return max(padded_length(height, s_r) // s_r, padded_length(width, s_c) // s_c)
 
 
-def stage_grids(img_size: Tuple[int, int], num_stages: int) -> List[Tuple[int, int]]:
-    """``(h, w)`` of each stage's map for an ``img_size`` image: the 7x7 stride-4 stem (padding 2),
-    then a 3x3 stride-2 merging (padding 1) per later stage."""
-    h, w = ((s + 4 - 7) // 4 + 1 for s in img_size)
+def stage_grids(img_size: Tuple[int, int], num_stages: int, stem_type: str = "overlap") -> List[Tuple[int, int]]:
+    """``(h, w)`` of each stage's map for an ``img_size`` image: the 7x7 stride-4 stem (padding 2) or
+    the deep stem (``ceil(s / 2)``), then a 3x3 stride-2 merging (padding 1) per later stage."""
+    if stem_type == "deep":
+        h, w = ((s + 1) // 2 for s in img_size)
+    else:
+        h, w = ((s + 4 - 7) // 4 + 1 for s in img_size)
     grids = [(h, w)]
     for _ in range(num_stages - 1):
         h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
@@ -178,7 +183,7 @@ def check_image_batch(x: Tensor, in_chans: int) -> Tensor:
     if not x.is_floating_point():
         raise TypeError(f"expected a floating-point image tensor, got {x.dtype}")
     if x.shape[-2] < 3 or x.shape[-1] < 3:
-        raise ValueError(f"images must be at least 3x3 for the 7x7/stride-4 stem, got "
+        raise ValueError(f"images must be at least 3x3 for the Pale stem, got "
                          f"{int(x.shape[-2])}x{int(x.shape[-1])}")
     return x
 
@@ -599,6 +604,27 @@ class ConvPatchMerging(nn.Module):
         return self.norm(self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
 
+class DeepConvStem(nn.Module):
+    """Four 3x3 conv-BatchNorm-ReLU layers of ``C/2, C/2`` channels, a 2x2 max-pool, ``C, C`` channels, then
+    a 1x1 convolution and LayerNorm: ``(B, H, W, C_in)`` -> ``(B, ceil(H/2), ceil(W/2), C)``.
+
+    Not the paper's stem (a 7x7 stride-4 convolution, Sec. 3.3): a stack of 3x3 convolutions in front of the
+    transformer, as Xiao et al. (2021, "Early convolutions help transformers see better") propose, with
+    output stride 2, for small images. On 3500 MNIST digits at 28x28 it validated better than the paper's
+    stem on 56x56 upsampled digits (docs/training.md, "A seventh search")."""
+
+    def __init__(self, in_chans: int, dim: int, norm_layer: Callable[..., nn.Module] = nn.LayerNorm):
+        super().__init__()
+        half = max(dim // 2, 1)
+        self.convs = nn.Sequential(ConvNormAct(in_chans, half, 3), ConvNormAct(half, half, 3),
+                                   nn.MaxPool2d(2, ceil_mode=True), ConvNormAct(half, dim, 3), ConvNormAct(dim, dim, 3))
+        self.pointwise = nn.Conv2d(dim, dim, 1)
+        self.norm = norm_layer(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(self.pointwise(self.convs(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1))
+
+
 def resample_pos_embed(table: Tensor, size: Sequence[int]) -> Tensor:
     """A ``(1, Ht, Wt, C)`` position table resized bicubically (antialiased) to ``(1, *size, C)``, in
     the table's precision (float32 for half precisions).
@@ -687,7 +713,7 @@ class PaleStage(nn.Module):
 
 
 class PaleTransformer(nn.Module):
-    """Pale Transformer: conv stem (7x7, stride 4), four stages of Pale blocks with overlapping-conv
+    """Pale Transformer: conv stem (7x7, stride 4, or :class:`DeepConvStem`), four stages of Pale blocks with overlapping-conv
     patch merging between them, final LayerNorm, global average pooling and a linear head.
 
     Takes NCHW images of any size >= 3x3; works internally in NHWC (``output_fmt``).
@@ -707,6 +733,8 @@ class PaleTransformer(nn.Module):
             added after its patch merging) or ``'none'``.
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth of the last block; rates rise linearly from 0 over blocks.
+        stem_type: ``'overlap'``, the paper's 7x7 stride-4 convolution, or ``'deep'``,
+            :class:`DeepConvStem` (3x3 convolutions, stride 2: every stage's map is twice as large).
 
     The resolved settings are attributes (``embed_dims``, ``depths``, ``num_heads``, ``pale_sizes``
     and ``stripe_widths`` as pairs per stage, ``attn_mode``, ``mlp_ratio``, ``pos_embed_mode``, ``img_size``):
@@ -720,8 +748,11 @@ class PaleTransformer(nn.Module):
                  depths: Sequence[int] = (2, 2, 16, 2), num_heads: Sequence[int] = (2, 4, 8, 16),
                  pale_size: Any = 7, attn_mode: AttnMode = "parallel", stripe_width: Any = 7,
                  mlp_ratio: float = 4.0, pos_embed: str = "cpe", drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, norm_layer: Callable[..., nn.Module] = nn.LayerNorm):
+                 drop_path_rate: float = 0.0, norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
+                 stem_type: str = "overlap"):
         super().__init__()
+        if stem_type not in STEM_TYPES:
+            raise ValueError(f"unknown stem type {stem_type!r}; expected one of {STEM_TYPES}")
         if pos_embed not in POS_EMBEDS:
             raise ValueError(f"unknown position encoding {pos_embed!r}; expected one of {POS_EMBEDS}")
         if attn_mode not in ATTN_MODES:
@@ -740,12 +771,16 @@ class PaleTransformer(nn.Module):
         self.attn_mode = attn_mode
         self.mlp_ratio = mlp_ratio
         self.pos_embed_mode = pos_embed
+        self.stem_type = stem_type
         self.num_features = self.head_hidden_size = embed_dims[-1]
 
-        self.stem = ConvPatchMerging(in_chans, embed_dims[0], 7, 4, norm_layer)
-        grids = stage_grids(self.img_size, num_stages) if pos_embed == "ape" else [None] * num_stages
+        if stem_type == "deep":
+            self.stem, reduction = DeepConvStem(in_chans, embed_dims[0], norm_layer), 2
+        else:
+            self.stem, reduction = ConvPatchMerging(in_chans, embed_dims[0], 7, 4, norm_layer), 4
+        grids = stage_grids(self.img_size, num_stages, stem_type) if pos_embed == "ape" else [None] * num_stages
         dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
-        stages, in_dim, reduction = [], embed_dims[0], 4
+        stages, in_dim = [], embed_dims[0]
         self.feature_info = []
         for i in range(num_stages):
             stages.append(PaleStage(
@@ -811,7 +846,7 @@ class PaleTransformer(nn.Module):
         return self.stem(x.permute(0, 2, 3, 1))
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """``(B, C, H, W)`` -> normed final NHWC map ``(B, H/32, W/32, C4)``."""
+        """``(B, C, H, W)`` -> normed final NHWC map ``(B, H/32, W/32, C4)`` (``H/16`` with the deep stem)."""
         x = self._embed(x)
         x = self.stages(x)
         return self.norm(x)
@@ -825,7 +860,8 @@ class PaleTransformer(nn.Module):
     def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, List[int]]] = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
                               intermediates_only: bool = False) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
-        """Stage outputs as NCHW maps (strides 4, 8, 16, 32), and optionally the final features.
+        """Stage outputs as NCHW maps (strides 4, 8, 16, 32; 2, 4, 8, 16 with the deep stem), and optionally
+        the final features.
 
         Args:
             indices: last ``n`` stages if an int, the listed stages if a sequence, all if None.
