@@ -1,9 +1,10 @@
-"""The experiment-only models, loss, augmentation and data of the demo's fourth to sixth searches
+"""The experiment-only models, loss, augmentation and data of the demo's fourth to seventh searches
 (docs/training.md), for reproducing them.
 
-Not part of the package: two convolutional stems for the demo's Pale, the small convolutional network
-used as a reference and as a teacher, DeiT-style distillation from that teacher, elastic distortion in
-front of the recipe's training transform, and scikit-learn's digits as extra training data. Registers the models with timm, then runs the ``pale``
+Not part of the package: three convolutional stems for the demo's Pale (the third as the seventh search
+built it), the small convolutional network used as a reference and as a teacher, DeiT-style distillation
+from that teacher, sharpness-aware minimisation, elastic distortion in front of the recipe's training
+transform, and scikit-learn's digits as extra training data. Registers the models with timm, then runs the ``pale``
 command line with the remaining arguments:
 
     python tools/demo_variants.py demo --seed 0 -o runs/cs --set model.name=pale_conv_stem
@@ -13,10 +14,16 @@ command line with the remaining arguments:
     OMP_NUM_THREADS=1 python tools/demo_variants.py --elastic 34 4 demo --workers 0 --seed 0 -o runs/el
     OMP_NUM_THREADS=1 python tools/demo_variants.py demo --workers 0 --seed 0 -o runs/cs28 \\
         --set model.name=pale_cnn_stem --set data.img_size=28
+    OMP_NUM_THREADS=1 python tools/demo_variants.py --sam 0.05 demo --workers 0 --seed 0 -o runs/sam --epochs 10 \\
+        --set model.kwargs.stem_type=overlap --set data.img_size=56
+    OMP_NUM_THREADS=1 python tools/demo_variants.py demo --workers 0 --seed 0 -o runs/deep --epochs 20 \\
+        --set model.name=pale_deep_stem --set model.kwargs.stem_type=overlap
     python tools/demo_variants.py --add-sklearn-digits runs/mix    # a copy of runs/demo/data
     OMP_NUM_THREADS=1 pale train --recipe demo_digits --data runs/mix -o runs/mix-s0 --workers 0 --seed 0 --epochs 14
 
-``teacher.yaml``: the ``demo_digits`` recipe with ``model: {name: digits_cnn, kwargs: {}, drop_path_rate: 0}``,
+The fourth to sixth searches ran the recipe as it was before the seventh: add ``--epochs 20 --set
+model.kwargs.stem_type=overlap --set data.img_size=56`` to their commands (``data.img_size=28`` where they
+set it). ``teacher.yaml``: the ``demo_digits`` recipe with ``model: {name: digits_cnn, kwargs: {}, drop_path_rate: 0}``,
 ``data.img_size: 28`` and ``epochs: 15``.
 """
 from __future__ import annotations
@@ -34,7 +41,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from timm.models import register_model  # noqa: E402
 
-from pale.models.pale_transformer import PaleTransformer, _create_pale  # noqa: E402
+from pale.models.pale_transformer import DeepConvStem, PaleTransformer, _create_pale  # noqa: E402
 
 
 class _NCHWConvsStem(nn.Module):
@@ -83,6 +90,16 @@ def pale_cnn_stem(pretrained: bool = False, **kwargs) -> PaleTransformer:
     """``pale_tiny`` (with the given kwargs) whose stem is :class:`CNNStem` (stride 2, not 4)."""
     model = _create_pale("pale_tiny", **kwargs)
     model.stem = CNNStem(model.in_chans, model.embed_dims[0])
+    return model
+
+
+@register_model
+def pale_deep_stem(pretrained: bool = False, **kwargs) -> PaleTransformer:
+    """``pale_tiny`` (with the given kwargs) whose 7x7 stem is replaced, after the model is built, by the
+    package's :class:`DeepConvStem`: the seventh search's runs. The package's ``stem_type="deep"`` builds the
+    same model with the stem first, so that a seed draws other initial weights."""
+    model = _create_pale("pale_tiny", **kwargs)
+    model.stem = DeepConvStem(model.in_chans, model.embed_dims[0])
     return model
 
 
@@ -166,6 +183,41 @@ def elastic_first(alpha: float, sigma: float) -> None:
     classification.build_train_transform = build_train_transform
 
 
+def sharpness_aware(rho: float) -> None:
+    """Sharpness-aware minimisation (Foret et al., 2021; for vision transformers, Chen et al., 2022): the
+    gradient of each update is taken at ``w + rho * g / |g|``, where ``g`` is the gradient at the weights
+    ``w``, and the update is applied to ``w``. Two forward and backward passes per update."""
+    from pale.train.classification import ClassificationTask
+    from pale.train.engine import Trainer
+
+    recipe_loss = ClassificationTask.training_loss
+    recipe_step = Trainer._optimizer_step
+    moved: list = []
+
+    def training_loss(self, model, batch, rt):
+        loss, _ = recipe_loss(self, model, batch, rt)
+        params = [p for p in model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
+        scale = rho / (torch.sqrt(sum((g.float() ** 2).sum() for _, g in pairs)) + 1e-12)
+        with torch.no_grad():
+            for p, g in pairs:
+                step = g * scale
+                p.add_(step)
+                moved.append((p, step))
+        return recipe_loss(self, model, batch, rt)
+
+    def optimizer_step(self):
+        with torch.no_grad():
+            for p, step in moved:
+                p.sub_(step)
+        moved.clear()
+        recipe_step(self)
+
+    ClassificationTask.training_loss = training_loss
+    Trainer._optimizer_step = optimizer_step
+
+
 def add_sklearn_digits(data: str) -> int:
     """Write scikit-learn's 1797 8x8 digits (16 grey levels) into ``data/train/<digit>/`` as 28x28 PNGs laid
     out as MNIST's are: the digit scaled to 20x20 in the middle of a black 28x28 canvas."""
@@ -191,6 +243,7 @@ def main(argv: list) -> int:
     parser.add_argument("--tau", type=float, default=1.0)
     parser.add_argument("--elastic", type=float, nargs=2, metavar=("ALPHA", "SIGMA"),
                         help="elastic distortion before the recipe's training transform")
+    parser.add_argument("--sam", type=float, metavar="RHO", help="sharpness-aware minimisation with radius RHO")
     parser.add_argument("--add-sklearn-digits", metavar="DATA",
                         help="add scikit-learn's digits to DATA/train (a copy of a demo's data folder) and stop")
     args, rest = parser.parse_known_args(argv)
@@ -198,6 +251,8 @@ def main(argv: list) -> int:
         return add_sklearn_digits(args.add_sklearn_digits)
     if args.elastic:
         elastic_first(*args.elastic)
+    if args.sam:
+        sharpness_aware(args.sam)
     if args.teacher:
         distil_from(args.teacher, args.kind, args.alpha, args.tau)
     from pale.cli import main as pale_main
