@@ -66,7 +66,7 @@ def test_demo_pipeline_one_epoch(tmp_path, monkeypatch, capsys):
     result = next(line for line in printed if line.startswith("test top-1"))
     assert f"test top-1 {metrics['top1']:.2f}% on 1000 held-out digits" in result
     assert f"training {metrics['train_time_s']:.0f} s" in result
-    assert f"tested the {metrics['weights']} weights of {out / 'last.pth'} (validated better" in "\n".join(printed)
+    assert f"tested the {metrics['weights']} weights of {out / 'last.pth'} (validated " in "\n".join(printed)
     assert 0 < metrics["train_time_s"] <= metrics["total_time_s"]
 
 

@@ -92,6 +92,8 @@ def test_each_choice_of_weights_says_why():
     assert select_weights(both)[1:] == ("ema", "validated better: top1 2 (ema) vs 1")   # "best" by default
     raw_better = dict(both, val_metrics={"raw": {"top1": 3.0}, "ema": {"top1": 2.0}})
     assert select_weights(raw_better)[1:] == ("raw", "validated better: top1 3 (raw) vs 2")
+    tie = dict(both, val_metrics={"raw": {"top1": 99.0}, "ema": {"top1": 99.0}})
+    assert select_weights(tie)[1:] == ("raw", "validated as well as the EMA weights (top1 99); a tie goes to raw")
     assert select_weights(dict(both, val_metrics={"raw": 3.0, "ema": {"top1": 2.0}}))[2].startswith("raw weights chosen")
     assert select_weights(both, "ema")[1:] == ("ema", "EMA weights, as asked")
     assert select_weights(both, "raw")[1:] == ("raw", "raw weights, as asked")

@@ -438,6 +438,8 @@ def select_weights(obj: Mapping[str, Any], weights: str = "best",
     values = {k: (scores.get(k) or {}).get(metric) if isinstance(scores.get(k), Mapping) else None
               for k in ("raw", "ema")}
     if metric and all(isinstance(v, (int, float)) for v in values.values()):
+        if values["ema"] == values["raw"]:
+            return dict(raw), "raw", f"validated as well as the EMA weights ({metric} {values['raw']:.4g}); a tie goes to raw"
         pick = "ema" if values["ema"] > values["raw"] else "raw"
         return dict(ema if pick == "ema" else raw), pick, \
             f"validated better: {metric} {values[pick]:.4g} ({pick}) vs {values['raw' if pick == 'ema' else 'ema']:.4g}"
