@@ -86,12 +86,13 @@ def test_timm_fx_features_only(name):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("pos_embed", ["cpe", "ape"])
-@pytest.mark.parametrize("mode", ATTN_MODES)
-def test_every_attention_mode_traces(mode, pos_embed):
+@pytest.mark.parametrize("mode,pos_embed,stem_type", [(mode, pos, "overlap") for mode in ATTN_MODES
+                                                      for pos in ("cpe", "ape")] + [("parallel", "ape", "deep")])
+def test_every_attention_mode_traces(mode, pos_embed, stem_type):
     torch.manual_seed(0)
     model = timm.create_model("pale_tiny", embed_dims=(16, 32, 32, 64), depths=(1, 2, 1, 1), num_heads=(2, 2, 2, 2),
-                              pale_size=3, attn_mode=mode, pos_embed=pos_embed, num_classes=3).eval()
+                              pale_size=3, attn_mode=mode, pos_embed=pos_embed, num_classes=3,
+                              stem_type=stem_type).eval()
     extractor = create_feature_extractor(model, {"head.fc": "logits"})
     for size in ((48, 48), (33, 47)):
         x = torch.randn(2, 3, *size)

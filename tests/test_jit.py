@@ -21,13 +21,14 @@ def trace(model, size=(224, 224)):
         return torch.jit.trace(model, torch.randn(1, 3, *size), check_trace=False)
 
 
-@pytest.mark.parametrize("mode,pos_embed", [("parallel", "cpe"), ("parallel", "ape"), ("sequential", "cpe"),
-                                            ("axial", "cpe"), ("cross_shaped", "cpe")])
-def test_trace_at_224_runs_at_other_sizes(mode, pos_embed):
+@pytest.mark.parametrize("mode,pos_embed,stem_type", [
+    ("parallel", "cpe", "overlap"), ("parallel", "ape", "overlap"), ("sequential", "cpe", "overlap"),
+    ("axial", "cpe", "overlap"), ("cross_shaped", "cpe", "overlap"), ("parallel", "ape", "deep")])
+def test_trace_at_224_runs_at_other_sizes(mode, pos_embed, stem_type):
     # Pale size 7 at 224x224: square maps of 56/28/14/7, no padding, where the eager model takes its
-    # one-call shortcut; 97x131 pads every stage.
+    # one-call shortcut (the deep stem: 112/56/28/14); 97x131 pads every stage.
     torch.manual_seed(0)
-    model = timm.create_model("pale_tiny", attn_mode=mode, pos_embed=pos_embed, **TINY).eval()
+    model = timm.create_model("pale_tiny", attn_mode=mode, pos_embed=pos_embed, stem_type=stem_type, **TINY).eval()
     traced = trace(model)
     for size in ((224, 224), (97, 131), (33, 47)):
         x = torch.randn(2, 3, *size)
