@@ -98,6 +98,19 @@ def test_deep_stem_halves_instead_of_quartering():
     assert x.grad.abs().sum() > 0 and model.stem.convs[0].conv.weight.grad is not None
 
 
+def test_deep_stem_weights_load_into_one_channel_through_timm(tmp_path):
+    # timm adapts the pretrained_cfg's first_conv to another in_chans (for 1 channel: the sum over RGB);
+    # for the deep stem that is its first 3x3 convolution, not the 7x7 stem's stem.proj
+    kwargs = dict(stem_type="deep", num_classes=5, embed_dims=(16, 32, 32, 64), depths=(1, 1, 1, 1),
+                  num_heads=(2, 2, 2, 2))
+    rgb = timm.create_model("pale_tiny", **kwargs)
+    safetensors.torch.save_file(rgb.state_dict(), str(tmp_path / "w.safetensors"))
+    gray = timm.create_model("pale_tiny", in_chans=1, pretrained=True, **kwargs,
+                             pretrained_cfg_overlay=dict(file=str(tmp_path / "w.safetensors"), num_classes=5))
+    torch.testing.assert_close(gray.stem.convs[0].conv.weight, rgb.stem.convs[0].conv.weight.sum(1, keepdim=True))
+    torch.testing.assert_close(gray.stages[0].blocks[0].mlp.fc1.weight, rgb.stages[0].blocks[0].mlp.fc1.weight)
+
+
 def test_prune_intermediate_layers():
     model = tiny().eval()
     x = torch.randn(1, 3, 64, 64)

@@ -924,6 +924,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: PaleTransformer) 
 
 def _create_pale(variant: str, pretrained: bool = False, **kwargs: Any) -> PaleTransformer:
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    if kwargs.get("stem_type") == "deep":  # the input convolution timm adapts when in_chans is not 3
+        kwargs["pretrained_cfg_overlay"] = dict(first_conv="stem.convs.0.conv",
+                                                **(kwargs.get("pretrained_cfg_overlay") or {}))
     return build_model_with_cfg(
         PaleTransformer, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
