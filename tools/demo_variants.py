@@ -194,7 +194,14 @@ def sharpness_aware(rho: float) -> None:
     recipe_step = Trainer._optimizer_step
     moved: list = []
 
+    def undo_moves():
+        with torch.no_grad():
+            for p, step in moved:
+                p.sub_(step)
+        moved.clear()
+
     def training_loss(self, model, batch, rt):
+        undo_moves()  # left by a batch that the engine skipped (non-finite loss) without an update
         loss, _ = recipe_loss(self, model, batch, rt)
         params = [p for p in model.parameters() if p.requires_grad]
         grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -208,10 +215,7 @@ def sharpness_aware(rho: float) -> None:
         return recipe_loss(self, model, batch, rt)
 
     def optimizer_step(self):
-        with torch.no_grad():
-            for p, step in moved:
-                p.sub_(step)
-        moved.clear()
+        undo_moves()
         recipe_step(self)
 
     ClassificationTask.training_loss = training_loss
