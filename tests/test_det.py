@@ -272,6 +272,9 @@ def test_short_training_lowers_loss_and_eval_reproduces_it(toy, tmp_path, capsys
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["bbox_ap"] == pytest.approx(history[-1]["val_bbox_ap"], abs=1e-6)
     assert metrics["segm_ap"] == pytest.approx(history[-1]["val_segm_ap"], abs=1e-6)
+    assert pale_main(["det", "eval", "-c", str(out / "last.pth"), "--data", str(toy), "--split", "val",
+                      "-o", str(tmp_path / "m16.json"), "--amp", "bf16"]) == 0
+    assert json.loads((tmp_path / "m16.json").read_text())["amp"] == "bfloat16"
     odd = tmp_path / "odd.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (75, 101, 3), dtype=np.uint8)).save(odd)
     assert pale_main(["det", "predict", str(odd), "-c", str(out / "last.safetensors"), "-o",

@@ -41,7 +41,8 @@ def check_targets(targets: Optional[List[Dict[str, Tensor]]]) -> None:
     for i, target in enumerate(targets):
         boxes = target["boxes"]
         if not isinstance(boxes, Tensor) or boxes.ndim != 2 or boxes.shape[-1] != 4:
-            raise InputError(f"target {i}: boxes must be a tensor of shape (N, 4), got {getattr(boxes, 'shape', boxes)}")
+            got = tuple(boxes.shape) if isinstance(boxes, Tensor) else type(boxes).__name__
+            raise InputError(f"target {i}: boxes must be a tensor of shape (N, 4), got {got}")
         flat = (boxes[:, 2:] <= boxes[:, :2]).any(1)
         if flat.any():
             raise InputError(f"target {i}: box {boxes[flat][0].tolist()} (x1, y1, x2, y2) has no area")
