@@ -83,6 +83,71 @@ def test_multiscale_training_sizes_and_fixed_test_size():
     assert model.transform.min_size == (480, 512, 800)
 
 
+def _off_bf16_grid(x: torch.Tensor) -> bool:
+    """Whether some value of ``x`` is not a bf16 number (bf16 steps 8 px between 1024 and 2048)."""
+    return bool((x != x.bfloat16().float()).any())
+
+
+def test_bf16_autocast_runs_backbone_only_boxes_stay_float32():
+    """Under bf16 autocast the backbone and FPN compute in bf16, the RPN and RoI heads in float32: proposals,
+    the ground truth the box head regresses to and the returned boxes keep float32 coordinates (torchvision
+    casts boxes to its heads' dtype, which under bf16 moves an edge at 1300.2 px to 1304)."""
+    h, w = 96, 1344  # wide enough for coordinates past 1024; the resize keeps the scale at exactly 1
+    model = build_mask_rcnn(tiny_spec(min_size=[h], test_min_size=h, max_size=w))
+    gt = torch.tensor([[1001.3, 10.7, 1300.2, 70.1], [20.5, 30.25, 300.7, 90.9]])
+    masks = torch.zeros(2, h, w, dtype=torch.uint8)
+    for m, (x1, y1, x2, y2) in zip(masks, gt.int().tolist()):
+        m[y1:y2, x1:x2] = 1
+    targets = [dict(boxes=gt, labels=torch.tensor([1, 2]), masks=masks)]
+    proposals, regressed = [], []
+    model.rpn.register_forward_hook(lambda mod, args, out: proposals.extend(out[0]))
+    encode = model.roi_heads.box_coder.encode
+
+    def spy(matched_gt, boxes):
+        regressed.extend(matched_gt)
+        return encode(matched_gt, boxes)
+    model.roi_heads.box_coder.encode = spy
+    image = torch.rand(3, h, w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = model.backbone(image[None])
+        losses = model([image], targets)
+    assert all(f.dtype == torch.bfloat16 for f in feats.values())  # the backbone does run in bf16
+    sum(losses.values()).backward()
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    assert model.backbone.fpn.layer_blocks[0][0].weight.grad.abs().sum() > 0
+    (props,), (matched,) = proposals, regressed
+    assert props.dtype == torch.float32 and _off_bf16_grid(props)
+    # every matched ground-truth box is one of the given boxes, to the bit
+    assert matched.dtype == torch.float32 and len(matched) > 0
+    assert {tuple(b) for b in matched.tolist()} <= {tuple(b) for b in gt.tolist()}
+
+    model.eval()
+    model.roi_heads.score_thresh = 0.0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        (out,) = model([image])
+    assert len(out["boxes"]) > 0 and out["boxes"].dtype == torch.float32 and _off_bf16_grid(out["boxes"])
+    assert out["scores"].dtype == torch.float32 and out["masks"].dtype == torch.float32
+    # without autocast, the same detections as torchvision's own forward
+    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+
+    with torch.no_grad():
+        ours, theirs = model([image])[0], GeneralizedRCNN.forward(model, [image])[0]
+    assert all(torch.equal(ours[k], theirs[k]) for k in ("boxes", "scores", "labels", "masks"))
+
+
+def test_training_targets_are_checked():
+    model = build_mask_rcnn(tiny_spec())
+    image = torch.rand(3, 64, 64)
+    with pytest.raises(ValueError, match="needs targets"):
+        model([image])
+    flat = dict(boxes=torch.tensor([[5.0, 5.0, 20.0, 5.0]]), labels=torch.tensor([1]),
+                masks=torch.zeros(1, 64, 64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"target 0: box \[5.0, 5.0, 20.0, 5.0\] .* has no area"):
+        model([image], [flat])
+    with pytest.raises(ValueError, match=r"target 0: boxes must be a tensor of shape \(N, 4\)"):
+        model([image], [dict(flat, boxes=torch.zeros(4))])
+
+
 # ---- evaluators --------------------------------------------------------------------------------------
 
 def _rle(mask: np.ndarray) -> dict:
@@ -207,6 +272,9 @@ def test_short_training_lowers_loss_and_eval_reproduces_it(toy, tmp_path, capsys
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["bbox_ap"] == pytest.approx(history[-1]["val_bbox_ap"], abs=1e-6)
     assert metrics["segm_ap"] == pytest.approx(history[-1]["val_segm_ap"], abs=1e-6)
+    assert pale_main(["det", "eval", "-c", str(out / "last.pth"), "--data", str(toy), "--split", "val",
+                      "-o", str(tmp_path / "m16.json"), "--amp", "bf16"]) == 0
+    assert json.loads((tmp_path / "m16.json").read_text())["amp"] == "bfloat16"
     odd = tmp_path / "odd.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (75, 101, 3), dtype=np.uint8)).save(odd)
     assert pale_main(["det", "predict", str(odd), "-c", str(out / "last.safetensors"), "-o",

@@ -17,6 +17,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from ..errors import InputError, MissingFileError
@@ -120,10 +121,44 @@ def coco_metrics(coco_gt: Any, results: List[Dict[str, Any]], image_ids: Optiona
     return out
 
 
+#: ``(default group, its gloo group)``: pickled objects go over gloo when the default backend is NCCL
+_OBJECT_GROUP: List[Any] = [None, None]
+
+
+def object_group() -> Optional[dist.ProcessGroup]:
+    """The group to send pickled objects over: the default one (None) unless its backend is NCCL, which
+    would move them through GPU memory on every rank; then a gloo group over all ranks, made once (on
+    the first call, which every rank makes) for each default group."""
+    if dist.get_backend() != "nccl":
+        return None
+    if _OBJECT_GROUP[0] is not dist.group.WORLD:
+        _OBJECT_GROUP[:] = [dist.group.WORLD, dist.new_group(backend="gloo")]
+    return _OBJECT_GROUP[1]
+
+
+def gather_to_main(obj: Any, rt: Runtime) -> Optional[List[Any]]:
+    """Every rank's ``obj`` in rank order on rank 0, None on the other ranks; ``[obj]`` on one process."""
+    if not rt.distributed:
+        return [obj]
+    out: Optional[List[Any]] = [None] * rt.world_size if rt.is_main else None
+    dist.gather_object(obj, out, dst=0, group=object_group())
+    return out
+
+
+def broadcast_from_main(obj: Any, rt: Runtime) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not rt.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=object_group())
+    return box[0]
+
+
 @torch.no_grad()
 def evaluate_detector(model: nn.Module, batches: Iterable[Any], rt: Runtime, coco_gt: Any,
                       cat_ids: List[int]) -> Dict[str, float]:
-    """Box and mask AP over ``batches`` (results gathered from every rank)."""
+    """Box and mask AP over ``batches``: each rank's detections gathered on rank 0, which runs COCOeval;
+    every rank returns its metrics (the engine keeps the best checkpoint's score on every rank)."""
     results: List[Dict[str, Any]] = []
     seen: List[int] = []
     for images, targets in batches:
@@ -131,9 +166,11 @@ def evaluate_detector(model: nn.Module, batches: Iterable[Any], rt: Runtime, coc
         outputs = model([rt.to_device(im) for im in images])
         results += coco_results(outputs, ids, cat_ids)
         seen += ids
-    all_results = [r for part in rt.all_gather_object(results) for r in part]
-    all_ids = [i for part in rt.all_gather_object(seen) for i in part]
-    return coco_metrics(coco_gt, all_results, all_ids)
+    parts = gather_to_main((results, seen), rt)
+    metrics = None
+    if parts is not None:
+        metrics = coco_metrics(coco_gt, [r for part, _ in parts for r in part], [i for _, ids in parts for i in ids])
+    return broadcast_from_main(metrics, rt)
 
 
 class DetectionTask(Task):

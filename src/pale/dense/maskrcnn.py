@@ -8,13 +8,21 @@ Input: a list of ``(3, H, W)`` images in [0, 1] of any sizes; torchvision's tran
 (ImageNet mean / std), resizes the short side to ``min_size`` (a random choice of ``min_size`` when
 training: multi-scale training) with the long side at most ``max_size``, and pads the batch to a
 multiple of 32. Boxes and masks come back in each input image's own coordinates and size.
+
+Under an autocast (mixed-precision training, ``pale det eval --amp``) only the backbone and FPN run in
+its dtype; the RPN and RoI heads run in float32, because torchvision computes boxes in its heads'
+dtype: bf16's steps of 4-8 px at 512-2048 px would round proposals, the regression targets and the
+returned boxes.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Sequence, Union
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional, Sequence, Union
 
+import torch
 import torch.nn as nn
+from torch import Tensor
 
 from .. import io as pio
 from ..errors import InputError
@@ -24,6 +32,20 @@ __all__ = ["build_mask_rcnn", "load_backbone", "APE_IMG_SIZE"]
 
 #: COCO's (H, W) = 800x1280, the size of the paper's FLOPs (Table 3): APE tables' size
 APE_IMG_SIZE = (800, 1280)
+
+
+def check_targets(targets: Optional[List[Dict[str, Tensor]]]) -> None:
+    """torchvision's checks of training targets, as one-line errors: boxes ``(N, 4)`` with area."""
+    if targets is None:
+        raise InputError("a Mask R-CNN in training mode needs targets")
+    for i, target in enumerate(targets):
+        boxes = target["boxes"]
+        if not isinstance(boxes, Tensor) or boxes.ndim != 2 or boxes.shape[-1] != 4:
+            got = tuple(boxes.shape) if isinstance(boxes, Tensor) else type(boxes).__name__
+            raise InputError(f"target {i}: boxes must be a tensor of shape (N, 4), got {got}")
+        flat = (boxes[:, 2:] <= boxes[:, :2]).any(1)
+        if flat.any():
+            raise InputError(f"target {i}: box {boxes[flat][0].tolist()} (x1, y1, x2, y2) has no area")
 
 
 def _mask_rcnn_class():
@@ -45,6 +67,23 @@ def _mask_rcnn_class():
             super().train(mode)
             self.transform.min_size = self.train_min_size if mode else (self.test_min_size,)
             return self
+
+        def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None):
+            """Losses (training) or one dict of detections per image (evaluation), as torchvision's
+            ``GeneralizedRCNN.forward``, with only the backbone and FPN under the caller's autocast."""
+            if self.training:
+                check_targets(targets)
+            device = images[0].device.type
+            sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+            with torch.autocast(device, enabled=False):
+                batch, targets = self.transform(images, targets)
+            features = OrderedDict((k, v.float()) for k, v in self.backbone(batch.tensors).items())
+            with torch.autocast(device, enabled=False):
+                proposals, rpn_losses = self.rpn(batch, features, targets)
+                detections, roi_losses = self.roi_heads(features, proposals, batch.image_sizes, targets)
+                if self.training:
+                    return {**roi_losses, **rpn_losses}
+                return self.transform.postprocess(detections, batch.image_sizes, sizes)
 
     return PaleMaskRCNN
 
