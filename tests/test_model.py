@@ -144,9 +144,26 @@ def test_pretrained_cfg():
     model = timm.create_model("pale_tiny")
     cfg = model.pretrained_cfg
     assert cfg["first_conv"] == "stem.proj" and cfg["classifier"] == "head.fc"
-    assert cfg["interpolation"] == "bicubic" and cfg["crop_pct"] == 0.9 and cfg["input_size"] == (3, 224, 224)
+    assert cfg["interpolation"] == "bicubic" and cfg["input_size"] == (3, 224, 224)
     assert dict(model.named_parameters())["stem.proj.weight"].shape[1] == 3
     assert model.get_classifier() is model.head.fc
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_data_config_evaluates_as_the_paper_resize_256x256_then_centre_crop_224(name):
+    from PIL import Image
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform, resolve_model_data_config
+    from torchvision import transforms as T
+
+    config = resolve_model_data_config(timm.create_model(name, device="meta"))
+    assert config["crop_pct"] == 0.875 and config["crop_mode"] == "squash"
+    image = Image.fromarray(torch.randint(0, 256, (300, 451, 3), dtype=torch.uint8,
+                                          generator=torch.Generator().manual_seed(0)).numpy())
+    by_hand = T.Compose([T.Resize((256, 256), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224),
+                         T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+    out = create_transform(**config, is_training=False)(image)
+    assert out.shape == (3, 224, 224)
+    assert torch.equal(out, by_hand(image))
 
 
 def test_group_matcher_and_no_weight_decay():

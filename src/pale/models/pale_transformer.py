@@ -988,9 +988,10 @@ def _create_pale(variant: str, pretrained: bool = False, **kwargs: Any) -> PaleT
 
 def _cfg(**kwargs: Any) -> Dict[str, Any]:
     # No released weights exist: pretrained=True needs pretrained_cfg_overlay=dict(file=...).
+    # Evaluation as the paper's (Sec. 4.1, following DeiT and Swin): resize to 256x256, centre crop 224.
     return {
         "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 0.9, "interpolation": "bicubic", "fixed_input_size": False,
+        "crop_pct": 0.875, "crop_mode": "squash", "interpolation": "bicubic", "fixed_input_size": False,
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "first_conv": "stem.proj", "classifier": "head.fc", "license": "apache-2.0", **kwargs,
     }
