@@ -121,7 +121,13 @@ def test_prune_intermediate_layers():
     assert len(model.stages) == 2
     with torch.no_grad():
         pruned = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+        # the final norm and head were sized for stage 3: the pruned model ends at stage 1, unnormed
+        final, _ = model.forward_intermediates(x, indices=[0, 1])
+        out = model(x)   # the head is reset without pooling, as timm's prune does
     torch.testing.assert_close(pruned[1], full[1])
+    torch.testing.assert_close(final.permute(0, 3, 1, 2), full[1])
+    torch.testing.assert_close(out.permute(0, 3, 1, 2), full[1])
+    assert model.num_features == model.head_hidden_size == 32
 
 
 def test_forward_head_pre_logits():
@@ -138,6 +144,20 @@ def test_reset_classifier():
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 11)
     model.reset_classifier(0)
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 64)
+    # a new head is made where the model is and in its type, also from a head without parameters
+    for kwargs in (dict(device="meta"), dict(dtype=torch.bfloat16)):
+        model = tiny(num_classes=0, **kwargs)
+        model.reset_classifier(3)
+        assert (model.head.fc.weight.device.type, model.head.fc.weight.dtype) == (
+            model.stem.proj.weight.device.type, model.stem.proj.weight.dtype)
+
+
+def test_features_only_follows_the_number_of_stages():
+    model = timm.create_model("pale_tiny", features_only=True, embed_dims=(16, 32, 64), depths=(1, 1, 1),
+                              num_heads=(2, 2, 2))
+    assert model.feature_info.reduction() == [4, 8, 16]
+    with torch.no_grad():
+        assert [f.shape[1] for f in model(torch.randn(1, 3, 64, 64))] == [16, 32, 64]
 
 
 def test_pretrained_cfg():

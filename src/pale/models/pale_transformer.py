@@ -42,6 +42,11 @@ from timm.layers import (ClassifierHead, ConvNormAct, DropPath, Mlp, calculate_d
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
+try:  # newer timm records a model's resize for save_for_hf; older timm has nothing to record
+    from timm.models._input import update_model_input_size
+except ImportError:
+    update_model_input_size = None
+
 from . import attention_kernels
 
 __all__ = ["PSAttention", "GroupedAttention", "PaleBlock", "PaleStage", "PaleTransformer", "AttentionLayout",
@@ -889,8 +894,23 @@ class PaleTransformer(nn.Module):
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        like = next(self.stem.parameters())  # the head may hold no parameter (num_classes 0)
         self.num_classes = num_classes
+        self.head.in_features = self.num_features
         self.head.reset(num_classes, pool_type=global_pool)
+        self.head.to(like.device, like.dtype)  # older timm builds the new layer on the default device
+
+    def set_input_size(self, img_size: PairOrInt) -> None:
+        """Set the training image size ``img_size``. PS-attention takes any input size as it is; with
+        ``pos_embed='ape'`` each stage's learned table is resampled (:func:`resample_pos_embed`) to that
+        size's grid, so that inputs of that size add it as it is."""
+        self.img_size = as_pair(img_size, "img_size")
+        if self.pos_embed_mode == "ape":
+            for stage, grid in zip(self.stages, stage_grids(self.img_size, len(self.stages), self.stem_type)):
+                table = stage.pos_embed
+                stage.pos_embed = nn.Parameter(resample_pos_embed(table.detach(), grid), table.requires_grad)
+        if update_model_input_size is not None:
+            update_model_input_size(self, self.img_size)
 
     def _embed(self, x: Tensor) -> Tensor:
         """NCHW image -> NHWC stem tokens."""
@@ -940,12 +960,16 @@ class PaleTransformer(nn.Module):
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
-        """Drop the stages after the last of ``indices`` (and the norm and head if asked)."""
+        """Drop the stages after the last of ``indices`` (and the norm and head if asked). When stages
+        are dropped the final norm and the head go too: they are sized for the last stage."""
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
         self.stages = self.stages[:max_index + 1]
-        if prune_norm:
+        if prune_norm or prune_end:
             self.norm = nn.Identity()
-        if prune_head:
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.embed_dims[max_index]
+        if prune_head or prune_end:
             self.reset_classifier(0, "")
         return take_indices
 
@@ -975,10 +999,10 @@ def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: PaleTransformer) 
 
 
 def _create_pale(variant: str, pretrained: bool = False, **kwargs: Any) -> PaleTransformer:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    if kwargs.get("stem_type") == "deep":  # the input convolution timm adapts when in_chans is not 3
-        kwargs["pretrained_cfg_overlay"] = dict(first_conv="stem.convs.0.conv",
-                                                **(kwargs.get("pretrained_cfg_overlay") or {}))
+    out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs["depths"]))))
+    if kwargs.get("stem_type") == "deep":  # the input convolution timm adapts when in_chans is not 3; stride 16
+        kwargs["pretrained_cfg_overlay"] = {"first_conv": "stem.convs.0.conv", "pool_size": (14, 14),
+                                            **(kwargs.get("pretrained_cfg_overlay") or {})}
     return build_model_with_cfg(
         PaleTransformer, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
@@ -993,7 +1017,9 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
         "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
         "crop_pct": 0.875, "crop_mode": "squash", "interpolation": "bicubic", "fixed_input_size": False,
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.proj", "classifier": "head.fc", "license": "apache-2.0", **kwargs,
+        "first_conv": "stem.proj", "classifier": "head.fc", "license": "apache-2.0",
+        "paper_name": "Pale Transformer: A General Vision Transformer Backbone with Pale-Shaped Attention",
+        **kwargs,
     }
 
 
