@@ -121,7 +121,13 @@ def test_prune_intermediate_layers():
     assert len(model.stages) == 2
     with torch.no_grad():
         pruned = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+        # the final norm and head were sized for stage 3: the pruned model ends at stage 1, unnormed
+        final, _ = model.forward_intermediates(x, indices=[0, 1])
+        out = model(x)   # the head is reset without pooling, as timm's prune does
     torch.testing.assert_close(pruned[1], full[1])
+    torch.testing.assert_close(final.permute(0, 3, 1, 2), full[1])
+    torch.testing.assert_close(out.permute(0, 3, 1, 2), full[1])
+    assert model.num_features == model.head_hidden_size == 32
 
 
 def test_forward_head_pre_logits():
@@ -138,15 +144,46 @@ def test_reset_classifier():
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 11)
     model.reset_classifier(0)
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 64)
+    # a new head is made where the model is and in its type, also from a head without parameters
+    for kwargs in (dict(device="meta"), dict(dtype=torch.bfloat16)):
+        model = tiny(num_classes=0, **kwargs)
+        model.reset_classifier(3)
+        assert (model.head.fc.weight.device.type, model.head.fc.weight.dtype) == (
+            model.stem.proj.weight.device.type, model.stem.proj.weight.dtype)
+
+
+def test_features_only_follows_the_number_of_stages():
+    model = timm.create_model("pale_tiny", features_only=True, embed_dims=(16, 32, 64), depths=(1, 1, 1),
+                              num_heads=(2, 2, 2))
+    assert model.feature_info.reduction() == [4, 8, 16]
+    with torch.no_grad():
+        assert [f.shape[1] for f in model(torch.randn(1, 3, 64, 64))] == [16, 32, 64]
 
 
 def test_pretrained_cfg():
     model = timm.create_model("pale_tiny")
     cfg = model.pretrained_cfg
     assert cfg["first_conv"] == "stem.proj" and cfg["classifier"] == "head.fc"
-    assert cfg["interpolation"] == "bicubic" and cfg["crop_pct"] == 0.9 and cfg["input_size"] == (3, 224, 224)
+    assert cfg["interpolation"] == "bicubic" and cfg["input_size"] == (3, 224, 224)
     assert dict(model.named_parameters())["stem.proj.weight"].shape[1] == 3
     assert model.get_classifier() is model.head.fc
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_data_config_evaluates_as_the_paper_resize_256x256_then_centre_crop_224(name):
+    from PIL import Image
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform, resolve_model_data_config
+    from torchvision import transforms as T
+
+    config = resolve_model_data_config(timm.create_model(name, device="meta"))
+    assert config["crop_pct"] == 0.875 and config["crop_mode"] == "squash"
+    image = Image.fromarray(torch.randint(0, 256, (300, 451, 3), dtype=torch.uint8,
+                                          generator=torch.Generator().manual_seed(0)).numpy())
+    by_hand = T.Compose([T.Resize((256, 256), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224),
+                         T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+    out = create_transform(**config, is_training=False)(image)
+    assert out.shape == (3, 224, 224)
+    assert torch.equal(out, by_hand(image))
 
 
 def test_group_matcher_and_no_weight_decay():

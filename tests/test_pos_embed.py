@@ -51,6 +51,29 @@ def test_ape_is_interpolated_for_other_sizes(size, grids):
         torch.testing.assert_close(block_in - merged, expected.expand_as(merged), atol=1e-6, rtol=1e-6)
 
 
+def test_set_input_size_resamples_each_table_to_the_new_grid():
+    import timm
+
+    model = PaleTransformer(**TINY, pos_embed="ape", img_size=64).eval()
+    x = torch.randn(2, 3, 96, 80)
+    with torch.no_grad():
+        before = model(x)
+    model.set_input_size((96, 80))
+    assert model.img_size == (96, 80)
+    assert [tuple(s.pos_embed.shape[1:3]) for s in model.stages] == [(24, 20), (12, 10), (6, 5), (3, 3)]
+    assert all(s.pos_embed.requires_grad for s in model.stages)
+    assert model.no_weight_decay() == {f"stages.{i}.pos_embed" for i in range(4)}
+    with torch.no_grad():
+        assert torch.equal(model(x), before)   # resampled once instead of in every forward
+    # a model built at the new size has the same shapes
+    assert {k: v.shape for k, v in model.state_dict().items()} == {
+        k: v.shape for k, v in PaleTransformer(**TINY, pos_embed="ape", img_size=(96, 80)).state_dict().items()}
+    if hasattr(timm.models, "get_model_args"):   # newer timm: what save_for_hf records to rebuild it
+        built = timm.create_model("pale_tiny", pos_embed="ape", img_size=64, device="meta")
+        built.set_input_size(128)
+        assert timm.models.get_model_args(built)["img_size"] == (128, 128)
+
+
 def test_ape_resizing_keeps_a_constant_table_constant_and_passes_gradients():
     model = PaleTransformer(**TINY, pos_embed="ape", img_size=64)
     with torch.no_grad():

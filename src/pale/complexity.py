@@ -12,8 +12,9 @@ Two independent counts of the same thing:
   ``h / s_r = w / s_c``, so the padding is part of its cost (Table 8's 5.4G, 2677G, 668G).
 * **Measured** (:func:`measure_cost`): ``torch.utils.flop_counter.FlopCounterMode`` while the model
   runs a forward pass (it reports 2 FLOPs per multiply-add). Scaled-dot-product attention is forced
-  onto its math backend: the fused CPU kernels are invisible to the counter. A model moved to the
-  ``meta`` device runs the same code on shapes only: the same counts, no memory, no arithmetic.
+  onto its math backend: the fused CPU kernels are invisible to the counter. A model built on the
+  ``meta`` device (``device='meta'``) runs the same code on shapes only: the same counts, no memory,
+  no arithmetic.
 
 Counted: convolutions, linear layers and both attention matmuls (q·k and attention·v, one
 multiply-add per product). Not counted, in either count (as in the paper): biases, norms,
@@ -25,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -37,7 +38,7 @@ from .models.pale_transformer import (MODEL_ARGS, TWO_BRANCH_MODES, AttentionLay
                                       attention_layout, block_direction, padded_length, stage_grids)
 
 __all__ = [
-    "ModelCost", "measure_cost", "measured_cost", "parameters_on_meta",
+    "ModelCost", "measure_cost", "measured_cost",
     "LayerMacs", "AnalyticCost", "PaleConfig", "analytic_cost",
     "global_attention_macs", "pale_attention_macs", "attention_matmul_macs",
     "global_model_macs", "stage_sizes", "PAPER_TABLES", "PaperRow", "ComparisonRow", "compare_paper",
@@ -134,28 +135,6 @@ def measure_cost(model: nn.Module, img_size: Pair, in_chans: int = 3,
                      macs_by_module)
 
 
-@contextlib.contextmanager
-def parameters_on_meta() -> Iterator[None]:
-    """Modules built inside get their parameters and buffers on the ``meta`` device as they are
-    registered (the pattern of accelerate's ``init_empty_weights``), so weight initialisation costs
-    nothing. For models that are only counted, never run on data."""
-    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
-
-    def on_meta_parameter(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
-        register_parameter(module, name, param)
-        if param is not None:
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    def on_meta_buffer(module: nn.Module, name: str, tensor: Optional[torch.Tensor], persistent: bool = True) -> None:
-        register_buffer(module, name, tensor if tensor is None else tensor.to("meta"), persistent)
-
-    nn.Module.register_parameter, nn.Module.register_buffer = on_meta_parameter, on_meta_buffer  # type: ignore
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer  # type: ignore
-
-
 def measured_cost(model_name: str, input_size: Pair, shapes_only: bool = True, **kwargs: Any) -> ModelCost:
     """Build ``timm.create_model(model_name, **kwargs)`` and :func:`measure_cost` it on an
     ``input_size`` image; with ``shapes_only`` the model is built and run on the ``meta`` device
@@ -164,8 +143,7 @@ def measured_cost(model_name: str, input_size: Pair, shapes_only: bool = True, *
 
     import pale  # noqa: F401  (registers the models)
 
-    with parameters_on_meta() if shapes_only else contextlib.nullcontext():
-        model = timm.create_model(model_name, **kwargs)
+    model = timm.create_model(model_name, device="meta" if shapes_only else None, **kwargs)
     return measure_cost(model, input_size, in_chans=kwargs.get("in_chans", 3))
 
 
@@ -249,8 +227,7 @@ class PaleConfig:
     def from_kwargs(cls, **kwargs: Any) -> "PaleConfig":
         """From ``PaleTransformer(**kwargs)`` arguments, as the model checks and resolves them (its
         defaults, per-stage pairs): a model built on the ``meta`` device, which costs no memory."""
-        with parameters_on_meta():
-            model = PaleTransformer(**kwargs)
+        model = PaleTransformer(**kwargs, device="meta")
         return cls(model.embed_dims, model.depths, model.num_heads, model.pale_sizes, model.attn_mode,
                    model.stripe_widths, float(model.mlp_ratio), model.pos_embed_mode, int(model.num_classes),
                    int(model.in_chans), model.img_size, model.stem_type)

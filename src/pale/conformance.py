@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from .complexity import PAPER_TABLES, ModelCost, PaleConfig, analytic_cost, measure_cost, parameters_on_meta
+from .complexity import PAPER_TABLES, ModelCost, PaleConfig, analytic_cost, measure_cost
 from .errors import InputError
 
 __all__ = ["TOLERANCE", "TABLES", "ConformanceRow", "conformance_rows", "format_conformance", "REASONS", "reason_for"]
@@ -135,9 +135,7 @@ class _Counter:
 
     def _count(self, key: Any, build: Callable[[], Any], size: Pair) -> ModelCost:
         if key not in self._cache:
-            with parameters_on_meta():
-                model = build()
-            self._cache[key] = measure_cost(model, size)
+            self._cache[key] = measure_cost(build(), size)
         return self._cache[key]
 
     def classifier(self, variant: str, overrides: Dict[str, Any]) -> ModelCost:
@@ -147,7 +145,7 @@ class _Counter:
 
         # keyed by the resolved configuration: pale size 7, parallel and CPE are all the default model
         return self._count(("classifier", PaleConfig.from_model_name(variant, **overrides)),
-                           lambda: timm.create_model(variant, **overrides), (224, 224))
+                           lambda: timm.create_model(variant, device="meta", **overrides), (224, 224))
 
     def dense(self, column: str, variant: str, overrides: Dict[str, Any]) -> ModelCost:
         from .dense.cost import build_maskrcnn_view, build_upernet_view
@@ -155,7 +153,7 @@ class _Counter:
         _, kind, size = DENSE[column]
         build = build_upernet_view if kind == "upernet" else build_maskrcnn_view
         return self._count((kind, PaleConfig.from_model_name(variant, **overrides)),
-                           lambda: build(variant, overrides), size)
+                           lambda: build(variant, overrides, "meta"), size)
 
 
 def _ape_size(column: str) -> Pair:
@@ -206,8 +204,7 @@ def _table1_rows(counter: _Counter) -> Iterator[ConformanceRow]:
                         mlp_ratio=(int(cfg.mlp_ratio),) * len(cfg.depths), merge_stride=(4, 2, 2, 2))
         measured = None
         if counter.measure:
-            with parameters_on_meta():
-                measured = _table1_of_model(timm.create_model(variant))
+            measured = _table1_of_model(timm.create_model(variant, device="meta"))
         for key, name in names.items():
             yield ConformanceRow("Table 1", label, name, _slashed(paper[key]), _slashed(analytic[key]),
                                  _slashed(measured[key]) if measured else None)

@@ -10,7 +10,6 @@ constructor overrides, its default input size, and, if it takes something other 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import functools
 from dataclasses import asdict, dataclass, replace
@@ -36,7 +35,7 @@ PAPER_TABLE_NAMES = ("1", "2", "3", "4", "7", "8", "9")
 class ModelKind:
     """How ``pale info`` builds and counts one kind of model."""
 
-    build: Callable[[str, Dict[str, Any]], nn.Module]           # (backbone name, overrides) -> model
+    build: Callable[[str, Dict[str, Any], Optional[str]], nn.Module]   # (backbone name, overrides, device) -> model
     default_img_size: Pair
     help: str
     # (backbone name, overrides, img_size) -> analytic cost; None if the kind has no analytic model.
@@ -47,12 +46,12 @@ class ModelKind:
     paper_note: Optional[Callable[[str, int, int], Optional[str]]] = None
 
 
-def _build_classifier(name: str, overrides: Dict[str, Any]) -> nn.Module:
+def _build_classifier(name: str, overrides: Dict[str, Any], device: Optional[str] = None) -> nn.Module:
     import timm
 
     import pale  # noqa: F401  (registers the models)
 
-    return timm.create_model(name, **overrides)
+    return timm.create_model(name, device=device, **overrides)
 
 
 def _classifier_analytic(name: str, overrides: Dict[str, Any], img_size: Pair) -> AnalyticCost:
@@ -114,7 +113,7 @@ def model_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..complexity import measure_cost, parameters_on_meta
+    from ..complexity import measure_cost
     from ..errors import InputError, settings_error
 
     if args.compare_paper:
@@ -138,8 +137,7 @@ def run(args: argparse.Namespace) -> int:
     img_size = tuple(args.img_size) if args.img_size else kind.default_img_size
     with settings_error(f"{args.model} with {kwargs or 'its defaults'}"):
         analytic = kind.analytic(args.model, kwargs, img_size) if kind.analytic else None
-        with parameters_on_meta() if args.meta else contextlib.nullcontext():
-            model = kind.build(args.model, kwargs)
+        model = kind.build(args.model, kwargs, "meta" if args.meta else None)
     try:
         cost = measure_cost(model, img_size, make_input=kind.make_input)
     except NotImplementedError as err:  # before RuntimeError, its base class

@@ -12,8 +12,9 @@ activations, pooling, interpolation and RoIAlign do not.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -117,18 +118,34 @@ class MaskRCNNCostView(nn.Module):
         return self.box_head(feats, boxes, (h, w)), self.mask_head(feats, boxes[:self.mask_rois], (h, w))
 
 
-def build_upernet_view(backbone: str, overrides: Dict[str, Any], num_classes: int = 150) -> nn.Module:
-    """UperNet (512 channels, auxiliary head) on ``backbone`` with ADE20K's 150 classes, as parts."""
+Device = Optional[Union[str, torch.device]]
+
+
+def _built_on(device: Device) -> contextlib.AbstractContextManager:
+    """Build under ``torch.device(device)``: smp's decoders and torchvision's detection heads take no
+    ``device=`` argument, and smp and torchvision create the backbone themselves."""
+    return torch.device(device) if device is not None else contextlib.nullcontext()
+
+
+def build_upernet_view(backbone: str, overrides: Dict[str, Any], device: Device = None,
+                       num_classes: int = 150) -> nn.Module:
+    """UperNet (512 channels, auxiliary head) on ``backbone`` with ADE20K's 150 classes, as parts,
+    built on ``device`` (``'meta'``: shapes only)."""
     from .upernet import PaleUperNet
 
-    return UperNetCostView(PaleUperNet(backbone, num_classes, 512, aux=True, **overrides))
+    with _built_on(device):
+        return UperNetCostView(PaleUperNet(backbone, num_classes, 512, aux=True, **overrides))
 
 
-def build_maskrcnn_view(backbone: str, overrides: Dict[str, Any], num_classes: int = 80) -> nn.Module:
-    """Mask R-CNN on ``backbone`` with COCO's 80 classes, as parts running mmdetection's dummy forward."""
+def build_maskrcnn_view(backbone: str, overrides: Dict[str, Any], device: Device = None,
+                        num_classes: int = 80) -> nn.Module:
+    """Mask R-CNN on ``backbone`` with COCO's 80 classes, as parts running mmdetection's dummy forward,
+    built on ``device``."""
     from .maskrcnn import build_mask_rcnn
 
-    return MaskRCNNCostView(build_mask_rcnn(dict(backbone=backbone, num_classes=num_classes, pale_kwargs=overrides)))
+    with _built_on(device):
+        return MaskRCNNCostView(build_mask_rcnn(dict(backbone=backbone, num_classes=num_classes,
+                                                     pale_kwargs=overrides)))
 
 
 def dense_model_kinds(model_kind: type) -> Dict[str, Any]:

@@ -27,6 +27,7 @@ one trace serves every input size.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Set, Tuple, Type, Union
 
@@ -40,6 +41,11 @@ from timm.layers import (ClassifierHead, ConvNormAct, DropPath, Mlp, calculate_d
                          to_2tuple, trunc_normal_, use_fused_attn)
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+
+try:  # newer timm records a model's resize for save_for_hf; older timm has nothing to record
+    from timm.models._input import update_model_input_size
+except ImportError:
+    update_model_input_size = None
 
 from . import attention_kernels
 
@@ -57,6 +63,7 @@ POS_EMBEDS: Tuple[str, ...] = ("cpe", "ape", "none")
 #: ``overlap``: the paper's 7x7 stride-4 convolution (Sec. 3.3); ``deep``: :class:`DeepConvStem`, stride 2.
 STEM_TYPES: Tuple[str, ...] = ("overlap", "deep")
 PairOrInt = Union[int, Tuple[int, int]]
+DeviceLike = Optional[Union[str, torch.device]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -462,11 +469,13 @@ class SeparableProjection(nn.Module):
     ``(B, H, W, C)`` -> ``(B, H, W, C_out)``.
     """
 
-    def __init__(self, dim: int, out_dim: Optional[int] = None):
+    def __init__(self, dim: int, out_dim: Optional[int] = None, device: DeviceLike = None,
+                 dtype: Optional[torch.dtype] = None):
         super().__init__()
-        self.dw = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False)
-        self.bn = nn.BatchNorm2d(dim)
-        self.pw = nn.Linear(dim, out_dim or dim)
+        dd = {"device": device, "dtype": dtype}
+        self.dw = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False, **dd)
+        self.bn = nn.BatchNorm2d(dim, **dd)
+        self.pw = nn.Linear(dim, out_dim or dim, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.permute(0, 3, 1, 2)
@@ -494,8 +503,10 @@ class GroupedAttention(nn.Module):
             ``attn_weights`` (one :class:`AttentionWeights` per branch, in head order).
     """
 
-    def __init__(self, dim: int, num_heads: int, layout: AttentionLayout):
+    def __init__(self, dim: int, num_heads: int, layout: AttentionLayout, device: DeviceLike = None,
+                 dtype: Optional[torch.dtype] = None):
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         if not isinstance(dim, int) or dim < 1 or not isinstance(num_heads, int) or num_heads < 1:
             raise ValueError(f"dim and num_heads must be positive ints, got dim={dim!r}, num_heads={num_heads!r}")
         if dim % num_heads:
@@ -509,10 +520,10 @@ class GroupedAttention(nn.Module):
         self.fused_attn = use_fused_attn()
         self.keep_attn_weights = False
         self.attn_weights: KeptWeights = None
-        self.q = SeparableProjection(dim)
-        self.k = SeparableProjection(dim)
-        self.v = SeparableProjection(dim)
-        self.proj = nn.Linear(dim, dim)
+        self.q = SeparableProjection(dim, **dd)
+        self.k = SeparableProjection(dim, **dd)
+        self.v = SeparableProjection(dim, **dd)
+        self.proj = nn.Linear(dim, dim, **dd)
 
     def extra_repr(self) -> str:
         extra = f", direction={self.direction}" if self.direction else ""
@@ -553,8 +564,9 @@ class PSAttention(GroupedAttention):
     those modes: the same operator with other groups.
     """
 
-    def __init__(self, dim: int, num_heads: int, layout: AttentionLayout = attention_layout("parallel")):
-        super().__init__(dim, num_heads, layout)
+    def __init__(self, dim: int, num_heads: int, layout: AttentionLayout = attention_layout("parallel"),
+                 device: DeviceLike = None, dtype: Optional[torch.dtype] = None):
+        super().__init__(dim, num_heads, layout, device=device, dtype=dtype)
         if layout.mode not in TWO_BRANCH_MODES:
             raise ValueError(f"PSAttention computes the modes {TWO_BRANCH_MODES}, not {layout.mode!r}")
         if num_heads % 2:
@@ -566,25 +578,37 @@ class PSAttention(GroupedAttention):
 
 
 def create_attention(dim: int, num_heads: int, pale_size: PairOrInt = 7, mode: AttnMode = "parallel",
-                     direction: Optional[str] = None, stripe_width: PairOrInt = 7) -> GroupedAttention:
+                     direction: Optional[str] = None, stripe_width: PairOrInt = 7, device: DeviceLike = None,
+                     dtype: Optional[torch.dtype] = None) -> GroupedAttention:
     """The attention layer of ``mode`` (:data:`ATTN_MODES`) with its :func:`attention_layout`."""
     layout = attention_layout(mode, pale_size, stripe_width, direction)
-    return ATTENTION_LAYERS[mode](dim, num_heads, layout)
+    return ATTENTION_LAYERS[mode](dim, num_heads, layout, device=device, dtype=dtype)
 
 
 class ConvPosEnc(nn.Module):
     """Conditional position encoding (CPE) with its residual: ``x + DWConv3x3(x)``, ``(B, H, W, C)`` -> same.
 
     The residual is folded into the convolution (its centre tap plus one), which gives the same
-    result and gradients in one kernel instead of a convolution and an addition.
+    result and gradients in one kernel instead of a convolution and an addition. That identity kernel
+    is a buffer that checkpoints do not hold: after ``to_empty()`` it is refilled by
+    :meth:`init_non_persistent_buffers` (which timm's ``reinit_non_persistent_buffers`` calls) or
+    :meth:`PaleTransformer.init_weights`.
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, device: DeviceLike = None, dtype: Optional[torch.dtype] = None):
         super().__init__()
-        self.proj = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
-        identity = torch.zeros_like(self.proj.weight)
-        identity[:, :, 1, 1] = 1.0
-        self.register_buffer("identity", identity, persistent=False)
+        self.proj = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, device=device, dtype=dtype)
+        self.register_buffer("identity", torch.empty_like(self.proj.weight), persistent=False)
+        self.init_non_persistent_buffers()
+
+    def init_non_persistent_buffers(self) -> None:
+        """Fill the identity kernel: one at the centre tap, zero elsewhere."""
+        with torch.no_grad():
+            self.identity.zero_()[:, :, 1, 1] = 1.0
+
+    def reset_parameters(self) -> None:
+        # only this module's own state: ``proj`` resets itself
+        self.init_non_persistent_buffers()
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.proj.weight + self.identity
@@ -595,10 +619,12 @@ class ConvPatchMerging(nn.Module):
     """Overlapping strided convolution then LayerNorm: ``(B, H, W, C_in)`` -> ``(B, H', W', C_out)``."""
 
     def __init__(self, in_dim: int, out_dim: int, kernel_size: int, stride: int,
-                 norm_layer: Callable[..., nn.Module] = nn.LayerNorm):
+                 norm_layer: Callable[..., nn.Module] = nn.LayerNorm, device: DeviceLike = None,
+                 dtype: Optional[torch.dtype] = None):
         super().__init__()
-        self.proj = nn.Conv2d(in_dim, out_dim, kernel_size, stride, padding=(kernel_size - stride + 1) // 2)
-        self.norm = norm_layer(out_dim)
+        dd = {"device": device, "dtype": dtype}
+        self.proj = nn.Conv2d(in_dim, out_dim, kernel_size, stride, padding=(kernel_size - stride + 1) // 2, **dd)
+        self.norm = norm_layer(out_dim, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.norm(self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
@@ -613,13 +639,16 @@ class DeepConvStem(nn.Module):
     output stride 2, for small images. On 3500 MNIST digits at 28x28 it validated better than the paper's
     stem on 56x56 upsampled digits (docs/training.md, "A seventh search")."""
 
-    def __init__(self, in_chans: int, dim: int, norm_layer: Callable[..., nn.Module] = nn.LayerNorm):
+    def __init__(self, in_chans: int, dim: int, norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
+                 device: DeviceLike = None, dtype: Optional[torch.dtype] = None):
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         half = max(dim // 2, 1)
-        self.convs = nn.Sequential(ConvNormAct(in_chans, half, 3), ConvNormAct(half, half, 3),
-                                   nn.MaxPool2d(2, ceil_mode=True), ConvNormAct(half, dim, 3), ConvNormAct(dim, dim, 3))
-        self.pointwise = nn.Conv2d(dim, dim, 1)
-        self.norm = norm_layer(dim)
+        self.convs = nn.Sequential(ConvNormAct(in_chans, half, 3, **dd), ConvNormAct(half, half, 3, **dd),
+                                   nn.MaxPool2d(2, ceil_mode=True), ConvNormAct(half, dim, 3, **dd),
+                                   ConvNormAct(dim, dim, 3, **dd))
+        self.pointwise = nn.Conv2d(dim, dim, 1, **dd)
+        self.norm = norm_layer(dim, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.norm(self.pointwise(self.convs(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1))
@@ -659,14 +688,16 @@ class PaleBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, pale_size: PairOrInt = 7, attn_mode: AttnMode = "parallel",
                  direction: Optional[str] = None, stripe_width: PairOrInt = 7,
                  mlp_ratio: float = 4.0, drop_path: float = 0.0, use_cpe: bool = True,
-                 norm_layer: Callable[..., nn.Module] = nn.LayerNorm, act_layer: Callable[..., nn.Module] = nn.GELU):
+                 norm_layer: Callable[..., nn.Module] = nn.LayerNorm, act_layer: Callable[..., nn.Module] = nn.GELU,
+                 device: DeviceLike = None, dtype: Optional[torch.dtype] = None):
         super().__init__()
-        self.cpe = ConvPosEnc(dim) if use_cpe else None
-        self.norm1 = norm_layer(dim)
-        self.attn = create_attention(dim, num_heads, pale_size, attn_mode, direction, stripe_width)
+        dd = {"device": device, "dtype": dtype}
+        self.cpe = ConvPosEnc(dim, **dd) if use_cpe else None
+        self.norm1 = norm_layer(dim, **dd)
+        self.attn = create_attention(dim, num_heads, pale_size, attn_mode, direction, stripe_width, **dd)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, **dd)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -689,19 +720,26 @@ class PaleStage(nn.Module):
                  pale_size: PairOrInt = 7, attn_mode: AttnMode = "parallel", stripe_width: PairOrInt = 7,
                  mlp_ratio: float = 4.0, drop_path: Sequence[float] = (), use_cpe: bool = True,
                  pos_embed_size: Optional[Tuple[int, int]] = None,
-                 norm_layer: Callable[..., nn.Module] = nn.LayerNorm):
+                 norm_layer: Callable[..., nn.Module] = nn.LayerNorm, device: DeviceLike = None,
+                 dtype: Optional[torch.dtype] = None):
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         self.grad_checkpointing = False
-        self.downsample = ConvPatchMerging(in_dim, dim, 3, 2, norm_layer) if downsample else nn.Identity()
+        self.downsample = ConvPatchMerging(in_dim, dim, 3, 2, norm_layer, **dd) if downsample else nn.Identity()
         self.pos_embed: Optional[nn.Parameter] = None
         if pos_embed_size is not None:
-            self.pos_embed = nn.Parameter(torch.zeros(1, *pos_embed_size, dim))
-            trunc_normal_(self.pos_embed, std=0.02)
+            self.pos_embed = nn.Parameter(torch.empty(1, *pos_embed_size, dim, **dd))
+        self.reset_parameters()
         drop_path = list(drop_path) or [0.0] * depth
         self.blocks = nn.Sequential(*[
             PaleBlock(dim, num_heads, pale_size, attn_mode, block_direction(attn_mode, i), stripe_width,
-                      mlp_ratio=mlp_ratio, drop_path=drop_path[i], use_cpe=use_cpe, norm_layer=norm_layer)
+                      mlp_ratio=mlp_ratio, drop_path=drop_path[i], use_cpe=use_cpe, norm_layer=norm_layer, **dd)
             for i in range(depth)])
+
+    def reset_parameters(self) -> None:
+        # only this module's own parameter, the position table: truncated normal, std 0.02 (as ViT's)
+        if self.pos_embed is not None:
+            trunc_normal_(self.pos_embed, std=0.02)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.downsample(x)
@@ -735,6 +773,10 @@ class PaleTransformer(nn.Module):
         drop_path_rate: stochastic depth of the last block; rates rise linearly from 0 over blocks.
         stem_type: ``'overlap'``, the paper's 7x7 stride-4 convolution, or ``'deep'``,
             :class:`DeepConvStem` (3x3 convolutions, stride 2: every stage's map is twice as large).
+        weight_init: ``''`` initialises the weights (:meth:`init_weights`); ``'skip'`` leaves each layer
+            as its constructor made it, for a model whose weights are loaded or initialised later.
+        device, dtype: where and in which type every parameter and buffer is created; ``device='meta'``
+            builds without memory, then ``to_empty(device=...)`` and :meth:`init_weights` materialise it.
 
     The resolved settings are attributes (``embed_dims``, ``depths``, ``num_heads``, ``pale_sizes``
     and ``stripe_widths`` as pairs per stage, ``attn_mode``, ``mlp_ratio``, ``pos_embed_mode``, ``img_size``):
@@ -749,8 +791,12 @@ class PaleTransformer(nn.Module):
                  pale_size: Any = 7, attn_mode: AttnMode = "parallel", stripe_width: Any = 7,
                  mlp_ratio: float = 4.0, pos_embed: str = "cpe", drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
-                 stem_type: str = "overlap"):
+                 stem_type: str = "overlap", weight_init: str = "", device: DeviceLike = None,
+                 dtype: Optional[torch.dtype] = None):
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        if weight_init not in ("", "skip"):
+            raise ValueError(f"weight_init must be '' (initialise) or 'skip', got {weight_init!r}")
         if stem_type not in STEM_TYPES:
             raise ValueError(f"unknown stem type {stem_type!r}; expected one of {STEM_TYPES}")
         if pos_embed not in POS_EMBEDS:
@@ -775,9 +821,9 @@ class PaleTransformer(nn.Module):
         self.num_features = self.head_hidden_size = embed_dims[-1]
 
         if stem_type == "deep":
-            self.stem, reduction = DeepConvStem(in_chans, embed_dims[0], norm_layer), 2
+            self.stem, reduction = DeepConvStem(in_chans, embed_dims[0], norm_layer, **dd), 2
         else:
-            self.stem, reduction = ConvPatchMerging(in_chans, embed_dims[0], 7, 4, norm_layer), 4
+            self.stem, reduction = ConvPatchMerging(in_chans, embed_dims[0], 7, 4, norm_layer, **dd), 4
         grids = stage_grids(self.img_size, num_stages, stem_type) if pos_embed == "ape" else [None] * num_stages
         dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
         stages, in_dim = [], embed_dims[0]
@@ -787,27 +833,38 @@ class PaleTransformer(nn.Module):
                 in_dim, embed_dims[i], depths[i], num_heads[i], downsample=i > 0,
                 pale_size=self.pale_sizes[i], attn_mode=attn_mode, stripe_width=self.stripe_widths[i],
                 mlp_ratio=mlp_ratio, drop_path=dpr[i], use_cpe=pos_embed == "cpe", pos_embed_size=grids[i],
-                norm_layer=norm_layer))
+                norm_layer=norm_layer, **dd))
             reduction = reduction * 2 if i > 0 else reduction
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=reduction, module=f"stages.{i}"))
             in_dim = embed_dims[i]
         self.stages = nn.Sequential(*stages)
-        self.norm = norm_layer(self.num_features)
+        self.norm = norm_layer(self.num_features, **dd)
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool,
-                                   drop_rate=drop_rate, input_fmt=self.output_fmt)
-        self.apply(self._init_weights)
+                                   drop_rate=drop_rate, input_fmt=self.output_fmt, **dd)
+        if weight_init != "skip":
+            self.init_weights(needs_reset=False)
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        # Linear: truncated normal (std 0.02), zero bias; norms: unit weight, zero bias.
-        # Convolutions keep PyTorch's default (Kaiming-uniform), as in Swin and CSWin.
+    @torch.jit.ignore
+    def init_weights(self, needs_reset: bool = True) -> None:
+        """Initialise every weight in place: linear layers truncated normal (std 0.02) with zero bias;
+        with ``needs_reset`` also every other layer from its own ``reset_parameters()``: convolutions
+        PyTorch's default (Kaiming-uniform, as in Swin and CSWin), norms unit weight and zero bias,
+        BatchNorm's running statistics, the learned position tables (truncated normal, std 0.02) and
+        the CPE's identity kernel.
+
+        ``needs_reset=False`` is for a model just built on a real device, whose layers initialised
+        themselves; ``True`` (after ``to_empty()``) gives a model built on ``meta`` the same
+        initialisation as a normal build.
+        """
+        self.apply(functools.partial(self._init_weights, needs_reset=needs_reset))
+
+    def _init_weights(self, module: nn.Module, needs_reset: bool = True) -> None:
         if isinstance(module, nn.Linear):
             trunc_normal_(module.weight, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d)):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+        elif needs_reset and module is not self and hasattr(module, "reset_parameters"):
+            module.reset_parameters()
 
     # ---- timm model API ----------------------------------------------------------------------
 
@@ -837,8 +894,23 @@ class PaleTransformer(nn.Module):
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        like = next(self.stem.parameters())  # the head may hold no parameter (num_classes 0)
         self.num_classes = num_classes
+        self.head.in_features = self.num_features
         self.head.reset(num_classes, pool_type=global_pool)
+        self.head.to(like.device, like.dtype)  # older timm builds the new layer on the default device
+
+    def set_input_size(self, img_size: PairOrInt) -> None:
+        """Set the training image size ``img_size``. PS-attention takes any input size as it is; with
+        ``pos_embed='ape'`` each stage's learned table is resampled (:func:`resample_pos_embed`) to that
+        size's grid, so that inputs of that size add it as it is."""
+        self.img_size = as_pair(img_size, "img_size")
+        if self.pos_embed_mode == "ape":
+            for stage, grid in zip(self.stages, stage_grids(self.img_size, len(self.stages), self.stem_type)):
+                table = stage.pos_embed
+                stage.pos_embed = nn.Parameter(resample_pos_embed(table.detach(), grid), table.requires_grad)
+        if update_model_input_size is not None:
+            update_model_input_size(self, self.img_size)
 
     def _embed(self, x: Tensor) -> Tensor:
         """NCHW image -> NHWC stem tokens."""
@@ -888,12 +960,16 @@ class PaleTransformer(nn.Module):
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
-        """Drop the stages after the last of ``indices`` (and the norm and head if asked)."""
+        """Drop the stages after the last of ``indices`` (and the norm and head if asked). When stages
+        are dropped the final norm and the head go too: they are sized for the last stage."""
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
         self.stages = self.stages[:max_index + 1]
-        if prune_norm:
+        if prune_norm or prune_end:
             self.norm = nn.Identity()
-        if prune_head:
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.embed_dims[max_index]
+        if prune_head or prune_end:
             self.reset_classifier(0, "")
         return take_indices
 
@@ -923,10 +999,10 @@ def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: PaleTransformer) 
 
 
 def _create_pale(variant: str, pretrained: bool = False, **kwargs: Any) -> PaleTransformer:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    if kwargs.get("stem_type") == "deep":  # the input convolution timm adapts when in_chans is not 3
-        kwargs["pretrained_cfg_overlay"] = dict(first_conv="stem.convs.0.conv",
-                                                **(kwargs.get("pretrained_cfg_overlay") or {}))
+    out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs["depths"]))))
+    if kwargs.get("stem_type") == "deep":  # the input convolution timm adapts when in_chans is not 3; stride 16
+        kwargs["pretrained_cfg_overlay"] = {"first_conv": "stem.convs.0.conv", "pool_size": (14, 14),
+                                            **(kwargs.get("pretrained_cfg_overlay") or {})}
     return build_model_with_cfg(
         PaleTransformer, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
@@ -936,11 +1012,14 @@ def _create_pale(variant: str, pretrained: bool = False, **kwargs: Any) -> PaleT
 
 def _cfg(**kwargs: Any) -> Dict[str, Any]:
     # No released weights exist: pretrained=True needs pretrained_cfg_overlay=dict(file=...).
+    # Evaluation as the paper's (Sec. 4.1, following DeiT and Swin): resize to 256x256, centre crop 224.
     return {
         "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 0.9, "interpolation": "bicubic", "fixed_input_size": False,
+        "crop_pct": 0.875, "crop_mode": "squash", "interpolation": "bicubic", "fixed_input_size": False,
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.proj", "classifier": "head.fc", "license": "apache-2.0", **kwargs,
+        "first_conv": "stem.proj", "classifier": "head.fc", "license": "apache-2.0",
+        "paper_name": "Pale Transformer: A General Vision Transformer Backbone with Pale-Shaped Attention",
+        **kwargs,
     }
 
 
