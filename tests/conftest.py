@@ -1,15 +1,20 @@
-import os
 import sys
 from pathlib import Path
-
-# Tests compare runs bit for bit (straight vs resumed, two ranks): one fixed attention kernel, not a
-# per-process timing choice. Kernel selection has its own tests (test_attention_kernels.py).
-os.environ.setdefault("PALE_ATTN_KERNEL", "flash")
 
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/reference.py and helpers
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` need a GPU: skipped, with the reason, where torch sees none."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is False)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

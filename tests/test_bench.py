@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from pale.bench import (Result, Setting, _fill_rates, attention_kernel_report, checkpointing_summary, format_kernel_table,
-                        format_table, forward_macs, matmul_peak, run_benchmark)
+from pale.bench import (Result, Setting, _fill_rates, checkpointing_summary, format_table, forward_macs, matmul_peak,
+                        run_benchmark)
 from pale.cli import main
 
 
@@ -58,20 +58,6 @@ def test_grad_checkpointing_on_and_off_in_the_same_rounds():
     assert "pale_tiny" in line and "training step time x" in line
 
 
-def test_attention_kernel_report_per_stage(monkeypatch):
-    from pale.models import attention_kernels as ak
-    seconds = {"flash": 2e-3, "math": 3e-3, "explicit": 1e-3}
-    monkeypatch.setattr(ak, "measure_seconds", lambda runs, repeats=3: {n: seconds[n] for n in runs})
-    rows = attention_kernel_report("pale_tiny", (64, 64), 2, "fp32", "train")
-    ak.clear_kernel_choices()
-    # Maps 16, 8, 4, 2 with pale size 7: every stage pads, so each block runs two masked calls.
-    assert [(r.stage, r.calls, r.masked) for r in rows] == [(1, 4, True), (2, 4, True), (3, 32, True), (4, 4, True)]
-    assert rows[0].shape == (6, 1, 112, 32)   # batch 2 x 3 row groups; 7 x 16 tokens; 64 / 2 heads
-    assert all(r.kernel == "explicit" and r.times_ms == {"flash": 2.0, "math": 3.0, "explicit": 1.0} for r in rows)
-    table = format_kernel_table(rows)
-    assert "6x1x112x32" in table and table.splitlines()[2].split()[-1] == "explicit"
-
-
 def test_forward_macs_counts_attention():
     # Pale-T at 224: 4.2G multiply-adds in the paper; the measured count includes the attention matmuls.
     assert forward_macs("pale_tiny", (224, 224)) / 1e9 == pytest.approx(4.2, rel=0.02)
@@ -101,7 +87,7 @@ def test_run_benchmark_tiny_with_memory():
 
 def test_cli_json(tmp_path, capsys, monkeypatch):
     import pale.bench as bench
-    monkeypatch.setattr(bench, "machine_peaks", lambda repeats=5: {"matmul_fp32": 50.0, "matmul_bf16": 5.0})
+    monkeypatch.setattr(bench, "machine_peaks", lambda repeats=5, device="cpu": {"matmul_fp32": 50.0, "matmul_bf16": 5.0})
     out = tmp_path / "bench.json"
     rc = main(["bench", "--models", "pale_tiny", "--img-size", "32", "--batch-size", "1", "--mode", "infer",
                "--warmup", "1", "--repeats", "1", "--no-memory", "--quiet", "-o", str(out), "--json"])
@@ -115,15 +101,41 @@ def test_cli_json(tmp_path, capsys, monkeypatch):
     assert json.loads(printed[printed.index("\n{") + 1:])["results"] == doc["results"]
 
 
-def test_cli_attention_kernels(tmp_path, capsys):
-    out = tmp_path / "kernels.json"
-    assert main(["bench", "--attention-kernels", "--models", "pale_tiny", "--img-size", "32", "--batch-size", "1",
-                 "--mode", "infer", "--quiet", "--json", str(out)]) == 0
-    text = capsys.readouterr().out
-    assert "native bf16" in text and "chosen" in text
-    rows = json.loads(out.read_text())["attention_kernels"]
-    assert [r["stage"] for r in rows] == [1, 2, 3, 4] and all(r["kernel"] in r["times_ms"] for r in rows)
-    assert main(["bench", "--attention-kernels", "--models", "convnext_tiny"]) == 1
+def test_cli_device_cpu_runs_there_and_says_so(tmp_path, capsys, monkeypatch):
+    import pale.bench as bench
+    seen = []
+    monkeypatch.setattr(bench, "machine_peaks", lambda repeats=5, device="cpu": seen.append(device) or {})
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--device", "cpu", "--models", "pale_tiny", "--img-size", "32", "--batch-size", "1",
+                 "--mode", "infer", "--warmup", "1", "--repeats", "1", "--no-memory", "--quiet", "-o", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert seen == ["cpu"] and doc["machine"]["device"] == "cpu" and doc["results"][0]["device"] == "cpu"
+    assert f"device: cpu, {bench.cpu_model_name()}" in capsys.readouterr().out
+
+
+def test_device_cuda_without_cuda_is_one_line(capsys, monkeypatch):
+    import torch
+
+    import pale.bench as bench
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "--device", "cuda", "--models", "pale_tiny"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "device cuda: CUDA is not available" in err
+    assert bench.resolve_device("auto") == "cpu"
+    with pytest.raises(ValueError, match="device must be cpu or cuda"):
+        Setting("pale_tiny", (32, 32), 1, device="tpu")
+
+
+def test_cuda_timings_wait_for_the_gpu(monkeypatch):
+    import torch
+
+    import pale.bench as bench
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append("sync"))
+    bench._sync("cpu")
+    assert calls == []
+    bench._sync("cuda")
+    assert calls == ["sync"]
 
 
 def test_bad_input():

@@ -1,5 +1,5 @@
 """The benchmark scripts: kernel_floor.py's heavy-kernel share is measured, not assumed; kernel_choice.py
-times the measured kernel choice against fixed kernels and the peer."""
+times every attention kernel at a Pale model's stage shapes and marks the fixed rule's pick."""
 import importlib.util
 import os
 import subprocess
@@ -35,16 +35,26 @@ def test_heavy_share_separates_gemms_from_elementwise_work():
     assert 0.0 < mixed < 1.0
 
 
-def test_kernel_choice_prints_each_kernel_against_auto_and_the_peer():
+def test_kernel_choice_times_every_kernel_at_the_stage_shapes_and_marks_the_rules_pick():
+    # 64x64: maps 16, 8, 4, 2, none divided by the pale size 7, so every stage's calls are masked.
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / "kernel_choice.py"), "--img-size", "32", "--batch-size", "2",
-                           "--rounds", "1", "--kernels", "flash", "explicit"],
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "kernel_choice.py"), "--img-size", "64", "--batch-size", "1",
+                           "--rounds", "1", "--dtype", "fp32", "bf16", "--mode", "infer", "train"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("fp32")]
-    assert [(r[1], r[2]) for r in rows] == [(m, k) for m in ("infer", "train")
-                                            for k in ("auto", "flash", "explicit", "Swin-T")]
-    for dtype, mode, kernel, *numbers in rows:
-        assert all(float(n) > 0 for n in numbers)
-        # seconds, then (for a fixed kernel) its time over auto's, then (for Pale) Swin-T's over Pale's
-        assert len(numbers) == {"auto": 2, "Swin-T": 1}.get(kernel, 3)
+    lines = proc.stdout.splitlines()
+    header = lines[2].split()
+    assert header[-4:] == ["flash", "math", "explicit", "rule"]
+    rows = [line.split() for line in lines if line.split()[:1] and line.split()[0].isdigit()]
+    dtypes = ["fp32", "bf16"] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else ["fp32"]
+    assert [(int(r[0]), r[2], r[1]) for r in rows] == [(stage, d, m) for d in dtypes for m in ("infer", "train")
+                                                       for stage in (1, 2, 3, 4)]
+    from pale.models.attention_kernels import choose_kernel
+    for stage, mode, dtype, shape, mask, flash, math, explicit, pick, *flag in rows:
+        n, heads, length, d = map(int, shape.split("x"))
+        assert mask == "yes" and all(float(t) > 0 for t in (flash, math, explicit))
+        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+        assert pick == choose_kernel("cpu", torch_dtype, length, mode == "train",
+                                     n * heads * length * length * torch_dtype.itemsize)
+        times = {"flash": float(flash), "math": float(math), "explicit": float(explicit)}
+        assert (flag == ["SLOWER"]) == (times[pick] > 1.1 * min(times.values()))

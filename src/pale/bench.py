@@ -10,11 +10,15 @@ checkpointing setting:
 * **achieved GFLOP/s**: ``2 x`` the measured multiply-adds of one forward
   (:func:`pale.complexity.measure_cost`: FlopCounterMode with SDPA's math backend, on the ``meta``
   device) times images/s, and its fraction of the machine's measured matmul peak;
-* **peak memory**: the peak growth of the resident set size (Linux ``VmHWM``, reset after the model
-  is built) over a freshly built model, in a separate process per model and mode, for one warm-up
-  and one timed pass. CPU tensors come from
-  ``malloc``, which tracemalloc cannot see; the RSS high-water mark sees everything, including what
-  the allocator keeps, so it is an upper bound on what the tensors need.
+* **peak memory**: over a freshly built model, in a separate process per model and mode, for one
+  warm-up and one timed pass: on CUDA the growth of ``torch.cuda.max_memory_allocated``; on the CPU
+  the growth of the resident set size (Linux ``VmHWM``, reset after the model is built). CPU tensors
+  come from ``malloc``, which tracemalloc cannot see; the RSS high-water mark sees everything,
+  including what the allocator keeps, so it is an upper bound on what the tensors need.
+
+Everything runs on one device (``device``: ``cpu`` or ``cuda``): the model and its inputs, autocast
+(bf16) with that device type, and on CUDA every timed pass ends with ``torch.cuda.synchronize`` so
+that the clock sees the GPU's work, not only its queueing.
 
 Timing is round-robin: after warm-up, every model (with and without gradient checkpointing, when
 both are asked for) runs one pass in turn, ``repeats`` times, and each one's median is reported. A
@@ -23,14 +27,13 @@ the absolute numbers.
 
 bf16 on a CPU without native bf16 instructions (no AVX-512-BF16 or AMX: oneDNN's check
 ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``) runs through emulation; such results are marked
-``emulated`` and are not bf16 speed.
-
-:func:`attention_kernel_report` shows, stage by stage, which attention kernel
-:mod:`pale.models.attention_kernels` chose for a Pale model and what each candidate took.
+``emulated`` and are not bf16 speed (on CUDA: a GPU whose bf16 is emulated, such as a V100).
 """
 from __future__ import annotations
 
 import json
+import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -90,6 +93,20 @@ def forward_macs(name: str, img_size: Pair) -> int:
 # Machine peak
 # --------------------------------------------------------------------------------------------
 
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` where available, else ``cpu``; ``cuda`` without CUDA is refused."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise InputError(f"device must be auto, cpu or cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("device cuda: CUDA is not available to this PyTorch (torch.cuda.is_available() is False)")
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def _median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
@@ -118,47 +135,61 @@ def _grow_until(make: Callable[[int], Callable[[], Any]], sizes: Sequence[int], 
 
 
 @torch.inference_mode()
-def matmul_peak(dtype: torch.dtype = torch.float32, repeats: int = 5, budget_s: float = 0.5) -> float:
-    """GFLOP/s of a square matrix product (``torch.mm``) in ``dtype``, ``n`` up to 2048."""
+def matmul_peak(dtype: torch.dtype = torch.float32, repeats: int = 5, budget_s: float = 0.5, device: str = "cpu") -> float:
+    """GFLOP/s of a square matrix product (``torch.mm``) in ``dtype``, ``n`` up to 2048 (8192 on CUDA)."""
     def make(n: int) -> Callable[[], Any]:
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-        return lambda: torch.mm(a, b)
+        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+        return lambda: (torch.mm(a, b), _sync(device))
 
-    n, fn = _grow_until(make, (256, 512, 1024, 2048), budget_s)
+    n, fn = _grow_until(make, (256, 512, 1024, 2048) + ((4096, 8192) if device == "cuda" else ()), budget_s)
     return 2 * n ** 3 / _median_seconds(fn, repeats) / 1e9
 
 
 @torch.inference_mode()
-def conv_peak(dtype: torch.dtype = torch.float32, repeats: int = 5, budget_s: float = 0.5) -> float:
-    """GFLOP/s of a 1x1 convolution (oneDNN), ``c -> c`` channels on a channels-last 8x28x28 map, ``c`` up to 1024."""
+def conv_peak(dtype: torch.dtype = torch.float32, repeats: int = 5, budget_s: float = 0.5, device: str = "cpu") -> float:
+    """GFLOP/s of a 1x1 convolution, ``c -> c`` channels on a channels-last 8x28x28 map, ``c`` up to 1024."""
     def make(c: int) -> Callable[[], Any]:
-        x = torch.randn(8, c, 28, 28).to(dtype).contiguous(memory_format=torch.channels_last)
-        w = torch.randn(c, c, 1, 1).to(dtype)
-        return lambda: torch.nn.functional.conv2d(x, w)
+        x = torch.randn(8, c, 28, 28, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(c, c, 1, 1, device=device).to(dtype)
+        return lambda: (torch.nn.functional.conv2d(x, w), _sync(device))
 
     c, fn = _grow_until(make, (128, 256, 512, 1024), budget_s)
     return 2 * 8 * 28 * 28 * c * c / _median_seconds(fn, repeats) / 1e9
 
 
-def machine_peaks(repeats: int = 5) -> Dict[str, float]:
-    """Measured GFLOP/s: fp32 and bf16 matmul, fp32 and bf16 1x1 convolution."""
-    return {
-        "matmul_fp32": matmul_peak(torch.float32, repeats=repeats),
-        "matmul_bf16": matmul_peak(torch.bfloat16, repeats=repeats),
-        "conv1x1_fp32": conv_peak(torch.float32, repeats=repeats),
-        "conv1x1_bf16": conv_peak(torch.bfloat16, repeats=repeats),
-    }
+def machine_peaks(repeats: int = 5, device: str = "cpu") -> Dict[str, float]:
+    """Measured GFLOP/s on ``device``: fp32 and bf16 matmul, fp32 and bf16 1x1 convolution."""
+    return {f"{op}_{name}": peak(dtype, repeats=repeats, device=device)
+            for op, peak in (("matmul", matmul_peak), ("conv1x1", conv_peak))
+            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
 
 
-def machine_info() -> Dict[str, Any]:
-    """CPU model, instruction set, native bf16, cores, torch version and load average at the time of the run."""
-    import os
+def cpu_model_name() -> str:
+    """The CPU's model name from ``/proc/cpuinfo``, else what :mod:`platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
-    from .models.attention_kernels import cpu_model_name
 
-    return {"cpu": cpu_model_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": native_bf16(),
-            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "loadavg": list(os.getloadavg())}
+def bf16_emulated(device: str) -> bool:
+    """Whether bf16 on ``device`` runs emulated: a CPU without native bf16, a GPU without bf16 units."""
+    if device != "cuda":
+        return not native_bf16()
+    try:
+        return not torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch < 2.3 counts no emulation
+        return not torch.cuda.is_bf16_supported()
+
+
+def machine_info(device: str = "cpu") -> Dict[str, Any]:
+    """The device the models run on (its name), CPU model, instruction set, native bf16, cores, torch
+    version and load average at the time of the run."""
+    return {"device": device, "device_name": torch.cuda.get_device_name() if device == "cuda" else cpu_model_name(),
+            "cpu": cpu_model_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": native_bf16(),
+            "bf16_emulated": bf16_emulated(device), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "loadavg": list(os.getloadavg())}
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,7 +199,7 @@ def machine_info() -> Dict[str, Any]:
 @dataclass(frozen=True)
 class Setting:
     """What one measurement runs: a model at an input size, batch size, dtype, compiled or not, with
-    gradient checkpointing or not (it only changes the training step)."""
+    gradient checkpointing or not (it only changes the training step), on a device (``cpu``, ``cuda``)."""
 
     model: str
     img_size: Pair
@@ -176,8 +207,11 @@ class Setting:
     dtype: str = "fp32"
     compile: bool = False
     grad_checkpointing: bool = False
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise InputError(f"device must be cpu or cuda, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise InputError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.batch_size < 1 or min(self.img_size) < 1:
@@ -185,36 +219,38 @@ class Setting:
 
 
 class Runner:
-    """Builds the model of a :class:`Setting` and runs one inference batch or one training step."""
+    """Builds the model of a :class:`Setting` on its device and runs one inference batch or one
+    training step; on CUDA each call returns once the GPU has finished it."""
 
     def __init__(self, setting: Setting, mode: str, seed: int = 0):
         if mode not in MODES:
             raise InputError(f"mode must be one of {MODES}, got {mode!r}")
         torch.manual_seed(seed)
         self.setting, self.mode = setting, mode
-        self.model = create_model(setting.model, setting.img_size)
+        self.model = create_model(setting.model, setting.img_size).to(setting.device)
         self.model.train(mode == "train")
         if setting.grad_checkpointing:
             if not hasattr(self.model, "set_grad_checkpointing"):
                 raise InputError(f"{setting.model} has no set_grad_checkpointing()")
             self.model.set_grad_checkpointing(True)
         self.forward = torch.compile(self.model) if setting.compile else self.model
-        self.x = torch.randn(setting.batch_size, 3, *setting.img_size)
-        self.y = torch.randint(0, 1000, (setting.batch_size,))
+        self.x = torch.randn(setting.batch_size, 3, *setting.img_size, device=setting.device)
+        self.y = torch.randint(0, 1000, (setting.batch_size,), device=setting.device)
         # fused, as `pale train` builds it (pale.train.engine.build_optimizer)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True) if mode == "train" else None
-        self.autocast = dict(device_type="cpu", dtype=torch.bfloat16, enabled=setting.dtype == "bf16")
+        self.autocast = dict(device_type=setting.device, dtype=torch.bfloat16, enabled=setting.dtype == "bf16")
 
     def __call__(self) -> None:
         if self.mode == "infer":
             with torch.inference_mode(), torch.autocast(**self.autocast):
                 self.forward(self.x)
-            return
-        with torch.autocast(**self.autocast):
-            loss = nn.functional.cross_entropy(self.forward(self.x), self.y)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        else:
+            with torch.autocast(**self.autocast):
+                loss = nn.functional.cross_entropy(self.forward(self.x), self.y)
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        _sync(self.setting.device)
 
 
 def _status_mib(field: str) -> float:
@@ -223,30 +259,29 @@ def _status_mib(field: str) -> float:
 
 
 def peak_memory_mib(setting: Setting, mode: str) -> float:
-    """Peak RSS growth (MiB) over the built model during one warm-up and one timed pass, measured in
-    a fresh process so that other models' memory does not hide it. The process gets this one's
-    attention kernel measurements: it runs the kernels that were timed, and the timing's own
-    temporaries do not count as the model's memory."""
-    from .models.attention_kernels import kernel_choices
-
+    """Peak memory growth (MiB) over the built model during one warm-up and one timed pass (CUDA:
+    allocated device memory; CPU: RSS), measured in a fresh process so that other models' memory does
+    not hide it."""
     code = ("import json, sys; from pale.bench import _memory_probe; "
-            "print(json.dumps(_memory_probe(json.loads(sys.argv[1]), sys.argv[2], json.loads(sys.stdin.read()))))")
-    arg = json.dumps(asdict(setting))
-    out = subprocess.run([sys.executable, "-c", code, arg, mode], input=json.dumps(kernel_choices()),
-                         capture_output=True, text=True)
+            "print(json.dumps(_memory_probe(json.loads(sys.argv[1]), sys.argv[2])))")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(asdict(setting)), mode], capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"memory probe of {setting.model} ({mode}) failed:\n{out.stderr[-2000:]}")
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def _memory_probe(setting: Dict[str, Any], mode: str, kernels: Dict[str, Any]) -> float:
-    """Linux: writing 5 to /proc/self/clear_refs resets the RSS high-water mark (VmHWM), so the
-    peak of the passes is seen even when importing and building went higher."""
-    from .models.attention_kernels import load_kernel_choices
-
-    load_kernel_choices(kernels)
+def _memory_probe(setting: Dict[str, Any], mode: str) -> float:
+    """CUDA: the peak of allocated memory over what the built model holds. Linux CPU: writing 5 to
+    /proc/self/clear_refs resets the RSS high-water mark (VmHWM), so the peak of the passes is seen
+    even when importing and building went higher."""
     setting["img_size"] = tuple(setting["img_size"])
     runner = Runner(Setting(**setting), mode)
+    if runner.setting.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        runner()
+        runner()
+        return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _status_mib("VmRSS")
@@ -271,6 +306,7 @@ class Result:
     gmacs_per_image: float
     grad_checkpointing: bool = False
     emulated: bool = False  # bf16 without native bf16 instructions: not bf16 speed
+    device: str = "cpu"
     infer_images_per_s: Optional[float] = None
     infer_latency_ms: Optional[float] = None
     infer_gflops: Optional[float] = None
@@ -287,8 +323,8 @@ def run_benchmark(models: Sequence[str], img_sizes: Sequence[Pair], batch_sizes:
                   dtypes: Sequence[str] = ("fp32",), compile_modes: Sequence[bool] = (False,),
                   modes: Sequence[str] = MODES, warmup: int = 2, repeats: int = 5, memory: bool = True,
                   peaks: Optional[Dict[str, float]] = None, checkpointing: Sequence[bool] = (False,),
-                  log: Callable[[str], None] = lambda s: None) -> List[Result]:
-    """Measure every model in every setting; the models of one setting are timed round-robin, and
+                  log: Callable[[str], None] = lambda s: None, device: str = "cpu") -> List[Result]:
+    """Measure every model in every setting on ``device``; the models of one setting are timed round-robin, and
     with ``checkpointing=(False, True)`` each model's training step with and without gradient
     checkpointing in the same rounds (inference is measured without it: it changes nothing there).
 
@@ -297,7 +333,7 @@ def run_benchmark(models: Sequence[str], img_sizes: Sequence[Pair], batch_sizes:
     """
     results: List[Result] = []
     macs_cache: Dict[Tuple[str, Pair], int] = {}
-    emulated_bf16 = not native_bf16()
+    emulated_bf16 = bf16_emulated(device)
     for size in img_sizes:
         for model in models:
             if (model, size) not in macs_cache:
@@ -305,15 +341,16 @@ def run_benchmark(models: Sequence[str], img_sizes: Sequence[Pair], batch_sizes:
         for batch in batch_sizes:
             for dtype in dtypes:
                 for compiled in compile_modes:
-                    settings = [Setting(m, size, batch, dtype, compiled, ckpt) for m in models for ckpt in checkpointing]
+                    settings = [Setting(m, size, batch, dtype, compiled, ckpt, device)
+                                for m in models for ckpt in checkpointing]
                     group = {s: Result(s.model, size, batch, dtype, compiled, macs_cache[(s.model, size)] / 1e9,
-                                       s.grad_checkpointing, emulated=dtype == "bf16" and emulated_bf16)
+                                       s.grad_checkpointing, emulated=dtype == "bf16" and emulated_bf16, device=device)
                              for s in settings}
                     for mode in modes:
                         active = [s for s in settings if mode == "train" or s.grad_checkpointing == min(checkpointing)]
                         runners = []
                         for s in active:
-                            log(f"building {s.model} ({mode}, {size[0]}x{size[1]}, batch {batch}, {dtype}"
+                            log(f"building {s.model} on {device} ({mode}, {size[0]}x{size[1]}, batch {batch}, {dtype}"
                                 f"{', compiled' if compiled else ''}"
                                 f"{', grad checkpointing' if s.grad_checkpointing else ''}) and warming up")
                             runner = Runner(s, mode)
@@ -421,79 +458,3 @@ def checkpointing_summary(results: Sequence[Result]) -> List[str]:
                      f"{on.dtype}: training step time x{speed:.2f} (median of per-round ratios), peak memory "
                      f"{'-' if mem is None else f'x{mem:.2f}'}")
     return lines
-
-
-# --------------------------------------------------------------------------------------------
-# Attention kernels, stage by stage
-# --------------------------------------------------------------------------------------------
-
-@dataclass
-class KernelRow:
-    """The attention calls of one stage with one shape, in one mode and dtype, and the kernel chosen."""
-
-    stage: int
-    mode: str
-    dtype: str
-    shape: Tuple[int, ...]           # (batch x groups, heads, tokens, head dim) of the calls
-    masked: bool
-    calls: int                       # per forward
-    kernel: str
-    times_ms: Dict[str, float]       # per candidate: forward (and backward when training), best of 3 rounds
-    timed_shape: Tuple[int, ...]     # the shape the times were taken at (the first of its shape class)
-    emulated: bool = False
-
-
-def attention_kernel_report(model: str, img_size: Pair, batch_size: int, dtype: str, mode: str) -> List[KernelRow]:
-    """Run one inference batch or training step of ``model`` with fresh kernel measurements and
-    return, per stage and attention shape, each candidate's time and the kernel chosen.
-
-    The measurements this process held before are replaced by the ones taken here. A kernel forced with
-    ``PALE_ATTN_KERNEL`` or :func:`~pale.models.attention_kernels.set_kernel` does not apply here: the
-    report is of what measurement chooses.
-    """
-    from .models import attention_kernels as ak
-
-    runner = Runner(Setting(model, img_size, batch_size, dtype), mode)
-    stages = getattr(runner.model, "stages", None)
-    if stages is None:
-        raise InputError(f"{model} has no stages: the attention kernel report is for Pale models")
-    ak.clear_kernel_choices()
-    starts: List[int] = []
-    with ak.use_kernel("auto"), ak.recording() as calls:
-        hooks = [stage.register_forward_pre_hook(lambda *_: starts.append(len(calls))) for stage in stages]
-        try:
-            runner()
-        finally:
-            for h in hooks:
-                h.remove()
-    measured = ak.kernel_choices()["choices"]
-    rows: Dict[Tuple[int, Tuple[int, ...], bool], KernelRow] = {}
-    bounds = starts + [len(calls)]
-    for stage in range(len(starts)):
-        for key, shape, kernel in calls[bounds[stage]:bounds[stage + 1]]:
-            entry = measured.get(str(key), {"shape": shape, "times_s": {}})
-            row = rows.setdefault((stage, shape, key.masked), KernelRow(
-                stage + 1, mode, dtype, shape, key.masked, 0, kernel,
-                {n: 1000 * t for n, t in entry["times_s"].items()}, tuple(entry["shape"]),
-                emulated=dtype == "bf16" and not native_bf16()))
-            row.calls += 1
-    return list(rows.values())
-
-
-def format_kernel_table(rows: Sequence[KernelRow]) -> str:
-    """Console table of :func:`attention_kernel_report` rows, one column per candidate kernel."""
-    from .models.attention_kernels import CANDIDATES
-
-    kernels = [k for k in CANDIDATES["cuda"] if any(k in r.times_ms for r in rows)] or list(CANDIDATES["cpu"])
-    header = ["stage", "mode", "dtype", "calls", "N x heads x L x D", "mask"] + [f"{k} ms" for k in kernels] + ["chosen"]
-    table = [header]
-    for r in rows:
-        shape = "x".join(map(str, r.shape)) + ("" if r.timed_shape == r.shape else "*")
-        table.append([str(r.stage), r.mode, f"{r.dtype} emulated" if r.emulated else r.dtype, str(r.calls), shape,
-                      "yes" if r.masked else "no"] + [_fmt(r.times_ms.get(k), ".2f") for k in kernels] + [r.kernel])
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in table]
-    lines.insert(1, "-" * len(lines[0]))
-    if any(r.timed_shape != r.shape for r in rows):
-        lines.append("* timed at another shape of the same class (batch and length rounded up to powers of two)")
-    return "\n".join(lines)

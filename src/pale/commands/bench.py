@@ -1,9 +1,10 @@
 """``pale bench``: images/s, latency, training-step speed, achieved GFLOP/s and peak memory of Pale
-models next to timm peers, measured round-robin in one process (see :mod:`pale.bench`).
+models next to timm peers, measured round-robin in one process (see :mod:`pale.bench`), on the GPU
+where there is one (``--device``).
 
-bf16 on a CPU without native bf16 instructions is emulated: such rows say "emulated" and are not
-bf16 speed. ``--attention-kernels`` instead shows, per stage of each Pale model, the attention kernel
-chosen by measurement and what every candidate took (bf16 only where the CPU runs it natively)."""
+bf16 on a CPU without native bf16 instructions (or a GPU without bf16 units) is emulated: such rows
+say "emulated" and are not bf16 speed. The attention kernel of each stage is timed by
+benchmarks/kernel_choice.py."""
 from __future__ import annotations
 
 import argparse
@@ -43,9 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", choices=["no", "yes", "both"], default="no", help="torch.compile the models")
     p.add_argument("--grad-checkpointing", choices=["no", "yes", "both"], default="no",
                    help="gradient checkpointing in the training step; 'both' times it on and off in the same rounds")
-    p.add_argument("--attention-kernels", action="store_true",
-                   help="instead of the model table: per stage of each Pale model, each attention kernel's time "
-                        "and the one chosen (fresh measurements; inference and/or training step per --mode)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the models and inputs live: auto (cuda if available), cpu or cuda (default: auto)")
     p.add_argument("--mode", nargs="+", choices=["infer", "train"], default=["infer", "train"],
                    help="inference and/or training step (default: both)")
     p.add_argument("--warmup", type=int, default=2, help="untimed passes per model (default: 2)")
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..bench import (check_model_name, checkpointing_summary, format_table, machine_info, machine_peaks,
-                         run_benchmark, to_json)
+                         resolve_device, run_benchmark, to_json)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -73,24 +73,26 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--warmup and --repeats must be >= 1, got {args.warmup} and {args.repeats}")
     if any(b < 1 for b in args.batch_size):
         raise InputError(f"batch sizes must be >= 1, got {args.batch_size}")
+    device = resolve_device(args.device)
     for name in args.models:  # before the peaks and the models are measured, which takes a while
         check_model_name(name)
     log = (lambda s: None) if args.quiet else (lambda s: print(f"[bench] {s}", file=sys.stderr, flush=True))
-    info = machine_info()
-    log(f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}, load average {info['loadavg']}")
-    bf16_note = ("native bf16: yes" if info["native_bf16"] else
-                 "native bf16: no (bf16 is emulated on this CPU: its figures are not bf16 speed)")
-    if args.attention_kernels:
-        return _attention_kernels(args, info, bf16_note, log)
-    log("measuring the machine's matmul and 1x1-convolution peaks")
-    peaks = machine_peaks()
+    info = machine_info(device)
+    log(f"on {device}: {info['device_name']}; {info['cpu']}, {info['cores']} cores, torch {info['torch']}, "
+        f"load average {info['loadavg']}")
+    bf16_note = ("native bf16: yes" if not info["bf16_emulated"] else
+                 f"native bf16: no (bf16 is emulated on this {'GPU' if device == 'cuda' else 'CPU'}: "
+                 "its figures are not bf16 speed)")
+    log(f"measuring the {device}'s matmul and 1x1-convolution peaks")
+    peaks = machine_peaks(device=device)
     compile_modes: List[bool] = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
     checkpointing: List[bool] = {"no": [False], "yes": [True], "both": [False, True]}[args.grad_checkpointing]
     baseline = args.baseline if args.baseline in args.models else None
     results = run_benchmark(args.models, args.img_size, args.batch_size, args.dtype, compile_modes, args.mode,
                             warmup=args.warmup, repeats=args.repeats, memory=not args.no_memory,
-                            peaks=peaks, checkpointing=checkpointing, log=log)
+                            peaks=peaks, checkpointing=checkpointing, log=log, device=device)
     info["loadavg_end"] = list(__import__("os").getloadavg())
+    print(f"device: {device}, {info['device_name']}")
     print(f"machine: {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, "
           f"torch {info['torch']}, load average {info['loadavg'][0]:.1f} -> {info['loadavg_end'][0]:.1f}")
     print(f"instruction set: {info['cpu_capability']}; {bf16_note}")
@@ -99,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
     for line in checkpointing_summary(results):
         print(line)
     print("GFLOP/s = 2 x measured forward multiply-adds x inference images/s; % peak = of matmul peak in the "
-          "same dtype. MiB = RSS high-water growth over the built model, one process per model and mode.")
+          "same dtype. MiB = " + ("peak CUDA memory allocated" if device == "cuda" else "RSS high-water") +
+          " growth over the built model, one process per model and mode.")
     if args.json or args.output:
         _emit_json(args, to_json(results, peaks, info, sys.argv))
     return 0
@@ -114,36 +117,3 @@ def _emit_json(args: argparse.Namespace, doc: dict) -> None:
             atomic_write_json(path, doc)
     if args.json == "-":
         print(json.dumps(doc, indent=2))
-
-
-def _attention_kernels(args: argparse.Namespace, info: dict, bf16_note: str, log) -> int:
-    from dataclasses import asdict
-
-    from ..bench import attention_kernel_report, format_kernel_table
-
-    models = [m for m in args.models if m.startswith("pale_")]
-    if not models:
-        raise InputError(f"--attention-kernels needs a Pale model in --models, got {args.models}")
-    dtypes = [d for d in args.dtype if d != "bf16" or info["native_bf16"]]
-    if len(dtypes) < len(args.dtype):
-        log("skipping bf16: emulated on this CPU, so its timings would not choose a bf16 kernel")
-    if not dtypes:
-        raise InputError("--attention-kernels: bf16 is emulated on this CPU and no other dtype was asked for")
-    rows = []
-    for model in models:
-        for size in args.img_size:
-            for batch in args.batch_size:
-                for dtype in dtypes:
-                    for mode in args.mode:
-                        log(f"{model} {size[0]}x{size[1]}, batch {batch}, {dtype}, {mode}: measuring the kernels")
-                        rows += [(model, size, batch, r) for r in attention_kernel_report(model, size, batch, dtype, mode)]
-    print(f"machine: {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, "
-          f"torch {info['torch']}, instruction set {info['cpu_capability']}; {bf16_note}")
-    for key in dict.fromkeys((m, s, b) for m, s, b, _ in rows):
-        print(f"\n{key[0]}, {key[1][0]}x{key[1][1]}, batch {key[2]} (times: forward, plus backward when training; "
-              f"best of 3 rounds that run every candidate in turn, after a warm-up)")
-        print(format_kernel_table([r for m, s, b, r in rows if (m, s, b) == key]))
-    if args.json or args.output:
-        _emit_json(args, {"machine": info, "command": sys.argv, "attention_kernels": [
-            dict(asdict(r), model=m, img_size=list(s), batch_size=b) for m, s, b, r in rows]})
-    return 0
