@@ -10,7 +10,7 @@ import torch
 
 import pale  # noqa: F401
 from pale import export as ex
-from pale import io as pio
+from pale.checkpoint import create_model_from_file, save_checkpoint
 from pale.cli import main
 from pale.errors import InputError
 
@@ -23,7 +23,7 @@ def tiny_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     model = timm.create_model("pale_tiny", **TINY)
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-    pio.save_checkpoint(path, model, "pale_tiny", TINY, class_names=CLASSES)
+    save_checkpoint(path, model, "pale_tiny", TINY, class_names=CLASSES)
     return path
 
 
@@ -53,7 +53,7 @@ def _pads(model, size):
 def test_onnx_equals_pytorch_at_three_sizes_from_one_file(onnx_file, tiny_checkpoint):
     import onnxruntime as ort
 
-    model, _ = pio.create_model_from_file(tiny_checkpoint)
+    model, _ = create_model_from_file(tiny_checkpoint)
     session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     # 224: no layer pads (56/28/14/7 with pale size 7); 97x131 and 33x47: odd, layers pad.
     shapes = [(1, 3, 224, 224), (3, 3, 97, 131), (2, 3, 33, 47)]
@@ -79,7 +79,7 @@ def test_onnx_metadata_holds_class_names_and_preprocessing(onnx_file):
 
 def test_default_trace_size_is_the_models_input_size(tiny_checkpoint, tmp_path):
     # A trace taken where no layer pads still pads and masks at every other size (no trace-size search).
-    model, _ = pio.create_model_from_file(tiny_checkpoint)
+    model, _ = create_model_from_file(tiny_checkpoint)
     result = ex.export_onnx(model, tmp_path / "m.onnx", exporter="legacy", check_sizes=[(61, 45)])
     assert result.trace_size == (224, 224) and not _pads(model, (224, 224)) and _pads(model, (61, 45))
     assert [c.shape[2:] for c in result.checks] == [(224, 224), (61, 45)]
@@ -87,7 +87,7 @@ def test_default_trace_size_is_the_models_input_size(tiny_checkpoint, tmp_path):
 
 
 def test_failed_check_leaves_existing_output_untouched(tiny_checkpoint, tmp_path):
-    model, _ = pio.create_model_from_file(tiny_checkpoint)
+    model, _ = create_model_from_file(tiny_checkpoint)
     out = tmp_path / "model.onnx"
     out.write_bytes(b"previous export")
     with pytest.raises(ValueError, match="legacy ONNX export does not match PyTorch"):
@@ -111,11 +111,11 @@ def test_export_checkpoint_of_other_model_is_an_error(tiny_checkpoint, tmp_path,
 def test_safetensors_export_loads_back(tiny_checkpoint, tmp_path):
     out = tmp_path / "tiny.safetensors"
     assert main(["export", "pale_tiny", "-c", str(tiny_checkpoint), "--format", "safetensors", "-o", str(out)]) == 0
-    model, _ = pio.create_model_from_file(tiny_checkpoint)
+    model, _ = create_model_from_file(tiny_checkpoint)
     x = torch.randn(2, 3, 45, 61)
     with torch.no_grad():
         ref = model(x)
-        again, info = pio.create_model_from_file(out)
+        again, info = create_model_from_file(out)
         assert info["class_names"] == CLASSES and info["model_name"] == "pale_tiny"
         assert torch.equal(again(x), ref)
         # timm drops a checkpoint's classifier when num_classes differs from the pretrained
@@ -130,7 +130,7 @@ def test_the_file_name_chooses_the_format_and_a_contradiction_is_refused(tiny_ch
     # -o x.safetensors used to get an ONNX graph (the default format) under that name
     out = tmp_path / "weights.safetensors"
     assert main(["export", "-c", str(tiny_checkpoint), "-o", str(out)]) == 0
-    again, info = pio.create_model_from_file(out)
+    again, info = create_model_from_file(out)
     assert info["model_name"] == "pale_tiny"
     capsys.readouterr()
     for args, message in [
@@ -149,7 +149,7 @@ def test_the_file_name_chooses_the_format_and_a_contradiction_is_refused(tiny_ch
 
 @pytest.mark.slow
 def test_dynamo_exporter_also_matches(tiny_checkpoint, tmp_path):
-    model, _ = pio.create_model_from_file(tiny_checkpoint)
+    model, _ = create_model_from_file(tiny_checkpoint)
     result = ex.export_onnx(model, tmp_path / "d.onnx", exporter="dynamo",
                             check_sizes=[(224, 224), (97, 131), (33, 47)])
     assert result.exporter == "dynamo" and result.opset == 18 and result.trace_size == (224, 224)

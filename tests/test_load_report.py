@@ -1,4 +1,4 @@
-"""pale.io's reading side where mutants survived the other tests: LoadReport's text, the report a
+"""pale.checkpoint's reading side where mutants survived the other tests: LoadReport's text, the report a
 WeightsMismatchError carries, which weights read_model_file picks, and create_model_from_file's
 strictness and overrides."""
 import re
@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pale.errors import InputError, MissingFileError
-from pale.io import (CheckpointError, LoadReport, WeightsMismatchError, create_model_from_file, describe_weights,
-                     load_safetensors, load_weights, read_model_file, save_checkpoint, save_safetensors, save_torch,
-                     select_weights)
+from pale.checkpoint import (LoadReport, WeightsMismatchError, create_model_from_file, describe_weights, load_weights,
+                             read_model_file, save_checkpoint, select_weights)
+from pale.errors import CheckpointError, InputError, MissingFileError
+from pale.files import load_safetensors, save_safetensors, save_torch
 
 TINY = dict(embed_dims=[8, 8, 8, 8], depths=[1, 1, 1, 1], num_heads=[2, 2, 2, 2], num_classes=3)
 

@@ -33,7 +33,7 @@ def output_format(output: Optional[str], fmt: Optional[str]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from .. import export as ex
-    from ..io import describe_weights
+    from ..checkpoint import describe_weights
 
     fmt = output_format(args.output, args.format)
     model, info = ex.load_model_for_export(args.model, args.checkpoint, args.weights)

@@ -367,7 +367,7 @@ def _save_disk_cache() -> None:
     path = os.environ.get(CACHE_ENV)
     if not path:
         return
-    from ..io import atomic_write_json
+    from ..files import atomic_write_json
 
     doc: Dict[str, object] = {}
     if os.path.exists(path):
