@@ -44,12 +44,20 @@ def test_help_and_argument_errors_do_not_import_torch(argv):
     assert proc.returncode == (0 if "--help" in argv else 2)
 
 
-def test_import_pale_registers_the_models_and_reaches_submodules():
-    code = ("import pale, timm; print(timm.is_model('pale_tiny'), callable(pale.images.load_image), "
-            "pale.PaleTransformer.__name__, callable(pale.progress.progress))")
+@pytest.mark.parametrize("imports", ["pale, timm", "timm, pale", "pale.files, timm.models"])
+def test_import_pale_registers_the_models_and_reaches_submodules(imports):
+    """In either order: pale registers the models when timm is imported, or at once if it already is."""
+    code = (f"import {imports}; print(timm.is_model('pale_tiny'), callable(pale.images.load_image), "
+            "pale.PaleTransformer.__name__, callable(pale.progress.progress), callable(pale.create_model_from_file))")
     proc = _subprocess("-c", code)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["True", "True", "PaleTransformer", "True"]
+    assert proc.stdout.split() == ["True", "True", "PaleTransformer", "True", "True"]
+
+
+def test_import_pale_alone_imports_neither_torch_nor_timm():
+    proc = _subprocess("-c", "import sys, pale; print(sorted({'torch', 'timm'} & set(sys.modules)))")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
 
 
 # ---- weights -------------------------------------------------------------------------------------
@@ -338,11 +346,20 @@ def test_library_never_imports_argparse_or_the_command_layer():
         assert not bad, f"{rel} imports {bad}"
 
 
+def test_file_modules_never_import_the_models():
+    """Files, images, devices, errors and checkpoints sit below the models: only importing timm (in
+    pale.checkpoint) registers them, through the package."""
+    for name in ("files.py", "images.py", "device.py", "errors.py", "checkpoint.py"):
+        bad = [m for m in _imports(SRC / name) if m.lstrip(".").split(".")[0] in ("models", "train", "dense")
+               or m.startswith("pale.models")]
+        assert not bad, f"{name} imports {bad}"
+
+
 def test_one_image_loader_and_one_extension_list():
     defs = {str(p.relative_to(SRC)) for p in SRC.rglob("*.py")
             if any(isinstance(n, ast.FunctionDef) and n.name in ("load_image", "find_images", "list_images")
                    for n in ast.walk(ast.parse(p.read_text())))}
-    assert defs == {"io.py"}
+    assert defs == {"images.py"}
     assert ".gif" not in IMAGE_EXTENSIONS and ".jpg" in IMAGE_EXTENSIONS
 
 

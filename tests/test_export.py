@@ -1,7 +1,9 @@
-"""ONNX export with dynamic batch/height/width (onnxruntime vs PyTorch) and safetensors export."""
+"""ONNX export with dynamic batch/height/width (onnxruntime vs PyTorch), safetensors export, and the timm
+model folder (loaded back by timm.create_model("local-dir:..."))."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -173,3 +175,91 @@ def test_exporter_errors_become_one_plain_line():
             raise torch.onnx.errors.OnnxExporterError(raw)
     assert str(caught.value) == ("the dynamo ONNX exporter cannot export this model: Failed to export the model "
                                  "with torch.export. This is step 1/3 of exporting.")
+
+
+# ---- timm model folder ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory):
+    """A checkpoint of a real (tiny) `pale train` run: raw and EMA weights, 24x24 images, classes a, b."""
+    from pale.train import train
+    from tiny_train import tiny_recipe, write_tiny_folder
+
+    root = tmp_path_factory.mktemp("trained")
+    train(tiny_recipe(write_tiny_folder(root / "data")), ["ema.max_window=1.0"], root / "run")  # EMA != raw
+    return root / "run" / "last.pth"
+
+
+def test_timm_folder_loads_back_with_the_checkpoints_outputs(trained_checkpoint, tmp_path, capsys):
+    """What `timm.create_model("local-dir:...", pretrained=True)` builds from the folder computes exactly
+    what the checkpoint's chosen weights compute, and carries the class names and evaluation crop."""
+    from timm.data import resolve_model_data_config
+
+    x = torch.randn(3, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    outputs = {}
+    for weights in ("raw", "ema", "best"):
+        folder = tmp_path / weights
+        assert main(["export", "-c", str(trained_checkpoint), "--format", "timm", "-o", str(folder),
+                     "--weights", weights]) == 0
+        assert f"wrote {folder}/ (" in capsys.readouterr().out
+        assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+        config = json.loads((folder / "config.json").read_text())
+        assert (config["architecture"], config["num_classes"], config["label_names"]) == ("pale_tiny", 2, ["a", "b"])
+        assert config["model_args"]["embed_dims"] == [8, 16, 16, 16]
+        loaded = timm.create_model("local-dir:" + str(folder), pretrained=True).eval()
+        expected, _ = create_model_from_file(trained_checkpoint, weights=weights)
+        with torch.no_grad():
+            outputs[weights] = loaded(x)
+            assert torch.equal(outputs[weights], expected(x)), weights
+        data = resolve_model_data_config(loaded)
+        assert (data["crop_pct"], data["crop_mode"], data["input_size"]) == (0.875, "squash", (3, 24, 24))
+    assert not torch.equal(outputs["raw"], outputs["ema"])  # the choice of weights reaches the folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "ema", "raw"]  # no temporary folders left
+
+
+def test_timm_folder_of_a_checkpoint_without_preprocessing_has_the_papers_crop(tiny_checkpoint, tmp_path):
+    """...and the folder and its files get ordinary permissions (not mkdtemp's or safetensors' owner-only)."""
+    import os
+
+    folder = tmp_path / "tiny"
+    old_umask = os.umask(0o022)
+    try:
+        assert main(["export", "-c", str(tiny_checkpoint), "--format", "timm", "-o", str(folder)]) == 0
+    finally:
+        os.umask(old_umask)
+    cfg = json.loads((folder / "config.json").read_text())["pretrained_cfg"]
+    assert (cfg["crop_pct"], cfg["crop_mode"], cfg["input_size"]) == (0.875, "squash", [3, 224, 224])
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in [folder, *folder.iterdir()]}
+    assert modes == {"tiny": "0o755", "config.json": "0o644", "model.safetensors": "0o644"}
+
+
+def test_timm_folder_bad_targets_are_one_line_errors_and_nothing_is_lost(tiny_checkpoint, tmp_path, capsys,
+                                                                         monkeypatch):
+    def export(out, checkpoint=tiny_checkpoint):
+        code = main(["export", "-c", str(checkpoint), "--format", "timm", "-o", str(out)])
+        return code, capsys.readouterr().err.strip()
+
+    missing = tmp_path / "nope.pth"
+    assert export(tmp_path / "m", missing) == (1, f"pale export: error: checkpoint not found: {missing}")
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("mine")
+    assert export(other) == (1, f"pale export: error: {other} is a folder of other files, not a timm model folder "
+                                f"(no config.json): name a new or empty folder")
+    assert [p.name for p in other.iterdir()] == ["todo.txt"]
+    (tmp_path / "file").write_text("x")
+    assert export(tmp_path / "file") == (1, f"pale export: error: cannot write the folder {tmp_path / 'file'}: it is a file")
+
+    # an export that fails half-way leaves the earlier timm folder as it was, and no temporary folder
+    good = tmp_path / "good"
+    assert export(good)[0] == 0
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+
+    def half_then_fail(model, folder, **kwargs):
+        (Path(folder) / "config.json").write_text("{")
+        raise OSError("disk full")
+    monkeypatch.setattr(timm.models, "save_for_hf", half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        export(good)
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "good", "notes"]

@@ -1,5 +1,6 @@
-"""Deployment exports: ONNX with dynamic batch, height and width (checked with onnxruntime), and
-weights-only safetensors with the model's description as metadata.
+"""Deployment exports: ONNX with dynamic batch, height and width (checked with onnxruntime),
+weights-only safetensors with the model's description as metadata, and the model folder timm's
+``save_for_hf`` writes (``timm.create_model("local-dir:" + folder, pretrained=True)``, the Hub).
 
 ONNX and padding. PS-attention pads each map up to a multiple of its group size and masks the
 padded keys. The exporters trace the model at one example size (default: the model's input size);
@@ -19,6 +20,7 @@ import json
 import re
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -29,10 +31,14 @@ from .checkpoint import create_model_from_file, load_weights, read_model_file
 from .files import PathLike, save_safetensors
 from .errors import InputError
 
-__all__ = ["EXPORTERS", "OnnxCheck", "OnnxExport", "attention_layers", "export_onnx", "check_onnx", "export_safetensors", "load_model_for_export"]
+__all__ = ["EXPORTERS", "PAPER_EVAL_CROP", "OnnxCheck", "OnnxExport", "attention_layers", "export_onnx", "check_onnx",
+           "export_safetensors", "export_timm_folder", "timm_folder_target", "load_model_for_export"]
 
 EXPORTERS = ("legacy", "dynamo")
 Size = Tuple[int, int]
+#: The paper's evaluation (Sec. 4.1): resize to 256x256, centre crop 224x224; for a timm folder of a
+#: checkpoint that records no evaluation crop of its own.
+PAPER_EVAL_CROP = dict(crop_pct=0.875, crop_mode="squash")
 
 
 @dataclass
@@ -243,3 +249,43 @@ def export_safetensors(model: nn.Module, info: Mapping[str, Any], path: PathLike
     if info.get("data_config") is not None:
         meta["data_config"] = info["data_config"]
     save_safetensors(model.state_dict(), path, metadata=meta)
+
+
+def timm_folder_target(folder: PathLike) -> Path:
+    """``folder`` as the target of a timm folder export: new, empty, or a timm model folder (it holds a
+    ``config.json``), which the export replaces; a folder of other files or a file is refused."""
+    target = Path(folder)
+    if target.exists() and not target.is_dir():
+        raise InputError(f"cannot write the folder {target}: it is a file")
+    if target.is_dir() and any(target.iterdir()) and not (target / "config.json").is_file():
+        raise InputError(f"{target} is a folder of other files, not a timm model folder (no config.json): "
+                         f"name a new or empty folder")
+    return target
+
+
+def export_timm_folder(model: nn.Module, info: Mapping[str, Any], folder: PathLike) -> Dict[str, Any]:
+    """The folder ``timm.models.save_for_hf`` writes (``config.json``, ``model.safetensors``), written
+    whole or not at all (:func:`pale.files.atomic_folder`); returns the ``pretrained_cfg`` it holds.
+
+    The config records the architecture, its settings (``model_args``), ``num_classes``, the class
+    names as ``label_names`` and, as ``pretrained_cfg``, the evaluation preprocessing the checkpoint
+    records (input size, interpolation, mean, std, crop), the crop being :data:`PAPER_EVAL_CROP` where it
+    records none. An existing folder is replaced only if it is empty or a timm model folder
+    (:func:`timm_folder_target`).
+    """
+    from timm.models import save_for_hf
+
+    from .predict import resolve_preprocessing
+
+    target = timm_folder_target(folder)
+    # the checkpoint's record first, then the paper's crop (resolve_preprocessing falls back to the model's cfg)
+    model.pretrained_cfg = dict(model.pretrained_cfg, **PAPER_EVAL_CROP)
+    preprocessing = resolve_preprocessing(info, model)
+    model.pretrained_cfg = dict(model.pretrained_cfg, **preprocessing)
+    # timm's factory leaves drop rates out of the settings it records; the stored ones do the same
+    model_args = {k: v for k, v in (info.get("model_kwargs") or {}).items() if not k.endswith("drop_rate")
+                  and k != "drop_path_rate"}
+    model_config = dict(label_names=list(info["class_names"])) if info.get("class_names") else None
+    with files.atomic_folder(target) as tmp:
+        save_for_hf(model, str(tmp), model_config=model_config, model_args=model_args, safe_serialization=True)
+    return preprocessing

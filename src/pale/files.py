@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import pickle
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -23,7 +24,7 @@ from .errors import CheckpointError, InputError, MissingFileError
 
 PathLike = Union[str, os.PathLike]
 
-__all__ = ["PathLike", "output_folder", "atomic_path", "atomic_write_bytes", "atomic_write_text",
+__all__ = ["PathLike", "output_folder", "atomic_path", "atomic_folder", "atomic_write_bytes", "atomic_write_text",
            "atomic_write_json", "atomic_savefig", "atomic_save_image", "save_torch", "load_torch",
            "save_safetensors", "load_safetensors"]
 
@@ -40,11 +41,15 @@ def output_folder(path: PathLike, what: str = "output folder") -> Path:
     return folder
 
 
-def _ordinary_mode() -> int:
-    """The permissions ``open(path, "w")`` gives a new file: ``0o666`` minus the umask."""
+def _umask() -> int:
     umask = os.umask(0)  # reading the umask means setting it; put it straight back
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+def _ordinary_mode() -> int:
+    """The permissions ``open(path, "w")`` gives a new file: ``0o666`` minus the umask."""
+    return 0o666 & ~_umask()
 
 
 @contextlib.contextmanager
@@ -83,6 +88,48 @@ def atomic_path(path: PathLike, before_replace: Optional[Callable[[], None]] = N
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_folder(path: PathLike) -> Iterator[Path]:
+    """Yield a new empty folder next to ``path``; on success it takes ``path``'s place whole.
+
+    Like :func:`atomic_path` for a folder of files (a model folder): once the caller has filled it,
+    every file gets an ordinary new file's permissions and is flushed to disk, then the folder is
+    renamed to ``path``. An existing ``path`` is first renamed aside and removed only once the new
+    folder is in place, so a crash leaves the old folder whole (at ``path``, or beside it as
+    ``.NAME.*.old``) or the new one; on an exception ``path`` is left as it was.
+    """
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise InputError(f"cannot write the folder {target}: it is a file")
+    output_folder(target.parent, f"cannot write {target}: its folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    old = None
+    try:
+        yield tmp
+        umask = _umask()
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0o700 -> what mkdir gives
+        for f in sorted(tmp.rglob("*")):
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
+            if f.is_file():
+                fd = os.open(f, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        _fsync_dir(tmp)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.replace(target, old)  # a rename may replace an empty folder
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def _fsync_dir(directory: Path) -> None:
