@@ -263,3 +263,9 @@ def test_timm_folder_bad_targets_are_one_line_errors_and_nothing_is_lost(tiny_ch
         export(good)
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "good", "notes"]
+    # a timm folder is replaced whole: what else it held goes with it
+    monkeypatch.undo()
+    (good / "README.md").write_text("old card")
+    assert export(good)[0] == 0
+    assert sorted(p.name for p in good.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "good", "notes"]

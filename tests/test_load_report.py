@@ -67,10 +67,10 @@ def test_create_model_from_file_is_strict_and_applies_overrides(tmp_path):
     assert rebuilt.attn_mode == "axial" and info["class_names"] == ["a", "b", "c"]
     with pytest.raises(WeightsMismatchError, match=re.escape(f"{tmp_path / 'c.pth'} does not fit PaleTransformer")):
         create_model_from_file(tmp_path / "c.pth", num_classes=5)
-    # Non-strict: a warning naming the file, attributed to the caller (not to pale/io.py itself).
+    # Non-strict: a warning naming the file, attributed to the caller (not to pale/checkpoint.py itself).
     with pytest.warns(UserWarning, match=re.escape(f"{tmp_path / 'c.pth'}: loaded the weights that fit")) as caught:
         create_model_from_file(tmp_path / "c.pth", strict=False, num_classes=5)
-    assert Path(caught[0].filename).name != "io.py"
+    assert Path(caught[0].filename).name != "checkpoint.py"
 
 
 def test_load_weights_strips_a_ddp_prefix_and_names_its_source():
