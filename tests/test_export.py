@@ -138,6 +138,8 @@ def test_the_file_name_chooses_the_format_and_a_contradiction_is_refused(tiny_ch
     for args, message in [
         (["-o", str(tmp_path / "m.onnx"), "--format", "safetensors"], "names an onnx file but --format is safetensors"),
         (["-o", str(tmp_path / "m.txt")], "cannot tell the format from -o"),
+        (["-o", str(tmp_path / "m") + "/", "--format", "onnx"], "names a folder but --format is onnx"),
+        (["-o", str(tmp_path / "m.onnx"), "--format", "timm"], "names an onnx file but --format is timm"),
         (["-o", str(tmp_path / "m.onnx"), "--opset", "99"], "ONNX opset 99 is not one torch"),
         # sizes the model refuses: one line naming the size, not a failed trace and a failed torch.export
         (["-o", str(tmp_path / "m.onnx"), "--trace-size", "2", "2"], "does not run on 2x2 images"),
@@ -199,9 +201,9 @@ def test_timm_folder_loads_back_with_the_checkpoints_outputs(trained_checkpoint,
     outputs = {}
     for weights in ("raw", "ema", "best"):
         folder = tmp_path / weights
-        assert main(["export", "-c", str(trained_checkpoint), "--format", "timm", "-o", str(folder),
-                     "--weights", weights]) == 0
-        assert f"wrote {folder}/ (" in capsys.readouterr().out
+        # the format from the name: a folder (ending in /) is a timm folder
+        assert main(["export", "-c", str(trained_checkpoint), "-o", str(folder) + "/", "--weights", weights]) == 0
+        assert f"wrote {folder}/ (" in capsys.readouterr().out, weights
         assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
         config = json.loads((folder / "config.json").read_text())
         assert (config["architecture"], config["num_classes"], config["label_names"]) == ("pale_tiny", 2, ["a", "b"])

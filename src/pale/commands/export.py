@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -16,19 +17,21 @@ FORMATS = {".onnx": "onnx", ".safetensors": "safetensors"}
 
 
 def output_format(output: Optional[str], fmt: Optional[str]) -> str:
-    """The export format: ``--format``, or the one the ``-o`` file name ends with (ONNX without ``-o``).
-    A known suffix that contradicts ``--format``, or an unknown one without it, is refused."""
-    suffix = Path(output).suffix.lower() if output else ""
+    """The export format: ``--format``, or the one ``-o`` names (``.onnx``, ``.safetensors``, a folder:
+    ending in ``/`` or existing, for ``timm``; ONNX without ``-o``). A name that contradicts ``--format``,
+    or an unknown one without it, is refused."""
+    folder = output is not None and (output.endswith(("/", os.sep)) or Path(output).is_dir())
+    named = "timm" if folder else FORMATS.get(Path(output).suffix.lower()) if output else None
     if fmt is None:
         if output is None:
             return "onnx"
-        if suffix not in FORMATS:
-            raise InputError(f"cannot tell the format from -o {output}: name it .onnx or .safetensors, "
-                             f"or pass --format onnx|safetensors|timm (timm: a model folder)")
-        return FORMATS[suffix]
-    if suffix in FORMATS and FORMATS[suffix] != fmt:
-        article = "an" if FORMATS[suffix] == "onnx" else "a"
-        raise InputError(f"-o {output} names {article} {FORMATS[suffix]} file but --format is {fmt}")
+        if named is None:
+            raise InputError(f"cannot tell the format from -o {output}: name it .onnx or .safetensors, or a "
+                             f"folder ending in / for a timm model folder, or pass --format onnx|safetensors|timm")
+        return named
+    if named is not None and named != fmt:
+        what = "a folder" if folder else f"{'an' if named == 'onnx' else 'a'} {named} file"
+        raise InputError(f"-o {output} names {what} but --format is {fmt}")
     return fmt
 
 
@@ -94,7 +97,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_checkpoint(p, "a .pth checkpoint or .safetensors export", required=False)
     add_weights(p)
     p.add_argument("--format", "-f", choices=["onnx", "safetensors", "timm"], default=None,
-                   help="default: from the -o file name (.onnx or .safetensors), onnx without -o; timm: the folder "
+                   help="default: from the -o name (.onnx, .safetensors, a folder for timm), onnx without -o; "
+                        "timm: the folder "
                         "timm's save_for_hf writes (config.json with the class names and evaluation crop, "
                         "model.safetensors), for timm.create_model('local-dir:FOLDER', pretrained=True) or the Hub")
     p.add_argument("--output", "-o", metavar="FILE", help="output file (default MODEL.FORMAT), or folder for timm "
