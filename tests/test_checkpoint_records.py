@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import pale  # noqa: F401
-from pale.io import load_safetensors, load_torch, select_weights
+from pale.checkpoint import select_weights
+from pale.files import load_safetensors, load_torch
 from pale.models.attention_kernels import kernel_choices
 from pale.train import TrainingInterrupted, train
 from pale.train.classification import ClassificationTask

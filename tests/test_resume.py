@@ -18,7 +18,8 @@ import yaml
 import pale
 
 from pale.cli import main
-from pale.io import CheckpointError, load_torch
+from pale.errors import CheckpointError
+from pale.files import load_torch
 from pale.train import TrainingInterrupted, train
 from pale.train.classification import ClassificationTask
 from pale.train.engine import checkpoint_files, config_differences

@@ -13,7 +13,8 @@ import torch
 
 import pale  # noqa: F401
 from pale.cli import main
-from pale.io import create_model_from_file, load_torch
+from pale.checkpoint import create_model_from_file
+from pale.files import load_torch
 from pale.train import NonFiniteLossError, TrainingInterrupted, train
 from pale.train.classification import ClassificationTask
 from pale.train.data import write_image_folder
@@ -158,7 +159,7 @@ def test_outputs_and_eval_reload_give_the_same_top1(folder, straight, tmp_path, 
         assert ckpt["val_metrics"]["ema"]["top1"] == record["ema_val_top1"]
         assert ckpt["val_metrics"]["ema"]["loss"] == record["ema_val_loss"]
     # best.safetensors holds the weights that won, and says which
-    from pale.io import load_safetensors
+    from pale.files import load_safetensors
     exported, meta = load_safetensors(out / "best.safetensors")
     assert meta["weights"] == best["weights"]
     assert_same_state(exported, load_torch(out / "best.pth")["model_ema" if best["weights"] == "ema" else "model"])

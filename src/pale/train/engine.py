@@ -39,7 +39,7 @@ Example (a segmentation task reusing the engine)::
     cfg = resolve_recipe("my_seg.yaml", ["epochs=10"], merge(ENGINE_DEFAULTS, SegTask.defaults))
     summary = Trainer(SegTask(cfg), cfg, "runs/seg").fit()          # or resume="runs/seg/last.pth" / "auto"
 
-Checkpoint contents (``pale.io.save_checkpoint``): ``model``, ``model_ema``, ``model_name``,
+Checkpoint contents (``pale.checkpoint.save_checkpoint``): ``model``, ``model_ema``, ``model_name``,
 ``model_kwargs``, ``class_names`` (and any other entries of ``task.model_info()``), ``optimizer``,
 ``scheduler``, ``scaler``, ``epoch`` (completed epochs), ``step`` (updates done in the current epoch, non-zero
 only for an interrupted epoch), ``num_updates``, ``epoch_state`` (running sums of the interrupted epoch),
@@ -80,8 +80,10 @@ import torch.nn as nn
 from timm.utils import random_seed, unwrap_model
 from torch.utils.data import DataLoader, Dataset
 
-from .. import io as pio
-from ..errors import InputError, UserError
+from ..checkpoint import load_weights, save_checkpoint
+from ..device import resolve_device
+from ..errors import CheckpointError, InputError, UserError
+from ..files import atomic_savefig, atomic_write_json, atomic_write_text, load_torch, output_folder, save_safetensors
 from ..models.attention_kernels import (ALL_KERNELS, CANDIDATES, kernel_choices, load_kernel_choices, native_bf16,
                                          use_kernel)
 from ..progress import log, progress
@@ -168,7 +170,7 @@ def setup_runtime(device: str = "auto", amp: str = "auto", channels_last: bool =
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = pio.resolve_device(device)
+    dev = resolve_device(device)
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank if world > 1 or dev.index is None else dev.index)
         torch.cuda.set_device(dev)
@@ -358,7 +360,7 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: Path, metrics: Seque
             ax.legend()
     ax_metric.set_ylabel("accuracy (%)" if any(m.startswith("top") for m in metrics) else "")
     fig.tight_layout()
-    pio.atomic_savefig(fig, path, dpi=100)
+    atomic_savefig(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -379,9 +381,9 @@ def checkpoint_files(folder: os.PathLike) -> List[Path]:
 
 
 def _load_training_checkpoint(path: Path) -> Dict[str, Any]:
-    ckpt = pio.load_torch(path)
+    ckpt = load_torch(path)
     if not isinstance(ckpt, dict) or "optimizer" not in ckpt or "epoch" not in ckpt:
-        raise pio.CheckpointError(f"{path} is not a training checkpoint of `pale train` (no optimizer/epoch "
+        raise CheckpointError(f"{path} is not a training checkpoint of `pale train` (no optimizer/epoch "
                                   f"state); to start from its weights use model.pretrained instead")
     return ckpt
 
@@ -390,14 +392,14 @@ def load_latest_checkpoint(folder: os.PathLike) -> Optional[Tuple[Path, Dict[str
     """``(path, checkpoint)`` of the newest kept checkpoint of ``folder`` that loads, or None if it has none.
 
     A checkpoint that does not load (truncated by a crash of the file system, deleted meanwhile) is
-    skipped for the previous one, saying so; if none loads, :class:`pale.io.CheckpointError` lists why.
+    skipped for the previous one, saying so; if none loads, :class:`pale.errors.CheckpointError` lists why.
     """
     files = checkpoint_files(folder)
     errors = []
     for path in files:
         try:
             ckpt = _load_training_checkpoint(path)
-        except (pio.CheckpointError, FileNotFoundError) as err:
+        except (CheckpointError, FileNotFoundError) as err:
             errors.append(str(err))
             _log_main(f"warning: cannot resume from {path}: {err}")
             continue
@@ -406,7 +408,7 @@ def load_latest_checkpoint(folder: os.PathLike) -> Optional[Tuple[Path, Dict[str
                       f"update {ckpt.get('step', 0)}); the updates after it are done again")
         return path, ckpt
     if files:
-        raise pio.CheckpointError(f"none of the checkpoints in {folder} loads ({'; '.join(errors)}); refusing to "
+        raise CheckpointError(f"none of the checkpoints in {folder} loads ({'; '.join(errors)}); refusing to "
                                   f"start the run over: move the folder away to start afresh")
     return None
 
@@ -485,7 +487,7 @@ class Trainer:
     def __init__(self, task: Task, cfg: Config, out_dir: os.PathLike, resume: Optional[os.PathLike] = None,
                  dry_run: bool = False):
         self.task, self.cfg, self.dry_run = task, cfg, dry_run
-        self.out_dir = pio.output_folder(out_dir, "run folder")
+        self.out_dir = output_folder(out_dir, "run folder")
         tcfg = cfg["train"]
         auto = str(resume) == "auto" or (resume is None and tcfg["resume"] == "auto")
         self.resume_path = Path(resume) if resume and not auto else None
@@ -565,7 +567,7 @@ class Trainer:
         path = self.out_dir / name
         if self.rt.is_main and not self.dry_run:
             info = self.task.model_info()
-            pio.save_checkpoint(
+            save_checkpoint(
                 path, unwrap_model(self.model), info.pop("model_name"), info.pop("model_kwargs"),
                 info.pop("class_names", None), **info,
                 # older copies move down only once the new file is complete: a failed write keeps them all
@@ -587,11 +589,11 @@ class Trainer:
         info = self.task.model_info()
         which = self._better_weights()
         model = self.ema.module if which == "ema" else unwrap_model(self.model)
-        pio.save_safetensors(model.state_dict(), self.out_dir / name, metadata=dict(info, weights=which))
+        save_safetensors(model.state_dict(), self.out_dir / name, metadata=dict(info, weights=which))
 
     def _write_history(self) -> None:
         text = "".join(json.dumps(h, sort_keys=True) + "\n" for h in self.history)
-        pio.atomic_write_text(self.out_dir / "metrics.jsonl", text)
+        atomic_write_text(self.out_dir / "metrics.jsonl", text)
 
     # -- setup --
 
@@ -710,11 +712,11 @@ class Trainer:
     def _load_resume(self, path: Path) -> None:
         ckpt = self._resume_ckpt if self._resume_ckpt is not None else _load_training_checkpoint(path)
         self._resume_ckpt = None
-        pio.load_weights(self.model, ckpt["model"], source=str(path))
+        load_weights(self.model, ckpt["model"], source=str(path))
         if self.ema is not None:
             if ckpt.get("model_ema") is None:
-                raise pio.CheckpointError(f"{path} has no EMA weights but ema.enabled is true")
-            pio.load_weights(self.ema.module, ckpt["model_ema"], source=f"{path} (EMA)")
+                raise CheckpointError(f"{path} has no EMA weights but ema.enabled is true")
+            load_weights(self.ema.module, ckpt["model_ema"], source=f"{path} (EMA)")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("attention_kernels"):  # the kernels the run computed with, so that it continues exactly
             load_kernel_choices(ckpt["attention_kernels"])
@@ -812,7 +814,7 @@ class Trainer:
         self._build()
         rt, tcfg = self.rt, self.cfg["train"]
         epochs = 1 if self.dry_run else int(self.cfg["epochs"])
-        self._write(lambda: pio.atomic_write_text(self.out_dir / "config.yaml", dump_recipe(self.cfg)))
+        self._write(lambda: atomic_write_text(self.out_dir / "config.yaml", dump_recipe(self.cfg)))
         if self.resume_path:
             self._write(self._write_history)
             self._log(f"resuming {self.resume_path} at epoch {self.start_epoch + 1}, update {self.start_step}"
@@ -856,7 +858,7 @@ class Trainer:
 
         def finish() -> None:
             self._export_weights("last.safetensors")
-            pio.atomic_write_json(self.out_dir / "summary.json", summary)
+            atomic_write_json(self.out_dir / "summary.json", summary)
             if self.history:
                 plot_curves(self.history, self.out_dir / "curves.png", self.task.curve_metrics)
         self._write(finish)
@@ -1022,7 +1024,7 @@ class Trainer:
     def _better_weights(self) -> str:
         """``"ema"`` or ``"raw"``: the weights whose latest validation scored better on the task's metric.
         The raw weights on a tie, without validation of both, and without EMA: the rule of
-        :func:`pale.io.select_weights`, so that an export and ``--weights best`` on its checkpoint agree."""
+        :func:`pale.checkpoint.select_weights`, so that an export and ``--weights best`` on its checkpoint agree."""
         latest = self._val_metrics()
         if self.ema is None or not latest or "ema" not in latest:
             return "raw"

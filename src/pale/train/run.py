@@ -5,8 +5,8 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Type, Union
 
-from .. import io as pio
-from ..errors import InputError, MissingFileError
+from ..errors import CheckpointError, InputError, MissingFileError
+from ..files import load_torch
 from .classification import ClassificationTask
 from .engine import Task, Trainer, load_latest_checkpoint
 from .recipe import ENGINE_DEFAULTS, RecipeError, apply_overrides, load_yaml, merge
@@ -58,10 +58,10 @@ def train(recipe: Union[str, os.PathLike, Dict[str, Any], None], overrides: Opti
                 raise MissingFileError(f"no checkpoint to resume in {resume} (no last.pth)")
             resume, ckpt = found
         else:
-            ckpt = pio.load_torch(resume)
+            ckpt = load_torch(resume)
         if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
             command = TASKS[task].train_command if task in TASKS else "pale train"
-            raise pio.CheckpointError(f"{resume} is not a `{command}` checkpoint (no stored recipe)")
+            raise CheckpointError(f"{resume} is not a `{command}` checkpoint (no stored recipe)")
         cfg = resolve_config(ckpt["config"], overrides, task)
         del ckpt
         out_dir = Path(out_dir) if out_dir is not None else resume.parent
