@@ -602,6 +602,9 @@ class Trainer:
         if kernel != "auto" and kernel not in CANDIDATES.get(rt.device.type, ()):
             raise RecipeError(f"train.attention_kernel={kernel!r} is not available on {rt.device.type}; expected "
                               f"auto or one of {', '.join(CANDIDATES.get(rt.device.type, ()))}")
+        if tcfg["sync_bn"] and rt.distributed and rt.device.type != "cuda":
+            raise RecipeError("train.sync_bn needs CUDA devices (PyTorch's SyncBatchNorm runs on GPUs only); "
+                              "set train.sync_bn=false on the CPU")
         seed = int(cfg["seed"])
         random_seed(seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
         model = self._build_model()
@@ -703,7 +706,9 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg, self.updates_per_epoch)
         self.scaler = torch.amp.GradScaler("cuda") if self.rt.amp_dtype == torch.float16 else None
         ecfg = cfg["ema"]
-        self.ema_decay = ema_decay(ecfg, int(cfg["epochs"]) * self.updates_per_epoch)
+        # timm's cooldown: the schedule spans `epochs`, then `sched.cooldown_epochs` more train at min_lr
+        self.total_epochs = int(cfg["epochs"]) + int(cfg["sched"]["cooldown_epochs"])
+        self.ema_decay = ema_decay(ecfg, self.total_epochs * self.updates_per_epoch)
         self.ema = ModelEmaV3(model, decay=self.ema_decay, use_warmup=bool(ecfg["warmup"])) \
             if ecfg["enabled"] else None
 
@@ -811,7 +816,7 @@ class Trainer:
         """
         self._build()
         rt, tcfg = self.rt, self.cfg["train"]
-        epochs = 1 if self.dry_run else int(self.cfg["epochs"])
+        epochs = 1 if self.dry_run else self.total_epochs
         self._write(lambda: pio.atomic_write_text(self.out_dir / "config.yaml", dump_recipe(self.cfg)))
         if self.resume_path:
             self._write(self._write_history)
@@ -877,7 +882,7 @@ class Trainer:
         self.train_sampler.set_epoch(epoch)
         self.train_sampler.set_start(start_step * self.accum * self.batch_per_device)
         total_updates = 2 if self.dry_run else self.updates_per_epoch
-        bar = progress(total=total_updates, initial=start_step, desc=f"epoch {epoch + 1}/{self.cfg['epochs']}",
+        bar = progress(total=total_updates, initial=start_step, desc=f"epoch {epoch + 1}/{1 if self.dry_run else self.total_epochs}",
                        unit="updates", enabled=rt.is_main and bool(tcfg["progress"]))
         step, micro, window_loss, window_n = start_step, 0, 0.0, 0
         every = int(tcfg["checkpoint_every_updates"])
