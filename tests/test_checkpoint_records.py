@@ -15,10 +15,10 @@ import torch
 
 import pale  # noqa: F401
 from pale.io import load_safetensors, load_torch, select_weights
-from pale.models.attention_kernels import kernel_choices
 from pale.train import TrainingInterrupted, train
 from pale.train.classification import ClassificationTask
-from pale.train.engine import Trainer, rng_state, set_rng_state
+from pale.train import Trainer
+from pale.train.runtime import rng_state, set_rng_state
 from tiny_train import tiny_recipe, write_tiny_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -110,7 +110,6 @@ def test_a_resume_with_another_runtime_says_what_changed(stopped, capsys):
     run = stopped[0]
     ckpt = load_torch(run / "last.pth")
     assert ckpt["runtime"] == dict(device="cpu", channels_last=False, amp="none")
-    assert ckpt["attention_kernels"] == kernel_choices()
     ckpt["runtime"].update(channels_last=True, amp="bf16")
     torch.save(ckpt, run / "last.pth")
     with scripted_validation([50, 60]):
@@ -145,12 +144,7 @@ def test_after_a_resume_on_a_longer_schedule_every_update_follows_the_new_schedu
     """The first update after the resume included: the optimizer's saved lr is the old schedule's."""
     data = write_tiny_folder(tmp_path / "data")
     lrs = []
-    original = Trainer._optimizer_step
-
-    def recording_step(self):
-        lrs.append(self.optimizer.param_groups[0]["lr"])
-        original(self)
-    monkeypatch.setattr(Trainer, "_optimizer_step", recording_step)
+    monkeypatch.setattr(Trainer, "before_optimizer_step", lambda self: lrs.append(self.optimizer.param_groups[0]["lr"]))
     train(tiny_recipe(data), ["epochs=3"], tmp_path / "three")
     straight = list(lrs)
     lrs.clear()

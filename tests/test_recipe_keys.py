@@ -60,8 +60,6 @@ class Context:
     def trainer(self, *overrides, recipe=None, dry_run=True):
         cfg = self.cfg(*overrides, recipe=recipe)
         trainer = Trainer(TASKS[cfg["task"]](cfg), cfg, self.tmp / "run", dry_run=dry_run)
-        if hasattr(trainer, "_build"):  # the engine before it built in __init__
-            trainer._build()
         return trainer
 
     def dry_run(self, *overrides):
@@ -353,6 +351,8 @@ def check_sync_bn(ctx):
 
 def check_dist_bn(ctx):
     """reduce: the mean over ranks (the sum over this one rank, halved for the 2 the trainer counts)."""
+    from timm.utils import unwrap_model
+    from pale.train.runtime import sync_norm_stats
     dist = one_process_group(ctx)
     try:
         for mode, factor in (("reduce", 0.5), ("none", 1.0)):
@@ -360,7 +360,7 @@ def check_dist_bn(ctx):
             bns = [m for m in t.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
             for m in bns:
                 m.running_var.fill_(4.0)
-            t._sync_norm_stats()
+            sync_norm_stats([unwrap_model(t.model)], t.rt, mode)
             assert bns and all(torch.equal(m.running_var, torch.full_like(m.running_var, 4.0 * factor)) for m in bns)
     finally:
         dist.destroy_process_group()
