@@ -212,3 +212,39 @@ def test_the_numpy_state_keeps_a_cached_gaussian():
     np.random.seed(4)
     set_rng_state(state)
     assert np.array_equal(np.random.standard_normal(3), expected)
+
+
+def test_an_explicit_resume_reads_its_checkpoint_once(stopped, monkeypatch):
+    """The recipe and the state come from one read of the file (it used to be read twice)."""
+    import pale.io as pio
+
+    run = stopped[0]
+    reads, original = [], pio.load_torch
+    monkeypatch.setattr(pio, "load_torch", lambda path: reads.append(path) or original(path))
+    with scripted_validation([50, 60]):
+        train(None, [], resume=run / "last.pth")
+    assert reads == [run / "last.pth"]
+
+
+def test_the_optimizer_step_hooks_see_what_their_contract_says(tmp_path, monkeypatch):
+    """Before each update: the gradients of all its micro-batches in ``.grad``, the update not counted;
+    after: the gradients cleared, the update counted, the schedule advanced."""
+    data = write_tiny_folder(tmp_path / "data")
+    events = []
+
+    def before(self):
+        grads = [p.grad for p in self.model.parameters() if p.requires_grad]
+        events.append(("before", self.num_updates, all(g is not None for g in grads)))
+
+    def after(self):
+        events.append(("after", self.num_updates, all(p.grad is None for p in self.model.parameters()),
+                       self.optimizer.param_groups[0]["lr"]))
+    monkeypatch.setattr(Trainer, "before_optimizer_step", before)
+    monkeypatch.setattr(Trainer, "after_optimizer_step", after)
+    train(tiny_recipe(data), ["epochs=2", "train.accum_steps=2", "sched.warmup_epochs=1", "sched.warmup_lr=1e-4"],
+          tmp_path / "run")
+    assert [e[:3] for e in events] == [(kind, n + (kind == "after"), True) for n in range(4)
+                                       for kind in ("before", "after")]
+    # 2 updates of warm-up, then timm's cosine over all 4 (min_lr 1e-5): the rate of the next update
+    lrs = [e[3] for e in events if e[0] == "after"]
+    assert lrs[:2] == pytest.approx([1e-4 + (1e-2 - 1e-4) / 2, 1e-5 + (1e-2 - 1e-5) / 2])

@@ -147,8 +147,8 @@ def test_cli_refuses_mismatched_checkpoint_unless_non_strict(tmp_path, capsys):
 
 
 def test_resuming_from_a_checkpoint_that_does_not_fit_names_it(tmp_path):
-    """`--resume` loads the model, the EMA and the attention-kernel record of the file it names; each
-    that does not fit stops the run with an error naming the file (and the EMA)."""
+    """`--resume` loads the model and the EMA of the file it names; each that does not fit stops the run
+    with an error naming the file (and the EMA)."""
     import re
 
     from pale.io import save_torch
@@ -160,8 +160,7 @@ def test_resuming_from_a_checkpoint_that_does_not_fit_names_it(tmp_path):
     wrong = {k: (torch.zeros(5, *v.shape[1:]) if k == "head.fc.weight" else v) for k, v in ckpt["model"].items()}
     for changes, error, message in [
             (dict(model=wrong), WeightsMismatchError, "{} does not fit PaleTransformer"),
-            (dict(model_ema=wrong), WeightsMismatchError, "{} (EMA) does not fit PaleTransformer"),
-            (dict(attention_kernels={"format": -1}), ValueError, "not saved attention kernel choices")]:
+            (dict(model_ema=wrong), WeightsMismatchError, "{} (EMA) does not fit PaleTransformer")]:
         path = tmp_path / "changed.pth"
         save_torch(dict(ckpt, **changes), path)
         with pytest.raises(error, match="^" + re.escape(message.format(path))):

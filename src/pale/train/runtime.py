@@ -15,11 +15,12 @@ import torch.distributed as dist
 
 from .. import io as pio
 from ..errors import InputError
-from ..models.attention_kernels import native_bf16
+from ..models.attention_kernels import attention, native_bf16, use_kernel
 from ..progress import log
+from .recipe import RecipeError
 
 __all__ = ["Runtime", "setup_runtime", "cuda_bf16_native", "rng_state", "set_rng_state", "PRECISION_NAMES",
-           "log_main", "quiet_worker_warning", "sync_norm_stats"]
+           "log_main", "quiet_worker_warning", "sync_norm_stats", "check_attention_kernel"]
 
 #: autocast dtype -> the name a run's history and checkpoints give it
 PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -108,6 +109,23 @@ def setup_runtime(device: str = "auto", amp: str = "auto", channels_last: bool =
         log("warning: this CPU has no native bf16 (AVX-512-BF16 or AMX): bf16 runs emulated, far slower than "
             "float32; amp none (or auto, which chooses it here) is faster")
     return Runtime(dev, amp_dtypes[amp], rank, world, local_rank, channels_last)
+
+
+def check_attention_kernel(name: str, device: torch.device) -> str:
+    """``name`` (``train.attention_kernel``), refused by name unless it is ``auto`` or an attention kernel
+    that runs on ``device`` (tried on a tiny input)."""
+    if name == "auto":
+        return name
+    q = torch.zeros(1, 1, 4, 8, device=device)
+    try:
+        with use_kernel(name):
+            attention(q, q, q)
+    except ValueError as err:  # a name the kernel module does not know
+        raise RecipeError(f"train.attention_kernel={name!r}: {err}") from None
+    except RuntimeError as err:
+        raise RecipeError(f"train.attention_kernel={name!r} does not run on {device.type}: "
+                          f"{str(err).strip().splitlines()[0]}") from None
+    return name
 
 
 def sync_norm_stats(models: List[torch.nn.Module], rt: Runtime, mode: str) -> None:

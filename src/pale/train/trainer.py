@@ -28,7 +28,7 @@ from .checkpoints import EpochSums, better_weights, find_resume, restore_checkpo
 from .data import AugmentationError, BadImageError, clean_worker_error, shut_down_workers
 from .recipe import RecipeError
 from .run_folder import RunFolder
-from .runtime import PRECISION_NAMES, quiet_worker_warning, setup_runtime, sync_norm_stats
+from .runtime import PRECISION_NAMES, check_attention_kernel, quiet_worker_warning, setup_runtime, sync_norm_stats
 from .stopping import NonFiniteLossError, StopSignals
 from .task import Config, Task
 
@@ -59,17 +59,12 @@ class Trainer:
         if tcfg["resume"] not in (None, "auto"):
             raise RecipeError(f"train.resume must be null or auto, got {tcfg['resume']!r} (a checkpoint to "
                               f"continue is given with --resume PATH)")
-        self.attention_kernel = str(tcfg["attention_kernel"])
-        try:
-            with use_kernel(self.attention_kernel):  # the kernel module knows the names
-                pass
-        except ValueError as err:
-            raise RecipeError(f"train.attention_kernel={self.attention_kernel!r}: {err}") from None
         self.out_dir = pio.output_folder(out_dir, "run folder")
         found = find_resume(self.out_dir, cfg, resume, checkpoint, dry_run, task.train_command)
         self.resume_path: Optional[Path] = found[0] if found else None
 
         self.rt = rt = setup_runtime(tcfg["device"], tcfg["amp"], bool(tcfg["channels_last"]))
+        self.attention_kernel = check_attention_kernel(str(tcfg["attention_kernel"]), rt.device)
         self.folder = RunFolder(self.out_dir, tcfg["keep_checkpoints"], rt.is_main and not dry_run,
                                 task.train_command)
         seed = int(cfg["seed"])
