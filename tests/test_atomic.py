@@ -221,7 +221,7 @@ WRITE_CALLS = {"save", "savefig", "save_file", "write_text", "write_bytes", "dum
 # Writes that are not a user's file: (file, call, why).
 NOT_FILES = {
     ("bench.py", "open"): "/proc/self/clear_refs: a kernel control, not a file",
-    ("train/engine.py", "SummaryWriter"): "TensorBoard's event log, appended to while training runs",
+    ("train/run_folder.py", "SummaryWriter"): "TensorBoard's event log, appended to while training runs",
 }
 
 

@@ -147,8 +147,8 @@ def test_cli_refuses_mismatched_checkpoint_unless_non_strict(tmp_path, capsys):
 
 
 def test_resuming_from_a_checkpoint_that_does_not_fit_names_it(tmp_path):
-    """`--resume` loads the model and the EMA of the file it names; each that does not fit stops the
-    run with an error naming the file (and the EMA)."""
+    """`--resume` loads the model and the EMA of the file it names; each that does not fit stops the run
+    with an error naming the file (and the EMA)."""
     import re
 
     from pale.files import save_torch

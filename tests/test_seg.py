@@ -353,7 +353,7 @@ def test_a_stopped_run_says_to_continue_with_pale_seg_train(toy, tmp_path, monke
     import os
     import signal
 
-    from pale.train.engine import TrainingInterrupted
+    from pale.train import TrainingInterrupted
 
     recipe_loss, calls = SegmentationTask.training_loss, []
 

@@ -32,7 +32,7 @@ RANK_SCRIPT = textwrap.dedent("""
     import torch
     import pale.files as files
     from timm.utils import unwrap_model
-    from pale.train import engine
+    from pale.train.trainer import Trainer
     from pale.train.classification import ClassificationTask
 
     rank = int(os.environ["RANK"])
@@ -62,14 +62,14 @@ RANK_SCRIPT = textwrap.dedent("""
             return training_loss(self, model, batch, rt)
         ClassificationTask.training_loss = faulty_loss
 
-    fit = engine.Trainer.fit
+    fit = Trainer.fit
     def fit_and_dump(self):
         out = fit(self)
         model = unwrap_model(self.model)
         torch.save({"model": model.state_dict(), "ema": self.ema.module.state_dict(), "world": self.rt.world_size,
                     "restart": restart}, os.path.join(spy_dir, f"final-rank{rank}.pt"))
         return out
-    engine.Trainer.fit = fit_and_dump
+    Trainer.fit = fit_and_dump
 
     from pale.cli import main
     sys.exit(main(sys.argv[2:]))

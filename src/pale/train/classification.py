@@ -1,5 +1,5 @@
 """Image classification on an ImageFolder tree (ImageNet layout: ``root/train/<class>/*``,
-``root/val/<class>/*``), as a :class:`pale.train.engine.Task`.
+``root/val/<class>/*``), as a :class:`pale.train.task.Task`.
 
 Augmentation, Mixup/CutMix and losses are timm's: ``transforms_imagenet_train`` (RandomResizedCrop,
 flips, AutoAugment or RandAugment, colour jitter, random erasing), ``create_transform`` for evaluation
@@ -26,8 +26,9 @@ from timm.utils import accuracy
 from ..checkpoint import WeightsMismatchError, load_weights, read_model_file
 from ..errors import InputError, MissingFileError
 from .data import ImageFolderDataset
-from .engine import Runtime, Task
 from .recipe import RecipeError, choice_rule, list_rule, number_rule
+from .runtime import Runtime
+from .task import Task
 
 __all__ = ["ClassificationTask", "evaluate_classifier", "build_eval_transform", "build_train_transform",
            "make_pillow_safe", "check_model_kwargs", "data_config", "CLASSIFICATION_DEFAULTS", "CLASSIFICATION_RULES"]

@@ -29,7 +29,7 @@ import numpy as np
 from ..files import atomic_write_json, output_folder
 from ..errors import InputError, MissingFileError
 from .data import write_image_folder
-from .engine import checkpoint_files
+from .checkpoints import checkpoint_files
 
 __all__ = ["load_mnist_5k", "split_digits", "prepare_digits", "run_demo", "RUN_FILES"]
 

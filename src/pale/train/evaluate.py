@@ -27,7 +27,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, batch_size: int = 64, worker
     from ..progress import progress
     from .classification import build_eval_transform, evaluate_classifier
     from .data import ImageFolderDataset, SkipCollate
-    from .engine import setup_runtime
+    from .runtime import setup_runtime
 
     if batch_size < 1:
         raise InputError(f"batch size must be >= 1, got {batch_size}")
