@@ -163,14 +163,17 @@ def burn():
     a = torch.randn(256, 256)
     while not stop.is_set():
         a @ a
+burner = threading.Thread(target=burn)
 if sys.argv[1] == 'loaded':
-    threading.Thread(target=burn, daemon=True).start()
+    burner.start()
 for dtype in (torch.float32, torch.bfloat16):
     for train in (False, True):
         for shape in {PALE_T_STAGES!r}:
             q = torch.zeros(shape, dtype=dtype, requires_grad=train)
             print(dtype, train, shape, ak.kernel_for(q, q, q))
 stop.set()
+if burner.is_alive():
+    burner.join()  # a thread still inside a matmul when the interpreter exits aborts it
 """
     procs = [subprocess.Popen([sys.executable, "-c", code, load], stdout=subprocess.PIPE, text=True)
              for load in ("idle", "loaded")]  # at once: most of each one's time is importing torch
