@@ -333,6 +333,58 @@ def real_key_mask(height: int, padded_height: int, width: int, group_size: int, 
     return group_rows(real.expand(1, padded_height, width, 1), group_size, interlaced).squeeze(-1)
 
 
+# torch.export keeps every size symbolic and specialises the graph on any size it cannot prove to
+# be 1 or more than 1 (even a contiguity check asks). ``G`` can be either in an input range (stage 4
+# of a 64..512 input has one group or three), so on the export path no tensor has a dimension of
+# ``G`` alone: the groups and heads share one dimension, and the tokens are gathered by index from
+# a flat view (a view that merges symbolic dimensions asks the same questions).
+
+def _flat(x: Tensor, *shape: int) -> Tensor:
+    """``x`` viewed as ``shape`` through ``(numel / C, C)``, ``C`` the last entry of ``shape``."""
+    return x.contiguous().flatten().view(-1, shape[-1]).view(*shape)
+
+
+def _export_positions(groups: int, num_heads: int, group_size: int, width: int, interlaced: bool,
+                      device: torch.device) -> Tensor:
+    """For each element of the exported groups ``(G heads, s W)`` (group, head, row within the group,
+    column), its index in the map's ``(Hp W heads)`` flat order."""
+    i = torch.arange(groups * num_heads * group_size * width, device=device)
+    col, within = i % width, i // width % group_size
+    head, group = i // (width * group_size) % num_heads, i // (width * group_size * num_heads)
+    row = within * groups + group if interlaced else group * group_size + within
+    return (row * width + col) * num_heads + head
+
+
+def export_group_rows(x: Tensor, num_heads: int, group_size: int, interlaced: bool) -> Tensor:
+    """:func:`group_rows` then :func:`split_heads` as torch.export keeps them at every size:
+    ``(B, Hp, W, C)`` -> ``(B, G heads, s W, C / heads)``."""
+    b, hp, w, c = x.shape
+    g, d = hp // group_size, c // num_heads
+    index = _export_positions(g, num_heads, group_size, w, interlaced, x.device)
+    return _flat(_flat(x, b, hp * w * num_heads, d).index_select(1, index), b, g * num_heads, group_size * w, d)
+
+
+def export_ungroup_rows(out: Tensor, num_heads: int, height: int, group_size: int, width: int,
+                        interlaced: bool) -> Tensor:
+    """Inverse of :func:`export_group_rows`, padded rows dropped: ``(B, G heads, s W, D)`` -> ``(B, H, W, heads D)``."""
+    b, n, length, d = out.shape
+    heads, g = num_heads, n // num_heads
+    j = torch.arange(height * width * heads, device=out.device)          # the output's (row, column, head)
+    head, col, row = j % heads, j // heads % width, j // (heads * width)
+    group, within = (row % g, row // g) if interlaced else (row // group_size, row % group_size)
+    index = ((group * heads + head) * group_size + within) * width + col
+    return _flat(_flat(out, b, n * length, d).index_select(1, index), b, height, width, heads * d)
+
+
+def export_key_mask(height: int, groups: int, num_heads: int, group_size: int, width: int, interlaced: bool,
+                    device: torch.device) -> Tensor:
+    """The key mask of :func:`export_group_rows`' groups: ``(1, G heads, 1, s W)``, True on real rows."""
+    i = torch.arange(groups * num_heads * group_size * width, device=device).view(groups * num_heads, -1)
+    within, group = i % (group_size * width) // width, i // (group_size * width * num_heads)
+    row = within * groups + group if interlaced else group * group_size + within
+    return (row < height)[None, :, None, :]
+
+
 def split_heads(x: Tensor, num_heads: int) -> Tensor:
     """``(N, L, C)`` -> ``(N, heads, L, C / heads)``."""
     n, length, c = x.shape
@@ -374,16 +426,24 @@ def group_lines(q: Tensor, k: Tensor, v: Tensor, num_heads: int, group_size: int
         q, k, v: ``(B, H, W, C)``; ``C`` divisible by ``num_heads``.
     Returns:
         :data:`GroupedQKV`: ``(B G, heads, s W, C / heads)`` in the token order of :func:`group_rows`
-        (columns: of the transposed map). Rows are padded to a multiple of ``group_size`` and the
-        padded keys masked, so each group's result depends only on its real tokens.
+        (columns: of the transposed map); under torch.export ``(B, G heads, s W, C / heads)``
+        (:func:`export_group_rows`). Rows are padded to a multiple of ``group_size`` and the padded
+        keys masked, so each group's result depends only on its real tokens.
     """
     if direction == "column":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     b, h, w, _ = q.shape
     hp = padded_length(h, group_size)
-    mask = None
-    if traced_for_any_size() or hp != h:
+    # Groups of one row never need padding; graphs for every size always pad the others.
+    padded = group_size > 1 and (traced_for_any_size() or hp != h)
+    if padded:
         q, k, v = (F.pad(t, (0, 0, 0, 0, 0, hp - h)) for t in (q, k, v))
+    if is_exporting():
+        mask = export_key_mask(h, hp // group_size, num_heads, group_size, w, interlaced, q.device) if padded else None
+        qg, kg, vg = (export_group_rows(t, num_heads, group_size, interlaced) for t in (q, k, v))
+        return qg, kg, vg, mask
+    mask = None
+    if padded:
         groups = hp // group_size
         mask = real_key_mask(h, hp, w, group_size, interlaced, q.device)
         mask = mask.unsqueeze(0).expand(b, groups, group_size * w).reshape(b * groups, 1, 1, group_size * w)
@@ -398,7 +458,10 @@ def ungroup_lines(out: Tensor, like: Tensor, group_size: int, interlaced: bool, 
     b, h, w = like.shape[:3]
     if direction == "column":
         h, w = w, h
-    out = ungroup_rows(merge_heads(out), b, padded_length(h, group_size), group_size, w, interlaced)[:, :h]
+    if is_exporting():  # gathered, not sliced (the exporter cannot prove h <= hp either)
+        out = export_ungroup_rows(out, like.shape[-1] // out.shape[-1], h, group_size, w, interlaced)
+    else:
+        out = ungroup_rows(merge_heads(out), b, padded_length(h, group_size), group_size, w, interlaced)[:, :h]
     return out.transpose(1, 2) if direction == "column" else out
 
 
