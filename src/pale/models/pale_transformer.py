@@ -344,15 +344,22 @@ def _flat(x: Tensor, *shape: int) -> Tensor:
     return x.contiguous().flatten().view(-1, shape[-1]).view(*shape)
 
 
+def _export_rows(groups: int, num_heads: int, group_size: int, interlaced: bool, device: torch.device) -> Tensor:
+    """``(G heads, s, 1)``: the padded map's row at each (group and head, row within the group)."""
+    group = (torch.arange(groups * num_heads, device=device) // num_heads)[:, None, None]
+    within = torch.arange(group_size, device=device)[None, :, None]
+    return within * groups + group if interlaced else group * group_size + within
+
+
 def _export_positions(groups: int, num_heads: int, group_size: int, width: int, interlaced: bool,
                       device: torch.device) -> Tensor:
     """For each element of the exported groups ``(G heads, s W)`` (group, head, row within the group,
-    column), its index in the map's ``(Hp W heads)`` flat order."""
-    i = torch.arange(groups * num_heads * group_size * width, device=device)
-    col, within = i % width, i // width % group_size
-    head, group = i // (width * group_size) % num_heads, i // (width * group_size * num_heads)
-    row = within * groups + group if interlaced else group * group_size + within
-    return (row * width + col) * num_heads + head
+    column), its index in the map's ``(Hp W heads)`` flat order: ``(G heads s W,)``. (Products and
+    broadcasts only: the ONNX exporter takes no remainder by a symbolic size.)"""
+    rows = _export_rows(groups, num_heads, group_size, interlaced, device)
+    head = (torch.arange(groups * num_heads, device=device) % num_heads)[:, None, None]
+    col = torch.arange(width, device=device)[None, None, :]
+    return ((rows * width + col) * num_heads + head).flatten()
 
 
 def export_group_rows(x: Tensor, num_heads: int, group_size: int, interlaced: bool) -> Tensor:
@@ -368,21 +375,17 @@ def export_ungroup_rows(out: Tensor, num_heads: int, height: int, group_size: in
                         interlaced: bool) -> Tensor:
     """Inverse of :func:`export_group_rows`, padded rows dropped: ``(B, G heads, s W, D)`` -> ``(B, H, W, heads D)``."""
     b, n, length, d = out.shape
-    heads, g = num_heads, n // num_heads
-    j = torch.arange(height * width * heads, device=out.device)          # the output's (row, column, head)
-    head, col, row = j % heads, j // heads % width, j // (heads * width)
-    group, within = (row % g, row // g) if interlaced else (row // group_size, row % group_size)
-    index = ((group * heads + head) * group_size + within) * width + col
-    return _flat(_flat(out, b, n * length, d).index_select(1, index), b, height, width, heads * d)
+    position = _export_positions(n // num_heads, num_heads, group_size, width, interlaced, out.device)
+    inverse = torch.empty_like(position).scatter_(0, position, torch.arange(position.numel(), device=out.device))
+    index = inverse.index_select(0, torch.arange(height * width * num_heads, device=out.device))  # real rows first
+    return _flat(_flat(out, b, n * length, d).index_select(1, index), b, height, width, num_heads * d)
 
 
 def export_key_mask(height: int, groups: int, num_heads: int, group_size: int, width: int, interlaced: bool,
                     device: torch.device) -> Tensor:
     """The key mask of :func:`export_group_rows`' groups: ``(1, G heads, 1, s W)``, True on real rows."""
-    i = torch.arange(groups * num_heads * group_size * width, device=device).view(groups * num_heads, -1)
-    within, group = i % (group_size * width) // width, i // (group_size * width * num_heads)
-    row = within * groups + group if interlaced else group * group_size + within
-    return (row < height)[None, :, None, :]
+    real = _export_rows(groups, num_heads, group_size, interlaced, device) < height
+    return _flat(real.expand(-1, -1, width), groups * num_heads, group_size * width)[None, :, None, :]
 
 
 def split_heads(x: Tensor, num_heads: int) -> Tensor:
