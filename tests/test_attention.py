@@ -260,19 +260,21 @@ def test_layers_follow_timms_fused_attention_setting():
 
 
 @pytest.mark.parametrize("mode", ATTN_MODES)
-def test_kept_weights_are_softmax_rows_on_the_map(mode):
-    """keep_attn_weights (explicit path): one AttentionWeights per branch whose query rows sum to one
-    and cover exactly the keys of the mode's groups (tests/reference.py)."""
+def test_explicit_weights_are_softmax_rows_on_the_map(mode):
+    """The explicit path's weights, read by a forward hook on attn_probs (one module per branch):
+    query rows sum to one and cover exactly the keys of the mode's groups (tests/reference.py)."""
+    from pale.visualize import capturing_attention, group_tokens, query_weights
     layer = create_attention(16, 4, (3, 2), mode=mode, stripe_width=2).double().eval()
-    layer.fused_attn, layer.keep_attn_weights = False, True
     h, w = 7, 9
-    with torch.no_grad():
+    with torch.no_grad(), capturing_attention([layer]) as kept:
         layer(torch.randn(2, h, w, 16, dtype=torch.float64))
     masks = mode_masks(mode, h, w, layer.group_size, layer.direction or "row")
     masks = masks if isinstance(masks, tuple) else (masks,)
-    assert len(layer.attn_weights) == len(masks)
-    for kept, mask in zip(layer.attn_weights, masks):
+    assert list(kept[0]) == list(layer.branches) and len(layer.branches) == len(masks)
+    groups = group_tokens(layer, (h, w))
+    for name, mask in zip(layer.branches, masks):
         for token in (0, 4 * w + 5, h * w - 1):
-            weights = kept.of_query(token)                        # (B, heads, H W)
+            weights = query_weights(kept[0][name], groups[name], token, h * w)     # (B, heads, H W)
             torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:2], dtype=torch.float64))
             assert ((weights > 0) == mask[token]).all()
+    assert layer.fused_attn   # restored

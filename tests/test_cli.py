@@ -394,10 +394,9 @@ def test_every_output_is_dash_o_and_old_spellings_are_hidden():
                 assert action.option_strings[:2] == ["--output", "-o"], (name, action.option_strings)
             # older spellings of an output (--out, --json-out) parse but are not shown
             assert not (visible and {"--out", "--json-out"} & set(action.option_strings)), (name, action.option_strings)
-    assert {"train", "demo", "export", "predict", "eval", "bench", "complexity-report", "visualize attention",
+    assert {"train", "demo", "export", "predict", "eval", "bench", "visualize attention",
             "seg predict", "det predict"} <= set(writers)
     parse = build_parser().parse_args
-    assert parse(["complexity-report", "--out", "x.md"]).output == "x.md"
     assert parse(["bench", "--json", "b.json"]).json == "b.json" and parse(["bench", "--json"]).json == "-"
 
 

@@ -178,7 +178,8 @@ def test_unknown_model_and_formula():
 
 @pytest.mark.slow
 def test_every_table_row_and_report_size_agrees_within_one_percent():
-    from pale.commands.complexity_report import COST_SIZES, MODES
+    report = _complexity_report()
+    COST_SIZES, MODES = report.COST_SIZES, report.MODES
     for row in compare_paper(measure=True):
         assert row.measured_params == row.analytic_params, row.paper.label
         assert abs(row.measured_macs / row.analytic_macs - 1) < 0.01, row.paper.label
@@ -189,10 +190,33 @@ def test_every_table_row_and_report_size_agrees_within_one_percent():
             assert abs(measure_cost(model, size).macs / analytic.macs - 1) < 0.01, (mode, size)
 
 
+def _complexity_report():
+    """benchmarks/complexity_report.py, the script that regenerates docs/complexity.md, as a module."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "complexity_report.py"
+    spec = importlib.util.spec_from_file_location("complexity_report", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_complexity_report_is_a_script_not_a_command(capsys):
+    report = _complexity_report()
+    assert report.MODES == tuple(ATTN_MODES)
+    assert report.main(["--sides", "16"]) == 1
+    assert "--sides must be input sides of at least 32 pixels" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        pale_main(["complexity-report", "--help"])
+    assert "invalid choice: 'complexity-report'" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_complexity_report_writes_doc_and_plot(tmp_path):
     out = tmp_path / "complexity.md"
-    assert pale_main(["complexity-report", "-o", str(out), "--sides", "64", "96", "--repeats", "1"]) == 0
+    assert _complexity_report().main(["-o", str(out), "--sides", "64", "96", "--repeats", "1"]) == 0
     text = out.read_text()
     for heading in ("Table 7", "Table 8", "Table 9", "512x2048", "global (Eq. 4)", "complexity.png"):
         assert heading in text

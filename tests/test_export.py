@@ -271,3 +271,47 @@ def test_timm_folder_bad_targets_are_one_line_errors_and_nothing_is_lost(tiny_ch
     assert export(good)[0] == 0
     assert sorted(p.name for p in good.iterdir()) == ["config.json", "model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "good", "notes"]
+
+
+# ---- torch.export with dynamic height and width -------------------------------------------------
+
+EXPORT_SIZES = ((224, 224), (97, 131), (160, 320))
+
+
+def _export_dynamic(model):
+    from torch.export import Dim
+    x = torch.randn(1, 3, 224, 224)
+    shapes = ({2: Dim("H", min=64, max=512), 3: Dim("W", min=64, max=512)},)
+    return torch.export.export(model, (x,), dynamic_shapes=shapes)
+
+
+def _check_exported_equals_eager(model, sizes=EXPORT_SIZES):
+    program = _export_dynamic(model).module()
+    for size in sizes:
+        x = torch.randn(1, 3, *size)   # the batch is static: only H and W are dynamic
+        with torch.no_grad():
+            torch.testing.assert_close(program(x), model(x), rtol=1e-5, atol=1e-5, msg=str(size))
+
+
+@pytest.mark.parametrize("name,mode", [
+    ("pale_tiny", "parallel"), ("pale_tiny", "sequential"), ("pale_tiny", "axial"), ("pale_tiny", "cross_shaped"),
+    pytest.param("pale_small", "parallel", marks=pytest.mark.slow),
+    pytest.param("pale_base", "parallel", marks=pytest.mark.slow)])
+def test_torch_export_with_dynamic_height_and_width_equals_eager(name, mode):
+    # The variant's widths and heads, one block per stage: 64..512 gives stage 4 one group or three.
+    torch.manual_seed(0)
+    model = timm.create_model(name, depths=(1, 1, 1, 1), attn_mode=mode, num_classes=5).eval()
+    _check_exported_equals_eager(model)
+
+
+@pytest.mark.slow
+def test_torch_export_of_the_full_pale_tiny():
+    torch.manual_seed(0)
+    _check_exported_equals_eager(timm.create_model("pale_tiny").eval(), sizes=((97, 131),))
+
+
+def test_torch_export_of_vanilla_states_its_limit():
+    model = timm.create_model("pale_tiny", depths=(1, 1, 1, 1), attn_mode="vanilla", num_classes=5).eval()
+    with pytest.raises(RuntimeError, match=r"^attn_mode='vanilla' cannot be exported with a dynamic height or "
+                                           r"width: its pale count .* export at a static size$"):
+        _export_dynamic(model)

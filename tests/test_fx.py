@@ -40,8 +40,10 @@ def test_graph_node_names_of_the_full_variants(name):
     model = timm.create_model(name, device="meta")
     train_nodes, eval_nodes = get_graph_node_names(model)
     assert eval_nodes[:2] == ["x", "check_image_batch"]
-    # The attention of every block is one leaf call, its size logic left to run at call time.
-    assert sum(n.endswith(".attn.ps_attention") for n in eval_nodes) == 22
+    # The attention of every block: per branch (rows, columns) one grouping, one kernel and one
+    # ungrouping leaf call, their size logic left to run at call time.
+    for leaf in ("group_lines", "attend_in_groups", "ungroup_lines"):
+        assert sum(n.startswith("stages.") and n.split(".attn.")[-1] in (leaf, f"{leaf}_1") for n in eval_nodes) == 44
     assert {"stages.2.blocks.15.attn.proj", "norm", "head.fc"} <= set(eval_nodes)
     assert "stages.0.blocks.0.attn.q.bn" in train_nodes   # BatchNorm on batch statistics while training
 

@@ -8,13 +8,13 @@ import torch
 from PIL import Image
 
 import pale  # noqa: F401
-from pale import create_attention
+from pale import ATTN_MODES, create_attention
 from pale.checkpoint import create_model_from_file, save_checkpoint
 from pale.cli import main
 from pale.visualize import (RF_COLORS, receptive_field, stage_attention, token_attention)
 from reference import mode_masks
 
-MODES = ("parallel", "sequential", "vanilla", "axial", "cross_shaped")
+MODES = tuple(ATTN_MODES)   # the registered modes, in the order the picture draws them
 # (map size, pale size / stripe width, reference token): odd sizes, padding, tokens on the border.
 CASES = [((12, 12), (3, 3), (6, 6)), ((9, 5), (3, 2), (8, 0)), ((8, 10), (3, 3), (3, 7))]
 
@@ -191,3 +191,66 @@ def test_receptive_field_refuses_maps_and_pictures_too_large_to_draw(tmp_path, c
     assert not out.exists()
     assert main(["visualize", "receptive-field", "--cell", "271", "--size", "3", "12", "-o", str(out)]) == 0
     assert max(Image.open(out).size) <= 16384
+
+
+def _reference_query_weights(layer, x, token):
+    """(heads, H, W) float64 weights of the query at ``token``, from the layer's own q and k: per head,
+    softmax(q_t . k_j / sqrt(d)) over the keys of the query's group (tests/reference.py); for vanilla,
+    the mean over the pales holding the query of the softmax inside each pale."""
+    from reference import pale_members
+    _, h, w, c = x.shape
+    t = token[0] * w + token[1]
+    with torch.no_grad():
+        q, k = (p(x)[0].reshape(h * w, c).double() for p in (layer.q, layer.k))
+    masks = mode_masks(layer.mode, h, w, layer.group_size, layer.direction or "row")
+    if layer.mode == "vanilla":
+        members = pale_members(h, w, layer.group_size)
+        branches = [(slice(0, c), layer.num_heads, [m for m in members if m[t]])]
+    elif isinstance(masks, tuple):
+        branches = [(slice(0, c // 2), layer.num_heads // 2, [masks[0][t]]),
+                    (slice(c // 2, c), layer.num_heads // 2, [masks[1][t]])]
+    else:
+        branches = [(slice(0, c), layer.num_heads, [masks[t]])]
+    out = []
+    for channels, heads, groups in branches:
+        qh, kh = (z[:, channels].reshape(h * w, heads, -1) for z in (q, k))
+        scores = torch.einsum("hd,nhd->hn", qh[t], kh) / qh.shape[-1] ** 0.5       # (heads, H W)
+        out.append(torch.stack([scores.masked_fill(~g, float("-inf")).softmax(-1) for g in groups]).mean(0))
+    return torch.cat(out).view(-1, h, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mode", MODES)
+def test_visualised_weights_equal_a_float64_reference_from_the_layers_q_and_k(mode, dtype):
+    # The weights come from the layer's own forward (a hook on its explicit path), in its own dtype.
+    torch.manual_seed(1)
+    layer = create_attention(8, 4, pale_size=(3, 2), mode=mode, stripe_width=2).to(dtype).eval()
+    x = torch.randn(2, 7, 10, 8, dtype=dtype)
+    for token in ((0, 0), (5, 3), (6, 9)):
+        weights = token_attention(layer, x, token)
+        assert weights.dtype == dtype
+        tol = 1e-12 if dtype == torch.float64 else 1e-6
+        torch.testing.assert_close(weights.double(), _reference_query_weights(layer, x[:1], token), rtol=tol, atol=tol)
+
+
+def test_timms_attention_extract_reads_the_same_weights(checkpoint):
+    """timm.utils.AttentionExtract, by forward hooks and by FX, finds the layers' explicit weights."""
+    from timm.utils import AttentionExtract
+
+    from pale.visualize import capturing_attention
+    model, _ = create_model_from_file(checkpoint)
+    x = torch.randn(1, 3, 40, 56)
+    layers = [m for m in model.modules() if hasattr(m, "attn_probs")]
+    with torch.no_grad(), capturing_attention(layers) as kept:
+        model.eval()(x)
+    want = {f"{name}.attn_probs.{branch}": kept[i][branch]
+            for i, (name, m) in enumerate((n, m) for n, m in model.named_modules() if hasattr(m, "attn_probs"))
+            for branch in m.branches}
+    for layer in layers:
+        layer.fused_attn = False
+    for method in ("hook", "fx"):
+        with torch.no_grad():
+            got = AttentionExtract(model, names=["*attn_probs.*"], method=method)(x)
+        assert list(got) == list(want) and len(want) == 2 * 5
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-7, msg=f"{method} {name}")

@@ -7,7 +7,8 @@ Two independent counts of the same thing:
   to padding and to non-square inputs, plus the rest of the network (stem and patch-merging convs,
   CPE, MLP, head). Each attention layer has two numbers: ``macs``, what our code computes (padded
   group sizes), and ``paper_macs``, the paper's formula on the real ``h x w`` map with no padding.
-  For ``vanilla`` both are ``2cNP^2`` (``N`` pales of ``P = s_r Wp + s_c Hp - s_r s_c`` tokens, all
+  Each registered attention mode gives its own matmul count (``AttentionMode.matmul_macs``). For
+  ``vanilla`` both are ``2cNP^2`` (``N`` pales of ``P = s_r Wp + s_c Hp - s_r s_c`` tokens, all
   ``c`` channels, see ``per_pale_attention``): the paper defines vanilla on the map padded to
   ``h / s_r = w / s_c``, so the padding is part of its cost (Table 8's 5.4G, 2677G, 668G).
 * **Measured** (:func:`measure_cost`): ``torch.utils.flop_counter.FlopCounterMode`` while the model
@@ -34,8 +35,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import InputError
-from .models.pale_transformer import (MODEL_ARGS, TWO_BRANCH_MODES, AttentionLayout, PaleTransformer, as_pair,
-                                      attention_layout, block_direction, padded_length, stage_grids)
+from .models.pale_transformer import (MODEL_ARGS, AttentionLayout, PaleTransformer, as_pair, attention_layout,
+                                      attention_mode, block_direction, stage_grids)
 
 __all__ = [
     "ModelCost", "measure_cost", "measured_cost",
@@ -162,16 +163,10 @@ def pale_attention_macs(h: int, w: int, c: int, pale_size: Pair) -> int:
     return 4 * h * w * c * c + h * w * c * (s_c * h + s_r * w + 27)
 
 
-def _row_groups_macs(h: int, w: int, c: int, group_size: int, padded: bool) -> int:
-    """Both matmuls of attention inside groups of ``group_size`` rows spanning all ``w`` columns,
-    on ``c`` channels: ``Hp / s`` groups of ``s w`` tokens, ``2 (Hp/s) (s w)² c``. Eq. 14 per branch."""
-    hp = padded_length(h, group_size) if padded else h
-    return 2 * hp * group_size * w * w * c
-
-
 def attention_matmul_macs(mode: str, h: int, w: int, c: int, group_size: Pair,
                           direction: Optional[str] = None, formula: str = "code") -> int:
-    """Multiply-adds of the attention matmuls (q·k and attention·v) of one layer on an ``h x w x c`` map.
+    """Multiply-adds of the attention matmuls (q·k and attention·v) of one layer on an ``h x w x c`` map:
+    the registered mode's own count (:class:`pale.models.AttentionMode`).
 
     Args:
         mode: an attention mode (see :data:`pale.ATTN_MODES`).
@@ -183,23 +178,12 @@ def attention_matmul_macs(mode: str, h: int, w: int, c: int, group_size: Pair,
     """
     if formula not in ("code", "paper"):
         raise InputError(f"formula must be 'code' or 'paper', got {formula!r}")
-    padded = formula == "code"
-    s_r, s_c = group_size
-    if mode in TWO_BRANCH_MODES:
-        # Half the channels in each branch: Eq. 14, hw²c s_r + h²wc s_c without padding.
-        return (_row_groups_macs(h, w, c // 2, s_r, padded)
-                + _row_groups_macs(w, h, c - c // 2, s_c, padded))
-    if mode == "sequential":
-        if direction == "column":
-            return _row_groups_macs(w, h, c, s_c, padded)
-        return _row_groups_macs(h, w, c, s_r, padded)
-    if mode == "vanilla":
-        from .models.pale_transformer import pale_count
-
-        n = pale_count(h, w, group_size)
-        tokens = s_r * n * s_c + s_c * n * s_r - s_r * s_c   # P = s_r Wp + s_c Hp - s_r s_c
-        return 2 * c * n * tokens * tokens
-    raise InputError(f"unknown attention mode {mode!r}")
+    try:
+        entry = attention_mode(mode)
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    layout = AttentionLayout(mode, tuple(group_size), entry.interlaced, direction)
+    return entry.matmul_macs(layout, h, w, c, formula == "code")
 
 
 # ============================================================================================

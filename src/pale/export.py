@@ -61,12 +61,14 @@ def attention_layers(model: nn.Module) -> List[nn.Module]:
 
 
 def _check_dynamic_export_supported(model: nn.Module) -> None:
-    modes = {layer.mode for layer in attention_layers(model)}
-    if "vanilla" in modes:
-        # per_pale_attention picks the pale count with max(ceil(h/s_r), ceil(w/s_c)): a Python choice
+    from .models import attention_mode
+
+    fixed = sorted({layer.mode for layer in attention_layers(model) if not attention_mode(layer.mode).any_size_graph})
+    if fixed:
+        # e.g. vanilla picks the pale count with max(ceil(h/s_r), ceil(w/s_c)): a Python choice
         # on sizes that a trace freezes, so one graph cannot serve every size.
-        raise InputError("ONNX export with dynamic height and width does not support attn_mode='vanilla' "
-                         "(its pale count is a size-dependent Python choice); use --static")
+        raise InputError(f"ONNX export with dynamic height and width does not support attn_mode={fixed[0]!r} "
+                         "(its grouping is a size-dependent Python choice); use --static")
 
 
 @dataclass

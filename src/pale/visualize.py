@@ -9,8 +9,10 @@
   side in the manner of the paper's Figure 1 (shaded region, red reference token).
 * :func:`token_attention` / :func:`stage_attention`: the attention weights of one query token, as
   the layer itself computes them: the layer runs its explicit ``softmax(q k^T) v`` path
-  (``fused_attn = False``) and keeps the weights (``keep_attn_weights``);
-  :func:`render_attention_overlay` overlays their head average for every stage on the image.
+  (``fused_attn = False``), a forward hook on ``layer.attn_probs[branch]`` reads each branch's
+  weights, as timm's ``AttentionExtract(method='hook')`` does, and :func:`group_tokens` maps group
+  positions to map tokens from the layer's layout; :func:`render_attention_overlay` overlays their
+  head average for every stage on the image.
 """
 from __future__ import annotations
 
@@ -26,30 +28,16 @@ from torch import Tensor
 from .files import PathLike, atomic_savefig
 from .errors import InputError
 
-__all__ = ["TWO_BRANCH_MODES", "branch_channels", "receptive_field", "RFLayout",
-           "RF_COLORS", "render_receptive_fields", "token_attention", "StageAttention",
-           "stage_attention", "render_attention_overlay"]
-
-TWO_BRANCH_MODES = ("parallel", "axial", "cross_shaped")
+__all__ = ["receptive_field", "RFLayout", "RF_COLORS", "render_receptive_fields", "group_tokens",
+           "capturing_attention", "token_attention", "StageAttention", "stage_attention", "render_attention_overlay"]
 
 # Figure colours (RGB): a token reached by the row branch, by the column branch, by both, by the
-# single branch of sequential / vanilla ("all"), not reached, grid lines, and the reference token.
+# single branch of a one-branch mode such as sequential or vanilla ("all"), not reached, grid lines,
+# and the reference token. The branches are the layer's (``layer.branches``).
 RF_COLORS: Dict[str, Tuple[int, int, int]] = dict(
     row=(255, 183, 77), column=(100, 181, 246), both=(171, 71, 188), all=(244, 143, 177),
     empty=(245, 245, 245), grid=(190, 190, 190), token=(211, 0, 0), background=(255, 255, 255),
     text=(0, 0, 0))
-
-
-def branch_channels(layer: nn.Module) -> Dict[str, Tuple[slice, int]]:
-    """The layer's attention branches: name -> (channel slice, heads).
-
-    Two-branch modes give the first ``C/2`` channels and heads to rows and the rest to columns
-    (docs/design.md); ``sequential`` and ``vanilla`` use every channel in one branch (``'all'``).
-    """
-    c, heads = layer.dim, layer.num_heads
-    if layer.mode in TWO_BRANCH_MODES:
-        return {"row": (slice(0, c // 2), heads // 2), "column": (slice(c // 2, c), heads // 2)}
-    return {"all": (slice(0, c), heads)}
 
 
 def _check_token(token: Sequence[int], h: int, w: int, what: str = "map") -> Tuple[int, int]:
@@ -67,7 +55,8 @@ def receptive_field(layer: nn.Module, size: Tuple[int, int], token: Tuple[int, i
     Runs the layer (in float64, eval mode) on a random input, replaces the output of ``layer.v``
     by a leaf tensor (a forward hook), back-propagates a random projection of the output at
     ``token`` and marks the tokens whose projected values get a non-zero gradient, separately for
-    each branch's channels (:func:`branch_channels`).
+    each branch's channels (``layer.branches``: two-branch modes give the first ``C/2`` channels
+    to rows and the rest to columns, one-branch modes all channels to ``'all'``).
 
     Returns:
         branch name -> ``(H, W)`` bool array.
@@ -91,7 +80,7 @@ def receptive_field(layer: nn.Module, size: Tuple[int, int], token: Tuple[int, i
     probe = torch.randn(layer.dim, generator=gen, dtype=torch.float64)
     (out[0, ty, tx] * probe).sum().backward()
     grad = captured["v"].grad[0].abs()                          # (H, W, C)
-    return {name: (grad[..., channels] > 0).any(-1).numpy() for name, (channels, _) in branch_channels(layer).items()}
+    return {name: (grad[..., channels] > 0).any(-1).numpy() for name, (channels, _) in layer.branches.items()}
 
 
 @dataclass(frozen=True)
@@ -182,25 +171,72 @@ def render_receptive_fields(fields: Dict[str, Dict[str, np.ndarray]], token: Tup
 
 # ---- attention weights of a trained model ------------------------------------------------------
 
+def group_tokens(layer: nn.Module, size: Tuple[int, int]) -> Dict[str, Tensor]:
+    """The map token at each position of each group ``layer`` forms on an ``H x W`` map, per branch.
+
+    Derived from the layer's layout alone: a map of token ids is grouped as the layer groups its
+    ``q`` (:meth:`~pale.models.GroupedAttention.group`), padding included.
+
+    Returns:
+        branch name -> ``(G, L)`` long: the row-major index ``y * W + x`` at each group position,
+        ``-1`` for padding; group ``g`` is the ``g``-th of an image's groups (batch-major, as the
+        weights ``(B G, heads, L, L)`` that pass through ``layer.attn_probs[branch]``).
+    """
+    h, w = size
+    ids = torch.arange(1, h * w + 1).view(1, h, w, 1)   # from 1: padding (zeros) becomes -1
+    groups = {}
+    for name, (_, heads) in layer.branches.items():
+        t = ids.expand(1, h, w, heads)                  # one channel per head
+        groups[name] = layer.group(name, t, t, t)[0][:, 0, :, 0] - 1
+    return groups
+
+
 @contextlib.contextmanager
-def keeping_attention(layers: Sequence[nn.Module]) -> Iterator[None]:
-    """Inside the block, ``layers`` (attention layers) run their explicit path and keep their weights."""
-    saved = [(layer.fused_attn, layer.keep_attn_weights) for layer in layers]
-    for layer in layers:
-        layer.fused_attn, layer.keep_attn_weights, layer.attn_weights = False, True, None
+def capturing_attention(layers: Sequence[nn.Module]) -> Iterator[List[Dict[str, Tensor]]]:
+    """Inside the block, ``layers`` (attention layers) run their explicit path and the softmax weights
+    of each branch are read by a forward hook on ``layer.attn_probs[branch]`` (the modules timm's
+    ``AttentionExtract(method='hook')`` would hook). Yields one dict per layer, branch name ->
+    ``(B G, heads, L, L)`` weights of the last forward."""
+    saved = [layer.fused_attn for layer in layers]
+    kept: List[Dict[str, Tensor]] = [{} for _ in layers]
+    hooks = []
+    for layer, weights in zip(layers, kept):
+        layer.fused_attn = False
+        for name, module in layer.attn_probs.items():
+            hooks.append(module.register_forward_hook(
+                lambda m, args, out, weights=weights, name=name: weights.__setitem__(name, out.detach())))
     try:
-        yield
+        yield kept
     finally:
-        for layer, (fused, keep) in zip(layers, saved):
-            layer.fused_attn, layer.keep_attn_weights = fused, keep
+        for hk in hooks:
+            hk.remove()
+        for layer, fused in zip(layers, saved):
+            layer.fused_attn = fused
 
 
-def kept_token_attention(layer: nn.Module, size: Tuple[int, int], token: Tuple[int, int]) -> Tensor:
+def query_weights(probs: Tensor, tokens: Tensor, token: int, num_tokens: int) -> Tensor:
+    """``(B, heads, num_tokens)``: the weights query ``token`` gives every map token, from one branch's
+    weights ``probs`` ``(B G, heads, L, L)`` on the groups ``tokens`` ``(G, L)`` (:func:`group_tokens`),
+    averaged over the groups that hold the query (one, or two pales in the vanilla mode, whose
+    outputs are averaged)."""
+    probs = probs.unflatten(0, (-1, tokens.shape[0]))                       # (B, G, heads, L, L)
+    groups, positions = (tokens == token).nonzero(as_tuple=True)
+    rows = probs[:, groups, :, positions]                                   # (k, B, heads, L)
+    index = tokens[groups].masked_fill(tokens[groups] < 0, num_tokens)
+    index = index[:, None, None, :].expand_as(rows)
+    out = rows.new_zeros(*rows.shape[:3], num_tokens + 1).scatter_add_(-1, index, rows)
+    return out[..., :-1].mean(0)
+
+
+def kept_token_attention(layer: nn.Module, weights: Dict[str, Tensor], size: Tuple[int, int],
+                         token: Tuple[int, int]) -> Tensor:
     """``(num_heads, H, W)``: the weights the query at ``token`` gave every token of the ``H x W`` map
-    in ``layer``'s last forward (first image), from the weights the layer kept."""
+    (first image), from the branch weights :func:`capturing_attention` read from ``layer``."""
     h, w = size
     ty, tx = _check_token(token, h, w)
-    return torch.cat([kept.of_query(ty * w + tx)[0] for kept in layer.attn_weights]).view(-1, h, w)
+    groups = group_tokens(layer, size)
+    return torch.cat([query_weights(weights[name], groups[name].to(weights[name].device), ty * w + tx, h * w)[0]
+                      for name in layer.branches]).view(-1, h, w)
 
 
 @torch.no_grad()
@@ -216,11 +252,9 @@ def token_attention(layer: nn.Module, x: Tensor, token: Tuple[int, int]) -> Tens
     """
     _, h, w, _ = x.shape
     _check_token(token, h, w)
-    with keeping_attention([layer]):
+    with capturing_attention([layer]) as kept:
         layer(x[:1])
-    weights = kept_token_attention(layer, (h, w), token)
-    layer.attn_weights = None
-    return weights
+    return kept_token_attention(layer, kept[0], (h, w), token)
 
 
 @dataclass
@@ -243,7 +277,7 @@ def _token_on_grid(token: Tuple[float, float], image_size: Tuple[int, int], grid
 def stage_attention(model: nn.Module, image: Tensor, token: Tuple[float, float], block: int = -1) -> List[StageAttention]:
     """The attention weights of the image token at pixel ``token`` in one block of every stage.
 
-    Runs the model once with the chosen blocks' attention keeping its weights, maps the pixel to
+    Runs the model once with the chosen blocks' weights read by :func:`capturing_attention`, maps the pixel to
     each stage's grid (its size read with a forward pre-hook) and averages the weights over heads.
 
     Args:
@@ -268,7 +302,7 @@ def stage_attention(model: nn.Module, image: Tensor, token: Tuple[float, float],
     hooks = [layer.register_forward_pre_hook(lambda m, args, i=i: grids.__setitem__(i, tuple(args[0].shape[1:3])))
              for i, layer in enumerate(layers)]
     try:
-        with keeping_attention(layers):
+        with capturing_attention(layers) as kept:
             model.eval()(image)
     finally:
         for hk in hooks:
@@ -276,9 +310,8 @@ def stage_attention(model: nn.Module, image: Tensor, token: Tuple[float, float],
     result = []
     for i, (layer, j) in enumerate(zip(layers, chosen)):
         gt = _token_on_grid(token, size, grids[i])
-        weights = kept_token_attention(layer, grids[i], gt).mean(0)
+        weights = kept_token_attention(layer, kept[i], grids[i], gt).mean(0)
         result.append(StageAttention(i, j, layer.mode, gt, weights.float().cpu().numpy()))
-        layer.attn_weights = None
     return result
 
 

@@ -183,7 +183,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="which model around the backbone to count: " + "; ".join(
                        f"{name}: {text}" for name, text in sorted(KIND_HELP.items())))
     p.add_argument("--img-size", type=positive_int, nargs=2, metavar=("H", "W"), help="input size (default: the kind's)")
-    p.add_argument("--attn-mode", help="attention mode (parallel, sequential, vanilla, axial, cross_shaped)")
+    p.add_argument("--attn-mode", help="attention mode (one of pale.ATTN_MODES, e.g. parallel, vanilla)")
     p.add_argument("--pos-embed", help="position encoding (cpe, ape, none)")
     p.add_argument("--pale-size", type=positive_int, help="pale size for every stage")
     p.add_argument("--compare-paper", action="store_true",

@@ -16,12 +16,12 @@ MAX_RF_PIXELS = 16384
 
 
 def run_receptive_field(args: argparse.Namespace) -> int:
-    from .. import ATTN_MODES, create_attention
     from ..checkpoint import create_model_from_file, describe_weights
     from ..device import resolve_device
     from ..files import atomic_save_image
     from ..images import load_image
     from ..errors import InputError, settings_error
+    from ..models import ATTN_MODES, attention_mode, create_attention
     from ..visualize import RFLayout, receptive_field, render_receptive_fields
 
     h, w = args.size
@@ -29,6 +29,9 @@ def run_receptive_field(args: argparse.Namespace) -> int:
         raise InputError(f"--size {h} {w}: at most {MAX_RF_SIDE} tokens per side (Pale-T's largest map is 56x56)")
     token = tuple(args.token) if args.token else (h // 2, w // 2)
     modes = args.mode or list(ATTN_MODES)
+    unknown = [m for m in modes if m not in ATTN_MODES]
+    if unknown:
+        raise InputError(f"--mode {unknown[0]}: unknown attention mode; expected one of {', '.join(ATTN_MODES)}")
     pixels = RFLayout(len(modes), h, w, args.cell).size
     if max(pixels) > MAX_RF_PIXELS:
         fits = next(c for c in range(args.cell, 0, -1) if max(RFLayout(len(modes), h, w, c).size) <= MAX_RF_PIXELS)
@@ -37,11 +40,12 @@ def run_receptive_field(args: argparse.Namespace) -> int:
 
     fields = {}
     for mode in modes:
+        directed = attention_mode(mode).directed
         with settings_error(f"--dim {args.dim} --heads {args.heads} ({mode})"):
             layer = create_attention(args.dim, args.heads, pale_size=args.pale_size, mode=mode,
-                                     direction=args.direction if mode == "sequential" else None,
+                                     direction=args.direction if directed else None,
                                      stripe_width=args.stripe_width)
-        label = f"{mode} ({args.direction})" if mode == "sequential" else mode
+        label = f"{mode} ({args.direction})" if directed else mode
         fields[label] = receptive_field(layer, (h, w), token)
     picture = render_receptive_fields(fields, token, cell=args.cell)
     out = Path(args.output)
@@ -104,13 +108,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="action", metavar="WHAT", required=True)
 
     rf = sub.add_parser("receptive-field", help="tokens one attention layer reaches from a reference token, per mode")
-    rf.add_argument("--mode", action="append", choices=["parallel", "sequential", "vanilla", "axial", "cross_shaped"],
-                    help="mode to draw (repeatable; default all five side by side)")
+    rf.add_argument("--mode", action="append",
+                    help="attention mode to draw (repeatable; default every registered mode, side by side)")
     rf.add_argument("--size", type=positive_int, nargs=2, default=(12, 12), metavar=("H", "W"), help="map size (default 12 12)")
     rf.add_argument("--token", type=nonnegative_int, nargs=2, metavar=("Y", "X"), help="reference token (default the centre)")
-    rf.add_argument("--pale-size", type=positive_int, default=3, help="pale size for parallel/sequential/vanilla (default 3)")
+    rf.add_argument("--pale-size", type=positive_int, default=3, help="pale size of the pale-based modes (default 3)")
     rf.add_argument("--stripe-width", type=positive_int, default=3, help="stripe width for cross_shaped (default 3)")
-    rf.add_argument("--direction", choices=["row", "column"], default="row", help="direction for sequential")
+    rf.add_argument("--direction", choices=["row", "column"], default="row", help="direction of a directed mode (sequential)")
     rf.add_argument("--dim", type=positive_int, default=8, help="channels of the layer (default 8)")
     rf.add_argument("--heads", type=positive_int, default=2, help="heads of the layer (default 2)")
     rf.add_argument("--cell", type=positive_int, default=16, help="pixels per token (default 16)")

@@ -20,6 +20,10 @@ Grouping conventions (``H`` is padded up to ``Hp``, a multiple of the group size
   * contiguous (CSWin stripes): group ``g`` holds rows ``g s, ..., g s + s - 1``, a view as ``(G, s)``.
 Columns are grouped the same way on the transposed map. Padded positions are never attended to.
 
+Attention modes are registered (:func:`register_attention_mode`): each names its layer class, its
+group size, its analytic cost and what tracing it allows, and everything that lists modes (the
+model's arguments, :mod:`pale.complexity`, :mod:`pale.visualize`, the exporters) reads the registry.
+
 Tracing: every function whose control flow depends on tensor sizes is a leaf for ``torch.fx``
 (``torch.fx.wrap``), so FX graphs run it as it is at any size. Under ``torch.jit.trace`` and
 ``torch.export`` the attention always pads and masks (by zero rows when nothing needs padding), so
@@ -28,8 +32,9 @@ one trace serves every input size.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Set, Tuple, Type, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -50,14 +55,12 @@ except ImportError:
 from . import attention_kernels
 
 __all__ = ["PSAttention", "GroupedAttention", "PaleBlock", "PaleStage", "PaleTransformer", "AttentionLayout",
-           "AttentionWeights", "ATTN_MODES", "POS_EMBEDS", "STEM_TYPES", "DeepConvStem", "attention_layout", "block_direction",
-           "create_attention", "register_attention", "padded_length", "pale_count", "stage_grids", "as_pair",
-           "per_stage"]
+           "AttentionMode", "ATTENTION_MODES", "ATTN_MODES", "POS_EMBEDS", "STEM_TYPES", "DeepConvStem",
+           "attention_layout", "attention_mode", "block_direction", "create_attention", "register_attention_mode",
+           "unregister_attention_mode", "padded_length", "pale_count", "stage_grids", "as_pair", "per_stage"]
 
-AttnMode = Literal["parallel", "sequential", "vanilla", "axial", "cross_shaped"]
-ATTN_MODES: Tuple[str, ...] = ("parallel", "sequential", "vanilla", "axial", "cross_shaped")
-#: Modes computed by :class:`PSAttention`: a row branch and a column branch on half the channels each.
-TWO_BRANCH_MODES: Tuple[str, ...] = ("parallel", "axial", "cross_shaped")
+#: The name of a registered attention mode (:data:`ATTN_MODES`).
+AttnMode = str
 DIRECTIONS: Tuple[str, ...] = ("row", "column")
 POS_EMBEDS: Tuple[str, ...] = ("cpe", "ape", "none")
 #: ``overlap``: the paper's 7x7 stride-4 convolution (Sec. 3.3); ``deep``: :class:`DeepConvStem`, stride 2.
@@ -127,10 +130,10 @@ class AttentionLayout:
     """How one attention layer groups its tokens.
 
     Attributes:
-        mode: one of :data:`ATTN_MODES`.
+        mode: a registered mode (:data:`ATTN_MODES`).
         group_size: ``(s_r, s_c)``, rows per row group and columns per column group.
         interlaced: interlaced groups (PS-attention, Eq. 1) or contiguous stripes (CSWin).
-        direction: ``'row'`` or ``'column'`` for ``sequential``, else None.
+        direction: ``'row'`` or ``'column'`` for a directed mode (``sequential``), else None.
     """
 
     mode: str
@@ -139,31 +142,122 @@ class AttentionLayout:
     direction: Optional[str] = None
 
 
+@dataclass(frozen=True)
+class AttentionMode:
+    """One attention mode: the layer that computes it and what the rest of the package derives from it
+    (layouts, the analytic cost in :mod:`pale.complexity`, the pictures of :mod:`pale.visualize`, the
+    exporters' limits). Registered with :func:`register_attention_mode`.
+
+    Attributes:
+        name: the ``attn_mode`` value.
+        layer: the :class:`GroupedAttention` subclass that computes it. Its ``branch_names`` say how
+            channels and heads are split (``('row', 'column')``: half each, Eq. 1-3; ``('all',)``: one
+            branch) and how :mod:`pale.visualize` colours the tokens each branch reaches.
+        group_size: ``(pale_size, stripe_width) -> (s_r, s_c)``, checked (:func:`as_pair`).
+        matmul_macs: ``(layout, h, w, c, padded) -> int``, the multiply-adds of both attention matmuls
+            (q·k and attention·v) of one layer on an ``h x w x c`` map: with the padding the code
+            adds, or (``padded=False``) the paper's formula on the real map.
+        interlaced: interlaced groups (PS-attention, Eq. 1) or contiguous stripes (CSWin).
+        directed: attends along one direction, rows and columns alternating from block to block
+            (:func:`block_direction`).
+        any_size_graph: one traced or exported graph serves every input size; False where the
+            grouping is a Python choice on the map size, which a trace fixes at its example's.
+    """
+
+    name: str
+    layer: Type["GroupedAttention"]
+    group_size: Callable[[Any, Any], Tuple[int, int]]
+    matmul_macs: Callable[[AttentionLayout, int, int, int, bool], int]
+    interlaced: bool = True
+    directed: bool = False
+    any_size_graph: bool = True
+
+
+#: The registered attention modes by name (:func:`register_attention_mode`).
+ATTENTION_MODES: Dict[str, AttentionMode] = {}
+
+
+class _ModeNames(SequenceABC):
+    """The names of the registered modes in registration order, a read-only sequence that follows
+    :data:`ATTENTION_MODES` (a mode registered later is in it)."""
+
+    def __getitem__(self, index: Any) -> Any:
+        return tuple(ATTENTION_MODES)[index]
+
+    def __len__(self) -> int:
+        return len(ATTENTION_MODES)
+
+    def __repr__(self) -> str:
+        return repr(tuple(ATTENTION_MODES))
+
+
+ATTN_MODES: Sequence[str] = _ModeNames()
+
+
+def register_attention_mode(mode: AttentionMode) -> AttentionMode:
+    """Make ``mode`` available to ``PaleTransformer(attn_mode=...)``, :func:`create_attention`, the
+    cost model and the pictures."""
+    if mode.name in ATTENTION_MODES:
+        raise ValueError(f"attention mode {mode.name!r} is already registered")
+    ATTENTION_MODES[mode.name] = mode
+    return mode
+
+
+def unregister_attention_mode(name: str) -> AttentionMode:
+    """Remove a registered mode (models built with it keep working) and return it."""
+    mode = attention_mode(name)
+    del ATTENTION_MODES[name]
+    return mode
+
+
+def attention_mode(name: str) -> AttentionMode:
+    """The registered mode ``name``; a clear error for any other."""
+    mode = ATTENTION_MODES.get(name) if isinstance(name, str) else None
+    if mode is None:
+        raise ValueError(f"unknown attention mode {name!r}; expected one of {', '.join(ATTN_MODES)}")
+    return mode
+
+
 def block_direction(mode: str, block_index: int) -> Optional[str]:
-    """The direction of block ``block_index`` of a stage: ``sequential`` alternates row and column
-    attention from block to block (starting with rows); the other modes have none."""
-    return ("row" if block_index % 2 == 0 else "column") if mode == "sequential" else None
+    """The direction of block ``block_index`` of a stage: a directed mode (``sequential``) alternates
+    row and column attention from block to block (starting with rows); the other modes have none."""
+    return ("row" if block_index % 2 == 0 else "column") if attention_mode(mode).directed else None
 
 
 def attention_layout(mode: str, pale_size: PairOrInt = 7, stripe_width: PairOrInt = 7,
                      direction: Optional[str] = None) -> AttentionLayout:
-    """The groups of ``mode``: the pale size (interlaced), ``(1, 1)`` for axial, the stripe width
-    (contiguous) for cross-shaped; ``sequential`` attends along ``direction`` (default rows)."""
-    if mode not in ATTN_MODES:
-        raise ValueError(f"unknown attention mode {mode!r}; expected one of {ATTN_MODES}")
-    if mode == "sequential":
+    """The groups of ``mode``: its group size from the pale size or the stripe width (pale size for
+    PS-attention, ``(1, 1)`` for axial, stripe width for cross-shaped); a directed mode attends along
+    ``direction`` (default rows)."""
+    entry = attention_mode(mode)
+    if entry.directed:
         direction = direction or "row"
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be 'row' or 'column', got {direction!r}")
     elif direction is not None:
-        raise ValueError(f"direction is only used by mode='sequential', not {mode!r}")
-    if mode == "axial":
-        group_size = (1, 1)
-    elif mode == "cross_shaped":
-        group_size = as_pair(stripe_width, "stripe_width")
-    else:
-        group_size = as_pair(pale_size, "pale_size")
-    return AttentionLayout(mode, group_size, interlaced=mode != "cross_shaped", direction=direction)
+        directed = " or ".join(f"mode={name!r}" for name, m in ATTENTION_MODES.items() if m.directed)
+        raise ValueError(f"direction is only used by {directed or 'directed modes'}, not {mode!r}")
+    return AttentionLayout(mode, entry.group_size(pale_size, stripe_width), entry.interlaced, direction)
+
+
+def pale_group_size(pale_size: PairOrInt, stripe_width: PairOrInt) -> Tuple[int, int]:
+    """The group size of PS-attention: the pale size ``(s_r, s_c)``."""
+    return as_pair(pale_size, "pale_size")
+
+
+def row_groups_macs(h: int, w: int, c: int, group_size: int, padded: bool) -> int:
+    """Both matmuls of attention inside groups of ``group_size`` rows spanning all ``w`` columns, on
+    ``c`` channels: ``Hp / s`` groups of ``s w`` tokens, ``2 (Hp/s) (s w)² c`` (Eq. 14 per branch;
+    ``Hp = h`` without ``padded``)."""
+    hp = padded_length(h, group_size) if padded else h
+    return 2 * hp * group_size * w * w * c
+
+
+def two_branch_macs(layout: AttentionLayout, h: int, w: int, c: int, padded: bool) -> int:
+    """Attention matmuls of :class:`PSAttention`: half the channels in each branch (Eq. 14,
+    ``hw²c s_r + h²wc s_c`` without padding)."""
+    s_r, s_c = layout.group_size
+    return row_groups_macs(h, w, c // 2, s_r, padded) + row_groups_macs(w, h, c - c // 2, s_c, padded)
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,6 +340,61 @@ def real_key_mask(height: int, padded_height: int, width: int, group_size: int, 
     return group_rows(real.expand(1, padded_height, width, 1), group_size, interlaced).squeeze(-1)
 
 
+# torch.export keeps every size symbolic and specialises the graph on any size it cannot prove to
+# be 1 or more than 1 (even a contiguity check asks). ``G`` can be either in an input range (stage 4
+# of a 64..512 input has one group or three), so on the export path no tensor has a dimension of
+# ``G`` alone: the groups and heads share one dimension, and the tokens are gathered by index from
+# a flat view (a view that merges symbolic dimensions asks the same questions).
+
+def _flat(x: Tensor, *shape: int) -> Tensor:
+    """``x`` viewed as ``shape`` through ``(numel / C, C)``, ``C`` the last entry of ``shape``."""
+    return x.contiguous().flatten().view(-1, shape[-1]).view(*shape)
+
+
+def _export_rows(groups: int, num_heads: int, group_size: int, interlaced: bool, device: torch.device) -> Tensor:
+    """``(G heads, s, 1)``: the padded map's row at each (group and head, row within the group)."""
+    group = (torch.arange(groups * num_heads, device=device) // num_heads)[:, None, None]
+    within = torch.arange(group_size, device=device)[None, :, None]
+    return within * groups + group if interlaced else group * group_size + within
+
+
+def _export_positions(groups: int, num_heads: int, group_size: int, width: int, interlaced: bool,
+                      device: torch.device) -> Tensor:
+    """For each element of the exported groups ``(G heads, s W)`` (group, head, row within the group,
+    column), its index in the map's ``(Hp W heads)`` flat order: ``(G heads s W,)``. (Products and
+    broadcasts only: the ONNX exporter takes no remainder by a symbolic size.)"""
+    rows = _export_rows(groups, num_heads, group_size, interlaced, device)
+    head = (torch.arange(groups * num_heads, device=device) % num_heads)[:, None, None]
+    col = torch.arange(width, device=device)[None, None, :]
+    return ((rows * width + col) * num_heads + head).flatten()
+
+
+def export_group_rows(x: Tensor, num_heads: int, group_size: int, interlaced: bool) -> Tensor:
+    """:func:`group_rows` then :func:`split_heads` as torch.export keeps them at every size:
+    ``(B, Hp, W, C)`` -> ``(B, G heads, s W, C / heads)``."""
+    b, hp, w, c = x.shape
+    g, d = hp // group_size, c // num_heads
+    index = _export_positions(g, num_heads, group_size, w, interlaced, x.device)
+    return _flat(_flat(x, b, hp * w * num_heads, d).index_select(1, index), b, g * num_heads, group_size * w, d)
+
+
+def export_ungroup_rows(out: Tensor, num_heads: int, height: int, group_size: int, width: int,
+                        interlaced: bool) -> Tensor:
+    """Inverse of :func:`export_group_rows`, padded rows dropped: ``(B, G heads, s W, D)`` -> ``(B, H, W, heads D)``."""
+    b, n, length, d = out.shape
+    position = _export_positions(n // num_heads, num_heads, group_size, width, interlaced, out.device)
+    inverse = torch.empty_like(position).scatter_(0, position, torch.arange(position.numel(), device=out.device))
+    index = inverse.index_select(0, torch.arange(height * width * num_heads, device=out.device))  # real rows first
+    return _flat(_flat(out, b, n * length, d).index_select(1, index), b, height, width, num_heads * d)
+
+
+def export_key_mask(height: int, groups: int, num_heads: int, group_size: int, width: int, interlaced: bool,
+                    device: torch.device) -> Tensor:
+    """The key mask of :func:`export_group_rows`' groups: ``(1, G heads, 1, s W)``, True on real rows."""
+    real = _export_rows(groups, num_heads, group_size, interlaced, device) < height
+    return _flat(real.expand(-1, -1, width), groups * num_heads, group_size * width)[None, :, None, :]
+
+
 def split_heads(x: Tensor, num_heads: int) -> Tensor:
     """``(N, L, C)`` -> ``(N, heads, L, C / heads)``."""
     n, length, c = x.shape
@@ -258,124 +407,91 @@ def merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(n, length, heads * d)
 
 
-@dataclass
-class AttentionWeights:
-    """The softmax weights of one attention call over token groups, kept by an explicit-path layer.
-
-    Attributes:
-        probs: ``(B, G, heads, L, L)``: in group ``g``, how much position ``i`` attends to position ``j``.
-        tokens: ``(G, L)`` long: the map token (row-major index ``y * W + x``) at each group
-            position, ``-1`` for padding.
-        num_tokens: ``H * W``.
-    """
-
-    probs: Tensor
-    tokens: Tensor
-    num_tokens: int
-
-    def of_query(self, token: int) -> Tensor:
-        """``(B, heads, H * W)``: the weights query ``token`` gives every token of the map, averaged
-        over the groups that hold it (one, or two pales in the vanilla mode, whose outputs are averaged)."""
-        groups, positions = (self.tokens == token).nonzero(as_tuple=True)
-        rows = self.probs[:, groups, :, positions]                       # (k, B, heads, L)
-        index = self.tokens[groups].masked_fill(self.tokens[groups] < 0, self.num_tokens)
-        index = index[:, None, None, :].expand_as(rows)
-        out = rows.new_zeros(*rows.shape[:3], self.num_tokens + 1).scatter_add_(-1, index, rows)
-        return out[..., :-1].mean(0)
-
-
-KeptWeights = Optional[List[AttentionWeights]]
-
-
-def attend_in_groups(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], fused: bool,
-                     keep: KeptWeights = None, tokens: Optional[Tensor] = None) -> Tensor:
-    """Scaled dot-product attention of ``(N, heads, L, D)`` groups.
-
-    ``fused``: through the measured-fastest kernel (:mod:`pale.models.attention_kernels`); otherwise
-    the explicit ``softmax(q k^T / sqrt(D)) v``. With ``keep`` (a list) the explicit weights are
-    appended to it as :class:`AttentionWeights` on the map tokens ``tokens`` ``(G, L)``.
-    """
-    if keep is not None:
-        probs = attention_kernels.attention_probs(q, k, key_mask)
-        num_tokens = int(tokens.max()) + 1   # every token of the map is in some group
-        keep.append(AttentionWeights(probs.unflatten(0, (-1, tokens.shape[0])), tokens, num_tokens))
-        return probs @ v
-    if fused:
-        return attention_kernels.attention(q, k, v, key_mask)
-    return attention_kernels.explicit_attention(q, k, v, key_mask)
+#: ``q, k, v`` in groups, each ``(N, heads, L, D)``, and the key mask ``(N, 1, 1, L)`` (True on real
+#: tokens; None when no group holds padding).
+GroupedQKV = Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]
 
 
 @torch.fx.wrap
-def row_group_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, group_size: int, interlaced: bool,
-                        fused: bool = True, keep: KeptWeights = None, token_ids: Optional[Tensor] = None) -> Tensor:
-    """Multi-head self-attention inside groups of ``group_size`` rows, each spanning all columns.
+def attend_in_groups(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]) -> Tensor:
+    """Scaled dot-product attention of ``(N, heads, L, D)`` groups through the kernel of
+    :func:`pale.models.attention_kernels.attention` (the fused path)."""
+    return attention_kernels.attention(q, k, v, key_mask)
+
+
+@torch.fx.wrap
+def attention_weights(q: Tensor, k: Tensor, key_mask: Optional[Tensor]) -> Tensor:
+    """The explicit path's ``softmax(q k^T / sqrt(D))`` of ``(N, heads, L, D)`` groups, padded keys
+    masked: ``(N, heads, L, L)``."""
+    return attention_kernels.attention_probs(q, k, key_mask)
+
+
+@torch.fx.wrap
+def group_lines(q: Tensor, k: Tensor, v: Tensor, num_heads: int, group_size: int, interlaced: bool,
+                direction: str) -> GroupedQKV:
+    """``q, k, v`` in groups of ``group_size`` rows spanning all columns (``direction='row'``), or of
+    columns spanning all rows.
 
     Args:
         q, k, v: ``(B, H, W, C)``; ``C`` divisible by ``num_heads``.
-        fused, keep: see :func:`attend_in_groups`.
-        token_ids: ``(H, W)`` ids of this map's tokens in the kept weights (default row-major).
     Returns:
-        ``(B, H, W, C)``. Rows are padded to a multiple of ``group_size``; padded keys are masked
-        and padded queries dropped, so the result depends only on the real tokens of each group.
+        :data:`GroupedQKV`: ``(B G, heads, s W, C / heads)`` in the token order of :func:`group_rows`
+        (columns: of the transposed map); under torch.export ``(B, G heads, s W, C / heads)``
+        (:func:`export_group_rows`). Rows are padded to a multiple of ``group_size`` and the padded
+        keys masked, so each group's result depends only on its real tokens.
     """
+    if direction == "column":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     b, h, w, _ = q.shape
     hp = padded_length(h, group_size)
-    mask = tokens = None
-    if traced_for_any_size() or hp != h:
+    # Groups of one row never need padding; graphs for every size always pad the others.
+    padded = group_size > 1 and (traced_for_any_size() or hp != h)
+    if padded:
         q, k, v = (F.pad(t, (0, 0, 0, 0, 0, hp - h)) for t in (q, k, v))
+    if is_exporting():
+        mask = export_key_mask(h, hp // group_size, num_heads, group_size, w, interlaced, q.device) if padded else None
+        qg, kg, vg = (export_group_rows(t, num_heads, group_size, interlaced) for t in (q, k, v))
+        return qg, kg, vg, mask
+    mask = None
+    if padded:
         groups = hp // group_size
         mask = real_key_mask(h, hp, w, group_size, interlaced, q.device)
         mask = mask.unsqueeze(0).expand(b, groups, group_size * w).reshape(b * groups, 1, 1, group_size * w)
-    if keep is not None:
-        ids = token_ids if token_ids is not None else torch.arange(h * w, device=q.device).view(h, w)
-        ids = F.pad(ids, (0, 0, 0, hp - h), value=-1).view(1, hp, w, 1)
-        tokens = group_rows(ids, group_size, interlaced).squeeze(-1)
     qg, kg, vg = (split_heads(group_rows(t, group_size, interlaced), num_heads) for t in (q, k, v))
-    out = attend_in_groups(qg, kg, vg, mask, fused, keep, tokens)
-    return ungroup_rows(merge_heads(out), b, hp, group_size, w, interlaced)[:, :h]
+    return qg, kg, vg, mask
 
 
 @torch.fx.wrap
-def column_group_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, group_size: int, interlaced: bool,
-                           fused: bool = True, keep: KeptWeights = None) -> Tensor:
+def ungroup_lines(out: Tensor, like: Tensor, group_size: int, interlaced: bool, direction: str) -> Tensor:
+    """Inverse of :func:`group_lines` on the attention output: ``(B G, heads, s W, D)`` -> the
+    ``(B, H, W, heads D)`` map of ``like`` (a ``(B, H, W, *)`` tensor), padded queries dropped."""
+    b, h, w = like.shape[:3]
+    if direction == "column":
+        h, w = w, h
+    if is_exporting():  # gathered, not sliced (the exporter cannot prove h <= hp either)
+        out = export_ungroup_rows(out, like.shape[-1] // out.shape[-1], h, group_size, w, interlaced)
+    else:
+        out = ungroup_rows(merge_heads(out), b, padded_length(h, group_size), group_size, w, interlaced)[:, :h]
+    return out.transpose(1, 2) if direction == "column" else out
+
+
+def row_group_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, group_size: int, interlaced: bool) -> Tensor:
+    """Multi-head self-attention inside groups of ``group_size`` rows, each spanning all columns, as
+    one function (fused path): :func:`group_lines`, :func:`attend_in_groups`, :func:`ungroup_lines`.
+    ``(B, H, W, C)`` -> ``(B, H, W, C)``."""
+    qg, kg, vg, mask = group_lines(q, k, v, num_heads, group_size, interlaced, "row")
+    return ungroup_lines(attend_in_groups(qg, kg, vg, mask), q, group_size, interlaced, "row")
+
+
+def column_group_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, group_size: int, interlaced: bool) -> Tensor:
     """:func:`row_group_attention` over groups of columns. ``(B, H, W, C)`` -> ``(B, H, W, C)``."""
-    h, w = q.shape[1:3]
-    token_ids = torch.arange(h * w, device=q.device).view(h, w).t() if keep is not None else None
-    out = row_group_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                              num_heads, group_size, interlaced, fused, keep, token_ids)
-    return out.transpose(1, 2)
+    qg, kg, vg, mask = group_lines(q, k, v, num_heads, group_size, interlaced, "column")
+    return ungroup_lines(attend_in_groups(qg, kg, vg, mask), q, group_size, interlaced, "column")
 
 
 # --------------------------------------------------------------------------------------------
-# PS-attention (Eq. 1-3)
+# PS-attention (Eq. 1-3): both branches in one call on square maps that need no padding
 # --------------------------------------------------------------------------------------------
-
-@torch.fx.wrap
-def ps_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, group_size: Tuple[int, int], interlaced: bool,
-                 fused: bool = True, keep: KeptWeights = None) -> Tensor:
-    """Parallel PS-attention on projected ``q, k, v`` (Eq. 1-3).
-
-    The first ``C/2`` channels and ``num_heads/2`` heads attend inside groups of ``s_r`` rows, the
-    last ``C/2`` channels and heads inside groups of ``s_c`` columns; the results are concatenated.
-
-    Args:
-        q, k, v: ``(B, H, W, C)``.
-        group_size: ``(s_r, s_c)``.
-        fused, keep: see :func:`attend_in_groups`.
-    Returns:
-        ``(B, H, W, C)``.
-    """
-    s_r, s_c = group_size
-    heads = num_heads // 2
-    if keep is None and not traced_for_any_size() and s_r == s_c and q.shape[1] == q.shape[2] \
-            and q.shape[1] % s_r == 0:
-        # Same result as the per-branch calls below (tested equal) in fewer kernels.
-        return ps_attention_one_call(q, k, v, heads, s_r, interlaced, fused)
-    (q_row, q_col), (k_row, k_col), (v_row, v_col) = (t.chunk(2, dim=-1) for t in (q, k, v))
-    rows = row_group_attention(q_row, k_row, v_row, heads, s_r, interlaced, fused, keep)
-    cols = column_group_attention(q_col, k_col, v_col, heads, s_c, interlaced, fused, keep)
-    return torch.cat((rows, cols), dim=-1)
-
 
 def _branch_grid(x: Tensor, group_size: int, interlaced: bool) -> Tuple[Tensor, Tensor]:
     """Views of a square map's two channel halves with their groups leading.
@@ -425,25 +541,24 @@ def ungroup_branches(x: Tensor, batch: int, group_size: int, interlaced: bool) -
 
 
 def ps_attention_one_call(q: Tensor, k: Tensor, v: Tensor, heads_per_branch: int, group_size: int,
-                          interlaced: bool, fused: bool = True) -> Tensor:
-    """:func:`ps_attention` on a square map that needs no padding, as one attention call over both
+                          interlaced: bool) -> Tensor:
+    """Parallel PS-attention on a square map that needs no padding, as one attention call over both
     branches' groups: one grouping copy per input, one kernel, one copy out. Only for such maps
     (every stage of a 224x224 input with pale size 7), so it never computes masked keys.
 
     Args:
         q, k, v: ``(B, P, P, C)`` with ``P`` a multiple of ``group_size``.
     Returns:
-        ``(B, P, P, C)``.
+        ``(B, P, P, C)``: the row branch of the first ``C/2`` channels and heads, then the column
+        branch of the rest, as :class:`PSAttention` computes them one branch at a time.
     """
     b, h, w, c = q.shape
     if h != w or h % group_size:
         raise ValueError(f"ps_attention_one_call needs a square map whose side is a multiple of the "
                          f"group size {group_size}, got {h}x{w}")
     qg, kg, vg = (split_heads(group_branches(t, group_size, interlaced), heads_per_branch) for t in (q, k, v))
-    out = attend_in_groups(qg, kg, vg, None, fused)
+    out = attend_in_groups(qg, kg, vg, None)
     return ungroup_branches(merge_heads(out), b, group_size, interlaced)
-
-
 # --------------------------------------------------------------------------------------------
 # Layers
 # --------------------------------------------------------------------------------------------
@@ -493,15 +608,22 @@ class SeparableProjection(nn.Module):
 
 class GroupedAttention(nn.Module):
     """An attention layer whose tokens attend inside groups: separable q/k/v projections (Eq. 13),
-    the grouped attention of its :class:`AttentionLayout` (:meth:`attend`), a linear output
-    projection (Eq. 15). ``(B, H, W, C)`` -> ``(B, H, W, C)`` for any ``H, W >= 1``.
+    attention inside the groups of its :class:`AttentionLayout`, a linear output projection (Eq. 15).
+    ``(B, H, W, C)`` -> ``(B, H, W, C)`` for any ``H, W >= 1``.
+
+    Subclasses name their branches (``branch_names``: channels and heads are split evenly between
+    them, in order) and say how each groups ``q, k, v`` (:meth:`group`) and puts its output back
+    (:meth:`ungroup`); :meth:`attend` runs every branch between the two.
 
     Attributes:
-        fused_attn: attend through the measured-fastest SDPA kernel (default
-            ``timm.layers.use_fused_attn()``); False for the explicit ``softmax(q k^T) v``.
-        keep_attn_weights: with ``fused_attn`` False, keep the last forward's softmax weights in
-            ``attn_weights`` (one :class:`AttentionWeights` per branch, in head order).
+        fused_attn: attend through :func:`pale.models.attention_kernels.attention` (default
+            ``timm.layers.use_fused_attn()``); False for the explicit ``softmax(q k^T) v``, whose
+            weights ``(B G, heads, L, L)`` pass through ``attn_probs[branch]``, an identity a forward
+            hook can read (as ``timm.utils.AttentionExtract(method='hook')`` does).
+        branches: branch name -> (channel slice, heads).
     """
+
+    branch_names: Tuple[str, ...] = ("all",)
 
     def __init__(self, dim: int, num_heads: int, layout: AttentionLayout, device: DeviceLike = None,
                  dtype: Optional[torch.dtype] = None):
@@ -511,6 +633,9 @@ class GroupedAttention(nn.Module):
             raise ValueError(f"dim and num_heads must be positive ints, got dim={dim!r}, num_heads={num_heads!r}")
         if dim % num_heads:
             raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
+        layer = attention_mode(layout.mode).layer
+        if not isinstance(self, layer):
+            raise ValueError(f"mode {layout.mode!r} is computed by {layer.__name__}, not {type(self).__name__}")
         self.dim = dim
         self.num_heads = num_heads
         self.mode = layout.mode
@@ -518,63 +643,79 @@ class GroupedAttention(nn.Module):
         self.interlaced = layout.interlaced
         self.direction = layout.direction
         self.fused_attn = use_fused_attn()
-        self.keep_attn_weights = False
-        self.attn_weights: KeptWeights = None
+        n = len(self.branch_names)
+        self.branches: Dict[str, Tuple[slice, int]] = {
+            name: (slice(i * dim // n, (i + 1) * dim // n), num_heads // n) for i, name in enumerate(self.branch_names)}
         self.q = SeparableProjection(dim, **dd)
         self.k = SeparableProjection(dim, **dd)
         self.v = SeparableProjection(dim, **dd)
+        self.attn_probs = nn.ModuleDict({name: nn.Identity() for name in self.branch_names})
         self.proj = nn.Linear(dim, dim, **dd)
 
     def extra_repr(self) -> str:
         extra = f", direction={self.direction}" if self.direction else ""
         return f"dim={self.dim}, num_heads={self.num_heads}, mode={self.mode}, group_size={self.group_size}{extra}"
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, keep: KeptWeights) -> Tensor:
-        """The layout's attention on projected ``q, k, v`` of shape ``(B, H, W, C)``."""
+    def group(self, branch: str, q: Tensor, k: Tensor, v: Tensor) -> GroupedQKV:
+        """``branch``'s groups of its ``(B, H, W, C_b)`` channels of ``q, k, v``."""
         raise NotImplementedError
+
+    def ungroup(self, branch: str, out: Tensor, like: Tensor) -> Tensor:
+        """``branch``'s attention output ``(N, heads, L, D)`` back on the map of ``like``: ``(B, H, W, C_b)``."""
+        raise NotImplementedError
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """The layout's attention on projected ``q, k, v`` of shape ``(B, H, W, C)``: every branch on
+        its channels, concatenated."""
+        outs = []
+        for name, (channels, _) in self.branches.items():
+            qb, kb, vb = (t[..., channels] for t in (q, k, v)) if len(self.branches) > 1 else (q, k, v)
+            qg, kg, vg, mask = self.group(name, qb, kb, vb)
+            if self.fused_attn:
+                out = attend_in_groups(qg, kg, vg, mask)
+            else:
+                out = self.attn_probs[name](attention_weights(qg, kg, mask)) @ vg
+            outs.append(self.ungroup(name, out, qb))
+        return torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
 
     def forward(self, x: Tensor) -> Tensor:
         x = check_token_map(x, self.dim, type(self).__name__)
-        keep: KeptWeights = [] if self.keep_attn_weights and not self.fused_attn else None
-        out = self.attend(self.q(x), self.k(x), self.v(x), keep)
-        if keep is not None:
-            self.attn_weights = keep
-        return self.proj(out)
+        return self.proj(self.attend(self.q(x), self.k(x), self.v(x)))
 
 
-#: Attention layer class per mode; :func:`create_attention` builds from it.
-ATTENTION_LAYERS: Dict[str, Type[GroupedAttention]] = {}
-
-
-def register_attention(*modes: str) -> Callable[[Type[GroupedAttention]], Type[GroupedAttention]]:
-    """Class decorator: build ``modes`` with this :class:`GroupedAttention` subclass."""
-    def register(cls: Type[GroupedAttention]) -> Type[GroupedAttention]:
-        for mode in modes:
-            ATTENTION_LAYERS[mode] = cls
-        return cls
-    return register
-
-
-@register_attention(*TWO_BRANCH_MODES)
 class PSAttention(GroupedAttention):
-    """Pale-shaped self-attention, parallel form (Eq. 1-3): :func:`ps_attention` between separable
-    q/k/v projections and a linear output projection.
+    """Pale-shaped self-attention, parallel form (Eq. 1-3): the first half of the channels and heads
+    attend inside groups of ``s_r`` rows, the other half inside groups of ``s_c`` columns, between
+    separable q/k/v projections and a linear output projection.
 
     With the layout of ``axial`` (pale size 1) or ``cross_shaped`` (contiguous stripes) it computes
     those modes: the same operator with other groups.
     """
 
-    def __init__(self, dim: int, num_heads: int, layout: AttentionLayout = attention_layout("parallel"),
+    branch_names = ("row", "column")
+
+    def __init__(self, dim: int, num_heads: int, layout: Optional[AttentionLayout] = None,
                  device: DeviceLike = None, dtype: Optional[torch.dtype] = None):
-        super().__init__(dim, num_heads, layout, device=device, dtype=dtype)
-        if layout.mode not in TWO_BRANCH_MODES:
-            raise ValueError(f"PSAttention computes the modes {TWO_BRANCH_MODES}, not {layout.mode!r}")
+        super().__init__(dim, num_heads, layout or attention_layout("parallel"), device=device, dtype=dtype)
         if num_heads % 2:
-            raise ValueError(f"mode {layout.mode!r} splits heads between a row and a column branch: "
+            raise ValueError(f"mode {self.mode!r} splits heads between a row and a column branch: "
                              f"num_heads={num_heads} must be even")
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, keep: KeptWeights) -> Tensor:
-        return ps_attention(q, k, v, self.num_heads, self.group_size, self.interlaced, self.fused_attn, keep)
+    def group(self, branch: str, q: Tensor, k: Tensor, v: Tensor) -> GroupedQKV:
+        size = self.group_size[DIRECTIONS.index(branch)]
+        return group_lines(q, k, v, self.num_heads // 2, size, self.interlaced, branch)
+
+    def ungroup(self, branch: str, out: Tensor, like: Tensor) -> Tensor:
+        return ungroup_lines(out, like, self.group_size[DIRECTIONS.index(branch)], self.interlaced, branch)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        s_r, s_c = self.group_size
+        # A square map that needs no padding: both branches in one kernel call (tested equal). Not in
+        # graphs that must serve every size (FX, torch.jit.trace, torch.export), nor on the explicit path.
+        if (self.fused_attn and not isinstance(q, torch.fx.Proxy) and not traced_for_any_size() and s_r == s_c
+                and q.shape[1] == q.shape[2] and q.shape[1] % s_r == 0):
+            return ps_attention_one_call(q, k, v, self.num_heads // 2, s_r, self.interlaced)
+        return super().attend(q, k, v)
 
 
 def create_attention(dim: int, num_heads: int, pale_size: PairOrInt = 7, mode: AttnMode = "parallel",
@@ -582,8 +723,14 @@ def create_attention(dim: int, num_heads: int, pale_size: PairOrInt = 7, mode: A
                      dtype: Optional[torch.dtype] = None) -> GroupedAttention:
     """The attention layer of ``mode`` (:data:`ATTN_MODES`) with its :func:`attention_layout`."""
     layout = attention_layout(mode, pale_size, stripe_width, direction)
-    return ATTENTION_LAYERS[mode](dim, num_heads, layout, device=device, dtype=dtype)
+    return attention_mode(mode).layer(dim, num_heads, layout, device=device, dtype=dtype)
 
+
+register_attention_mode(AttentionMode("parallel", PSAttention, pale_group_size, two_branch_macs))
+register_attention_mode(AttentionMode("axial", PSAttention, lambda pale_size, stripe_width: (1, 1), two_branch_macs))
+register_attention_mode(AttentionMode("cross_shaped", PSAttention,
+                                      lambda pale_size, stripe_width: as_pair(stripe_width, "stripe_width"),
+                                      two_branch_macs, interlaced=False))
 
 class ConvPosEnc(nn.Module):
     """Conditional position encoding (CPE) with its residual: ``x + DWConv3x3(x)``, ``(B, H, W, C)`` -> same.
@@ -801,8 +948,7 @@ class PaleTransformer(nn.Module):
             raise ValueError(f"unknown stem type {stem_type!r}; expected one of {STEM_TYPES}")
         if pos_embed not in POS_EMBEDS:
             raise ValueError(f"unknown position encoding {pos_embed!r}; expected one of {POS_EMBEDS}")
-        if attn_mode not in ATTN_MODES:
-            raise ValueError(f"unknown attention mode {attn_mode!r}; expected one of {ATTN_MODES}")
+        attention_mode(attn_mode)  # an unknown mode: a clear error before anything is built
         num_stages = len(depths)
         if not (len(embed_dims) == len(num_heads) == num_stages):
             raise ValueError(f"embed_dims {tuple(embed_dims)}, depths {tuple(depths)} and num_heads "
