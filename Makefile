@@ -35,12 +35,12 @@ test-slow: $(VENV)/.installed-test
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache runs
 
-# Mutation testing (docs/reliability.md): slow, so not part of `make test` or CI. Each mutant runs
-# only the tests that executed its function. The default scope, the model's computational core,
-# pale.io and the engine's checkpoint/resume functions (1742 mutants), takes about 73 min on one core; the
-# model's constructors and helpers add 613 mutants: make mutation 'MUTANTS=$(MUTANTS_ALL)'
+# Mutation testing (docs/testing.md): slow, so not part of `make test` or CI. Each mutant runs
+# only the tests that executed its function. The default scope: the model's computational core, the
+# file, image, device and checkpoint modules (MUTANTS_FILES) and the engine's checkpoint/resume
+# functions; the model's constructors and helpers add 613 mutants: make mutation 'MUTANTS=$(MUTANTS_ALL)'
 MODEL := pale.models.pale_transformer
-ENGINE := pale.train.engine
+MUTANTS_FILES := pale.files.* pale.images.* pale.device.* pale.checkpoint.*
 MUTANTS_MODEL_CORE := \
 	$(foreach f,padded_length group_rows ungroup_rows real_key_mask split_heads merge_heads \
 		attend_in_groups _branch_grid group_branches ungroup_branches ps_attention_one_call \
@@ -49,10 +49,12 @@ MUTANTS_MODEL_CORE := \
 		ConvPosEnc?forward ConvPatchMerging?forward PaleBlock?forward PaleStage?forward \
 		PaleTransformer?_embed PaleTransformer?forward_features PaleTransformer?forward_head \
 		PaleTransformer?forward PaleTransformer?forward_intermediates,$(MODEL).x?$(m)__*)
-MUTANTS_ENGINE := $(ENGINE).x_rng_state__* $(ENGINE).x_set_rng_state__* \
-	$(foreach m,_save _export_weights _load_resume _interrupted,$(ENGINE).x?Trainer?$(m)__*)
-MUTANTS ?= $(MUTANTS_MODEL_CORE) pale.io.* $(MUTANTS_ENGINE)
-MUTANTS_ALL := $(MODEL).* pale.io.* $(MUTANTS_ENGINE)
+MUTANTS_ENGINE := pale.train.runtime.x_rng_state__* pale.train.runtime.x_set_rng_state__* \
+	pale.train.checkpoints.x_save_checkpoint__* pale.train.checkpoints.x_restore_checkpoint__* \
+	pale.train.checkpoints.x_better_weights__* \
+	$(foreach m,_export_weights _interrupted,pale.train.trainer.x?Trainer?$(m)__*)
+MUTANTS ?= $(MUTANTS_MODEL_CORE) $(MUTANTS_FILES) $(MUTANTS_ENGINE)
+MUTANTS_ALL := $(MODEL).* $(MUTANTS_FILES) $(MUTANTS_ENGINE)
 MUTATION_JOBS ?= 1
 
 .PHONY: mutation

@@ -1,4 +1,4 @@
-"""Every file a user keeps is written through ``pale.io.atomic_path``: data flushed (fsync) before
+"""Every file a user keeps is written through ``pale.files.atomic_path``: data flushed (fsync) before
 the rename, a write that dies half-way (exception or SIGKILL) leaves the old file whole, and every
 output gets an ordinary new file's permissions (0o666 minus the umask)."""
 import ast
@@ -20,11 +20,11 @@ matplotlib.use("Agg")
 
 import matplotlib.figure  # noqa: E402 (patched below; imported here so that no test relies on another's import)
 import pale  # noqa: E402,F401
-import pale.io as pio  # noqa: E402
+from pale import checkpoint, files  # noqa: E402
 from pale.train import train  # noqa: E402
 from tiny_train import tiny_recipe, write_tiny_folder  # noqa: E402
 
-SRC = Path(pio.__file__).resolve().parent
+SRC = Path(files.__file__).resolve().parent
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -36,18 +36,18 @@ def _figure():
     return fig
 
 
-# Each public writer of pale.io, writing `value` (an int that makes the content differ) to a path;
-# and how to read back what it wrote.
+# Each public writer of pale.files (and save_checkpoint), writing `value` (an int that makes the
+# content differ) to a path; and how to read back what it wrote.
 WRITERS = {
-    "text": (lambda p, v: pio.atomic_write_text(p, f"v{v}"), lambda p: p.read_text()),
-    "bytes": (lambda p, v: pio.atomic_write_bytes(p, bytes([v]) * 100), lambda p: p.read_bytes()),
-    "json": (lambda p, v: pio.atomic_write_json(p, {"v": v}), lambda p: json.loads(p.read_text())),
-    "savefig": (lambda p, v: pio.atomic_savefig(_figure(), p, dpi=10 + v), lambda p: p.stat().st_size),
-    "torch": (lambda p, v: pio.save_torch({"v": torch.full((3,), float(v))}, p), lambda p: pio.load_torch(p)["v"].tolist()),
-    "safetensors": (lambda p, v: pio.save_safetensors({"v": torch.full((3,), float(v))}, p, {"n": v}),
-                    lambda p: pio.load_safetensors(p)[1]),
-    "checkpoint": (lambda p, v: pio.save_checkpoint(p, torch.nn.Linear(2, v + 1), "m", {}),
-                   lambda p: pio.load_torch(p)["model"]["weight"].shape[0]),
+    "text": (lambda p, v: files.atomic_write_text(p, f"v{v}"), lambda p: p.read_text()),
+    "bytes": (lambda p, v: files.atomic_write_bytes(p, bytes([v]) * 100), lambda p: p.read_bytes()),
+    "json": (lambda p, v: files.atomic_write_json(p, {"v": v}), lambda p: json.loads(p.read_text())),
+    "savefig": (lambda p, v: files.atomic_savefig(_figure(), p, dpi=10 + v), lambda p: p.stat().st_size),
+    "torch": (lambda p, v: files.save_torch({"v": torch.full((3,), float(v))}, p), lambda p: files.load_torch(p)["v"].tolist()),
+    "safetensors": (lambda p, v: files.save_safetensors({"v": torch.full((3,), float(v))}, p, {"n": v}),
+                    lambda p: files.load_safetensors(p)[1]),
+    "checkpoint": (lambda p, v: checkpoint.save_checkpoint(p, torch.nn.Linear(2, v + 1), "m", {}),
+                   lambda p: files.load_torch(p)["model"]["weight"].shape[0]),
 }
 SUFFIX = {"savefig": ".png", "torch": ".pth", "checkpoint": ".pth", "safetensors": ".safetensors", "json": ".json"}
 
@@ -67,16 +67,16 @@ def umask(value):
 
 @pytest.fixture
 def atomic_targets(monkeypatch):
-    """Records the path of every file written through pale.io.atomic_path."""
+    """Records the path of every file written through pale.files.atomic_path."""
     seen = []
-    original = pio.atomic_path
+    original = files.atomic_path
 
     @contextlib.contextmanager
     def recording(path, before_replace=None):
         with original(path, before_replace) as tmp:
             yield tmp
         seen.append(Path(path).resolve())
-    monkeypatch.setattr(pio, "atomic_path", recording)
+    monkeypatch.setattr(files, "atomic_path", recording)
     return seen
 
 
@@ -139,16 +139,16 @@ def test_an_exception_mid_write_leaves_the_old_file(name, tmp_path, monkeypatch)
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name], "a temporary file was left behind"
 
 
-# The child imports pale.io as any user would (sys.argv[2] names the file, for the error message only).
+# The child imports pale.files as any user would (sys.argv[2] names the file, for the error message only).
 LOAD_IO = textwrap.dedent("""
     import sys
-    import pale.io as pio
+    import pale.files as files
 """)
 CHILD = LOAD_IO + textwrap.dedent("""
     import torch
     path = sys.argv[1]
     for i in range(2, 10 ** 6):
-        pio.save_torch({"v": torch.full((1 << 20,), float(i))}, path)
+        files.save_torch({"v": torch.full((1 << 20,), float(i))}, path)
         if i == 3:
             print("saving", flush=True)
 """)
@@ -158,36 +158,36 @@ def test_sigkill_mid_write_leaves_a_whole_loadable_file(tmp_path):
     """A process killed while it keeps overwriting a 4 MB checkpoint: the file is always the whole
     old one or the whole new one."""
     path = tmp_path / "last.pth"
-    pio.save_torch({"v": torch.full((1 << 20,), 1.0)}, path)
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), pio.__file__], stdout=subprocess.PIPE)
+    files.save_torch({"v": torch.full((1 << 20,), 1.0)}, path)
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), files.__file__], stdout=subprocess.PIPE)
     try:
         assert child.stdout.readline().strip() == b"saving"
         time.sleep(0.3)
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
-    value = pio.load_torch(path)["v"]
+    value = files.load_torch(path)["v"]
     assert value.shape == (1 << 20,) and float(value[0]) >= 3.0 and torch.all(value == value[0])
 
 
 def test_sigkill_inside_the_writer_keeps_the_old_file(tmp_path):
     """Killed after writing half of the new file: the old one is untouched and loads."""
     path = tmp_path / "best.pth"
-    pio.save_torch({"v": torch.arange(5.0)}, path)
+    files.save_torch({"v": torch.arange(5.0)}, path)
     code = LOAD_IO + textwrap.dedent("""
         import time
-        with pio.atomic_path(sys.argv[1]) as tmp:
+        with files.atomic_path(sys.argv[1]) as tmp:
             tmp.write_bytes(b"half a checkpoint")
             print("written", flush=True)
             time.sleep(60)
     """)
-    child = subprocess.Popen([sys.executable, "-c", code, str(path), pio.__file__], stdout=subprocess.PIPE)
+    child = subprocess.Popen([sys.executable, "-c", code, str(path), files.__file__], stdout=subprocess.PIPE)
     try:
         assert child.stdout.readline().strip() == b"written"
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
-    assert pio.load_torch(path)["v"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert files.load_torch(path)["v"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
 
 
 def test_a_training_run_writes_every_file_atomically(tmp_path, atomic_targets):
@@ -196,11 +196,11 @@ def test_a_training_run_writes_every_file_atomically(tmp_path, atomic_targets):
     data = write_tiny_folder(tmp_path / "data")
     with umask(0o022):
         train(tiny_recipe(data), [], tmp_path / "run")
-    files = [p.resolve() for p in tmp_path.rglob("*") if p.is_file()]
-    assert {"last.pth", "best.pth", "best.safetensors", "metrics.jsonl", "summary.json"} <= {p.name for p in files}
-    bypassed = [str(p) for p in files if p not in atomic_targets]
-    assert not bypassed, f"written without pale.io.atomic_path: {bypassed}"
-    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in files if (p.stat().st_mode & 0o777) != 0o644}
+    written = [p.resolve() for p in tmp_path.rglob("*") if p.is_file()]
+    assert {"last.pth", "best.pth", "best.safetensors", "metrics.jsonl", "summary.json"} <= {p.name for p in written}
+    bypassed = [str(p) for p in written if p not in atomic_targets]
+    assert not bypassed, f"written without pale.files.atomic_path: {bypassed}"
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in written if (p.stat().st_mode & 0o777) != 0o644}
     assert not modes, f"files without 0o644 permissions under umask 022: {modes}"
 
 
@@ -221,7 +221,7 @@ WRITE_CALLS = {"save", "savefig", "save_file", "write_text", "write_bytes", "dum
 # Writes that are not a user's file: (file, call, why).
 NOT_FILES = {
     ("bench.py", "open"): "/proc/self/clear_refs: a kernel control, not a file",
-    ("train/engine.py", "SummaryWriter"): "TensorBoard's event log, appended to while training runs",
+    ("train/run_folder.py", "SummaryWriter"): "TensorBoard's event log, appended to while training runs",
 }
 
 
@@ -249,7 +249,7 @@ def raw_writes_outside_atomic_path():
     found = []
     for path in sorted(SRC.rglob("*.py")):
         rel = path.relative_to(SRC).as_posix()
-        if rel == "io.py":
+        if rel == "files.py":
             continue
         tree = ast.parse(path.read_text())
         parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
@@ -276,7 +276,7 @@ def test_the_source_check_finds_a_bypass(tmp_path, monkeypatch):
         "def save(path, obj):\n"
         "    torch.save(obj, path)\n"
         "def fine(path, obj):\n"
-        "    with pio.atomic_path(path) as tmp:\n"
+        "    with files.atomic_path(path) as tmp:\n"
         "        torch.save(obj, tmp)\n")
     monkeypatch.setitem(globals(), "SRC", fake)
     assert raw_writes_outside_atomic_path() == ["train/engine.py:3 save(...)"]
@@ -285,8 +285,8 @@ def test_the_source_check_finds_a_bypass(tmp_path, monkeypatch):
 def test_savefig_takes_the_format_from_the_suffix_and_passes_dpi(tmp_path):
     from PIL import Image
 
-    pio.atomic_savefig(_figure(), tmp_path / "a.svg")
+    files.atomic_savefig(_figure(), tmp_path / "a.svg")
     assert b"<svg" in (tmp_path / "a.svg").read_bytes()[:500]
-    pio.atomic_savefig(_figure(), tmp_path / "plain", dpi=20)   # no suffix: PNG
+    files.atomic_savefig(_figure(), tmp_path / "plain", dpi=20)   # no suffix: PNG
     with Image.open(tmp_path / "plain") as img:
         assert img.format == "PNG" and img.size == (20, 20)     # a 1x1 inch figure at 20 dpi

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import pale  # noqa: F401
-from pale.io import load_safetensors, load_torch, select_weights
-from pale.models.attention_kernels import kernel_choices
-from pale.train import TrainingInterrupted, train
+from pale.checkpoint import select_weights
+from pale.files import load_safetensors, load_torch
+from pale.train import Trainer, TrainingInterrupted, train
 from pale.train.classification import ClassificationTask
-from pale.train.engine import Trainer, rng_state, set_rng_state
+from pale.train.runtime import rng_state, set_rng_state
 from tiny_train import tiny_recipe, write_tiny_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -110,7 +110,6 @@ def test_a_resume_with_another_runtime_says_what_changed(stopped, capsys):
     run = stopped[0]
     ckpt = load_torch(run / "last.pth")
     assert ckpt["runtime"] == dict(device="cpu", channels_last=False, amp="none")
-    assert ckpt["attention_kernels"] == kernel_choices()
     ckpt["runtime"].update(channels_last=True, amp="bf16")
     torch.save(ckpt, run / "last.pth")
     with scripted_validation([50, 60]):
@@ -145,12 +144,7 @@ def test_after_a_resume_on_a_longer_schedule_every_update_follows_the_new_schedu
     """The first update after the resume included: the optimizer's saved lr is the old schedule's."""
     data = write_tiny_folder(tmp_path / "data")
     lrs = []
-    original = Trainer._optimizer_step
-
-    def recording_step(self):
-        lrs.append(self.optimizer.param_groups[0]["lr"])
-        original(self)
-    monkeypatch.setattr(Trainer, "_optimizer_step", recording_step)
+    monkeypatch.setattr(Trainer, "before_optimizer_step", lambda self: lrs.append(self.optimizer.param_groups[0]["lr"]))
     train(tiny_recipe(data), ["epochs=3"], tmp_path / "three")
     straight = list(lrs)
     lrs.clear()
@@ -218,3 +212,39 @@ def test_the_numpy_state_keeps_a_cached_gaussian():
     np.random.seed(4)
     set_rng_state(state)
     assert np.array_equal(np.random.standard_normal(3), expected)
+
+
+def test_an_explicit_resume_reads_its_checkpoint_once(stopped, monkeypatch):
+    """The recipe and the state come from one read of the file (it used to be read twice)."""
+    from pale.train import checkpoints
+
+    run = stopped[0]
+    reads, original = [], checkpoints.load_torch
+    monkeypatch.setattr(checkpoints, "load_torch", lambda path: reads.append(path) or original(path))
+    with scripted_validation([50, 60]):
+        train(None, [], resume=run / "last.pth")
+    assert reads == [run / "last.pth"]
+
+
+def test_the_optimizer_step_hooks_see_what_their_contract_says(tmp_path, monkeypatch):
+    """Before each update: the gradients of all its micro-batches in ``.grad``, the update not counted;
+    after: the gradients cleared, the update counted, the schedule advanced."""
+    data = write_tiny_folder(tmp_path / "data")
+    events = []
+
+    def before(self):
+        grads = [p.grad for p in self.model.parameters() if p.requires_grad]
+        events.append(("before", self.num_updates, all(g is not None for g in grads)))
+
+    def after(self):
+        events.append(("after", self.num_updates, all(p.grad is None for p in self.model.parameters()),
+                       self.optimizer.param_groups[0]["lr"]))
+    monkeypatch.setattr(Trainer, "before_optimizer_step", before)
+    monkeypatch.setattr(Trainer, "after_optimizer_step", after)
+    train(tiny_recipe(data), ["epochs=2", "train.accum_steps=2", "sched.warmup_epochs=1", "sched.warmup_lr=1e-4"],
+          tmp_path / "run")
+    assert [e[:3] for e in events] == [(kind, n + (kind == "after"), True) for n in range(4)
+                                       for kind in ("before", "after")]
+    # 2 updates of warm-up, then timm's cosine over all 4 (min_lr 1e-5): the rate of the next update
+    lrs = [e[3] for e in events if e[0] == "after"]
+    assert lrs[:2] == pytest.approx([1e-4 + (1e-2 - 1e-4) / 2, 1e-5 + (1e-2 - 1e-5) / 2])

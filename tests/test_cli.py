@@ -16,9 +16,11 @@ import torch
 from PIL import Image
 
 import pale
-from pale import io as pio
+from pale.checkpoint import read_model_file, save_checkpoint, select_weights
+from pale.errors import CheckpointError, InputError, UserError
+from pale.files import load_safetensors, save_safetensors
+from pale.images import BadImageError, IMAGE_EXTENSIONS
 from pale.cli import main
-from pale.errors import InputError, UserError
 
 SRC = Path(pale.__file__).parent
 TINY = dict(embed_dims=(16, 32, 32, 64), depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 2), num_classes=3)
@@ -42,12 +44,20 @@ def test_help_and_argument_errors_do_not_import_torch(argv):
     assert proc.returncode == (0 if "--help" in argv else 2)
 
 
-def test_import_pale_registers_the_models_and_reaches_submodules():
-    code = ("import pale, timm; print(timm.is_model('pale_tiny'), callable(pale.io.load_image), "
-            "pale.PaleTransformer.__name__, callable(pale.progress.progress))")
+@pytest.mark.parametrize("imports", ["pale, timm", "timm, pale", "pale.files, timm.models"])
+def test_import_pale_registers_the_models_and_reaches_submodules(imports):
+    """In either order: pale registers the models when timm is imported, or at once if it already is."""
+    code = (f"import {imports}; print(timm.is_model('pale_tiny'), callable(pale.images.load_image), "
+            "pale.PaleTransformer.__name__, callable(pale.progress.progress), callable(pale.create_model_from_file))")
     proc = _subprocess("-c", code)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["True", "True", "PaleTransformer", "True"]
+    assert proc.stdout.split() == ["True", "True", "PaleTransformer", "True", "True"]
+
+
+def test_import_pale_alone_imports_neither_torch_nor_timm():
+    proc = _subprocess("-c", "import sys, pale; print(sorted({'torch', 'timm'} & set(sys.modules)))")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
 
 
 # ---- weights -------------------------------------------------------------------------------------
@@ -63,11 +73,11 @@ def _sd(value: float) -> dict:
 ])
 def test_best_weights_are_the_ones_that_validated_better(metrics, expected):
     ckpt = dict(model=_sd(1.0), model_ema=_sd(2.0), val_metrics=metrics, best_metric="top1")
-    state, which, why = pio.select_weights(ckpt, "best")
+    state, which, why = select_weights(ckpt, "best")
     assert which == expected and float(state["w"][0]) == (1.0 if expected == "raw" else 2.0)
     tie = metrics["raw"] == metrics["ema"]
     assert why.startswith("validated as well as the EMA weights (top1 80)" if tie else "validated better: top1")
-    assert pio.select_weights(ckpt, "ema")[1] == "ema" and float(pio.select_weights(ckpt, "raw")[0]["w"][0]) == 1.0
+    assert select_weights(ckpt, "ema")[1] == "ema" and float(select_weights(ckpt, "raw")[0]["w"][0]) == 1.0
 
 
 @pytest.mark.parametrize("ckpt", [
@@ -77,34 +87,34 @@ def test_best_weights_are_the_ones_that_validated_better(metrics, expected):
          best_metric="top1"),                                                              # other metric
 ])
 def test_best_without_metrics_of_both_sets_is_raw_and_says_so(ckpt):
-    state, which, why = pio.select_weights(ckpt, "best")
+    state, which, why = select_weights(ckpt, "best")
     assert which == "raw" and float(state["w"][0]) == 1.0 and "without validation" in why
 
 
 def test_best_falls_back_to_the_history_entry_of_these_weights():
     history = [dict(epoch=1, val_top1=50.0, ema_val_top1=20.0), dict(epoch=2, val_top1=70.0, ema_val_top1=75.0)]
     ckpt = dict(model=_sd(1.0), model_ema=_sd(2.0), history=history, best=dict(metric="ema_val_top1"), epoch=2, step=0)
-    assert pio.select_weights(ckpt, "best")[1:] == ("ema", "validated better: top1 75 (ema) vs 70")
+    assert select_weights(ckpt, "best")[1:] == ("ema", "validated better: top1 75 (ema) vs 70")
     # saved mid-epoch (interrupted): the last entry validated older weights
-    assert "without validation" in pio.select_weights(dict(ckpt, step=3), "best")[2]
-    assert "without validation" in pio.select_weights(dict(ckpt, epoch=3), "best")[2]
+    assert "without validation" in select_weights(dict(ckpt, step=3), "best")[2]
+    assert "without validation" in select_weights(dict(ckpt, epoch=3), "best")[2]
 
 
 def test_single_set_files_refuse_ema(tmp_path):
     no_ema = dict(model=_sd(1.0), model_ema=None, val_metrics={"raw": {"top1": 5.0}}, best_metric="top1")
-    assert pio.select_weights(no_ema, "best")[1] == "raw"
-    with pytest.raises(pio.CheckpointError, match="holds no EMA weights"):
-        pio.select_weights(no_ema, "ema")
+    assert select_weights(no_ema, "best")[1] == "raw"
+    with pytest.raises(CheckpointError, match="holds no EMA weights"):
+        select_weights(no_ema, "ema")
     torch.save(_sd(3.0), tmp_path / "plain.pth")
-    assert pio.read_model_file(tmp_path / "plain.pth", "best")[1]["weights"] == "raw"
-    with pytest.raises(pio.CheckpointError, match="holds one set of weights \\(raw\\)"):
-        pio.read_model_file(tmp_path / "plain.pth", "ema")
-    pio.save_safetensors(_sd(4.0), tmp_path / "e.safetensors", metadata=dict(weights="ema"))
-    assert pio.read_model_file(tmp_path / "e.safetensors", "ema")[1]["weights"] == "ema"
-    with pytest.raises(pio.CheckpointError, match="not raw ones"):
-        pio.read_model_file(tmp_path / "e.safetensors", "raw")
+    assert read_model_file(tmp_path / "plain.pth", "best")[1]["weights"] == "raw"
+    with pytest.raises(CheckpointError, match="holds one set of weights \\(raw\\)"):
+        read_model_file(tmp_path / "plain.pth", "ema")
+    save_safetensors(_sd(4.0), tmp_path / "e.safetensors", metadata=dict(weights="ema"))
+    assert read_model_file(tmp_path / "e.safetensors", "ema")[1]["weights"] == "ema"
+    with pytest.raises(CheckpointError, match="not raw ones"):
+        read_model_file(tmp_path / "e.safetensors", "raw")
     with pytest.raises(InputError, match="unknown weights 'newest'"):
-        pio.select_weights(no_ema, "newest")
+        select_weights(no_ema, "newest")
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +127,7 @@ def trained(tmp_path_factory):
     torch.manual_seed(0)
     raw = timm.create_model("pale_tiny", **TINY).eval()
     ema = timm.create_model("pale_tiny", **TINY).eval()
-    pio.save_checkpoint(root / "run.pth", raw, "pale_tiny", TINY, class_names=CLASSES,
+    save_checkpoint(root / "run.pth", raw, "pale_tiny", TINY, class_names=CLASSES,
                         model_ema=ema.state_dict(), best_metric="top1",
                         val_metrics={"raw": {"top1": 90.0}, "ema": {"top1": 35.0}})
     for i, (name, photo) in enumerate(zip(CLASSES, ("astronaut", "coffee", "chelsea"))):
@@ -144,7 +154,7 @@ def test_eval_predict_export_use_and_print_the_chosen_weights(trained, tmp_path,
     assert out.err.startswith("weights: ema (EMA weights, as asked)") and json.loads(out.out)["weights"] == "ema"
     # export needs no model name: the checkpoint records it; the file says which weights it holds
     assert main(["export", "-c", ckpt, "--format", "safetensors", "-o", str(tmp_path / "w.safetensors")]) == 0
-    state, meta = pio.load_safetensors(tmp_path / "w.safetensors")
+    state, meta = load_safetensors(tmp_path / "w.safetensors")
     assert meta["weights"] == "raw" and meta["model_name"] == "pale_tiny"
     if not torch.cuda.is_available():  # the message names the eval option, not only the recipe key
         capsys.readouterr()
@@ -158,7 +168,7 @@ def test_eval_predict_export_use_and_print_the_chosen_weights(trained, tmp_path,
 @pytest.fixture(scope="module")
 def seg_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("seg") / "seg.safetensors"
-    pio.save_safetensors(_sd(0.0), path, metadata=dict(task="segmentation", model_name="upernet_pale_tiny",
+    save_safetensors(_sd(0.0), path, metadata=dict(task="segmentation", model_name="upernet_pale_tiny",
                                                         model_kwargs={"backbone": "pale_tiny", "num_classes": 2}))
     return path
 
@@ -178,7 +188,7 @@ def test_segmentation_checkpoint_to_classifier_commands_is_one_line(seg_checkpoi
 
 def test_detection_checkpoint_to_a_classifier_command_names_the_det_commands(tmp_path, capsys):
     path = tmp_path / "det.safetensors"
-    pio.save_safetensors(_sd(0.0), path, metadata=dict(task="detection", model_name="maskrcnn_pale_tiny",
+    save_safetensors(_sd(0.0), path, metadata=dict(task="detection", model_name="maskrcnn_pale_tiny",
                                                         model_kwargs={"backbone": "pale_tiny", "num_classes": 2}))
     assert main(["export", "-c", str(path), "-o", str(tmp_path / "x.onnx")]) == 1
     assert capsys.readouterr().err.strip().endswith(
@@ -260,7 +270,7 @@ def test_bugs_keep_their_traceback(monkeypatch):
     monkeypatch.setattr(predict_command, "run", broken)
     with pytest.raises(KeyError):
         main(["predict", "x.png", "-c", "c.pth"])
-    assert issubclass(pio.CheckpointError, UserError) and issubclass(pio.BadImageError, UserError)
+    assert issubclass(CheckpointError, UserError) and issubclass(BadImageError, UserError)
 
 
 def test_ctrl_c_is_one_line_and_exit_status_130(monkeypatch, capsys):
@@ -336,12 +346,21 @@ def test_library_never_imports_argparse_or_the_command_layer():
         assert not bad, f"{rel} imports {bad}"
 
 
+def test_file_modules_never_import_the_models():
+    """Files, images, devices, errors and checkpoints sit below the models: only importing timm (in
+    pale.checkpoint) registers them, through the package."""
+    for name in ("files.py", "images.py", "device.py", "errors.py", "checkpoint.py"):
+        bad = [m for m in _imports(SRC / name) if m.lstrip(".").split(".")[0] in ("models", "train", "dense")
+               or m.startswith("pale.models")]
+        assert not bad, f"{name} imports {bad}"
+
+
 def test_one_image_loader_and_one_extension_list():
     defs = {str(p.relative_to(SRC)) for p in SRC.rglob("*.py")
             if any(isinstance(n, ast.FunctionDef) and n.name in ("load_image", "find_images", "list_images")
                    for n in ast.walk(ast.parse(p.read_text())))}
-    assert defs == {"io.py"}
-    assert ".gif" not in pio.IMAGE_EXTENSIONS and ".jpg" in pio.IMAGE_EXTENSIONS
+    assert defs == {"images.py"}
+    assert ".gif" not in IMAGE_EXTENSIONS and ".jpg" in IMAGE_EXTENSIONS
 
 
 def test_kind_and_table_choices_match_the_library():

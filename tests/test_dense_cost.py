@@ -68,7 +68,8 @@ def test_report_lines():
 def test_dense_loaders_refuse_a_checkpoint_of_another_task(tmp_path):
     from pale.dense.det_task import load_detector
     from pale.dense.seg_task import load_segmenter
-    from pale.io import CheckpointError, save_checkpoint
+    from pale.checkpoint import save_checkpoint
+    from pale.errors import CheckpointError
     from pale.models.pale_transformer import PaleTransformer
 
     model = PaleTransformer(embed_dims=(16, 32, 32, 64), depths=(1, 1, 1, 1), num_heads=(2, 2, 4, 4), num_classes=3)
@@ -87,7 +88,7 @@ def test_ape_backbones_are_sized_at_the_task_resolution(tmp_path):
 
     from pale.dense.maskrcnn import build_mask_rcnn
     from pale.dense.upernet import PaleUperNet
-    from pale.io import save_checkpoint
+    from pale.checkpoint import save_checkpoint
     from pale.models.pale_transformer import PaleTransformer
 
     seg = PaleUperNet("pale_tiny", 3, 32, aux=False, pos_embed="ape", **TINY)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pale import io as pio
+
 from pale.cli import main as pale_main
 from pale.dense.backbone import PaleFPNBackbone
 from pale.dense.det_data import CocoInstances, load_coco

@@ -8,7 +8,7 @@ import torch
 from timm.utils import ModelEmaV3
 
 import pale  # noqa: F401
-from pale.io import load_safetensors, load_torch
+from pale.files import load_safetensors, load_torch
 from pale.train import TrainingInterrupted, train
 from pale.train.classification import ClassificationTask
 from tiny_train import tiny_recipe, write_tiny_folder

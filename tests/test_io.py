@@ -1,4 +1,5 @@
-"""Atomic writes, safe loading and clear weight-mismatch errors (pale.io)."""
+"""Atomic writes, safe loading and clear weight-mismatch errors (pale.files, pale.checkpoint), and
+images as the commands read them (pale.images)."""
 import json
 import os
 import pickle
@@ -7,10 +8,9 @@ import re
 import pytest
 import torch
 
-from pale.errors import InputError
-from pale.io import (CheckpointError, WeightsMismatchError, atomic_path, atomic_write_text,
-                     create_model_from_file, load_torch, load_weights, output_folder, save_checkpoint,
-                     save_safetensors)
+from pale.checkpoint import WeightsMismatchError, create_model_from_file, load_weights, save_checkpoint
+from pale.errors import CheckpointError, InputError
+from pale.files import atomic_path, atomic_write_text, load_torch, output_folder, save_safetensors
 from pale.models.pale_transformer import PaleTransformer
 
 SMALL = dict(embed_dims=(16, 32, 32, 64), depths=(1, 1, 1, 1), num_heads=(2, 2, 4, 4), num_classes=3)
@@ -147,11 +147,11 @@ def test_cli_refuses_mismatched_checkpoint_unless_non_strict(tmp_path, capsys):
 
 
 def test_resuming_from_a_checkpoint_that_does_not_fit_names_it(tmp_path):
-    """`--resume` loads the model, the EMA and the attention-kernel record of the file it names; each
-    that does not fit stops the run with an error naming the file (and the EMA)."""
+    """`--resume` loads the model and the EMA of the file it names; each that does not fit stops the run
+    with an error naming the file (and the EMA)."""
     import re
 
-    from pale.io import save_torch
+    from pale.files import save_torch
     from pale.train import train
     from tiny_train import tiny_recipe, write_tiny_folder
 
@@ -160,8 +160,7 @@ def test_resuming_from_a_checkpoint_that_does_not_fit_names_it(tmp_path):
     wrong = {k: (torch.zeros(5, *v.shape[1:]) if k == "head.fc.weight" else v) for k, v in ckpt["model"].items()}
     for changes, error, message in [
             (dict(model=wrong), WeightsMismatchError, "{} does not fit PaleTransformer"),
-            (dict(model_ema=wrong), WeightsMismatchError, "{} (EMA) does not fit PaleTransformer"),
-            (dict(attention_kernels={"format": -1}), ValueError, "not saved attention kernel choices")]:
+            (dict(model_ema=wrong), WeightsMismatchError, "{} (EMA) does not fit PaleTransformer")]:
         path = tmp_path / "changed.pth"
         save_torch(dict(ckpt, **changes), path)
         with pytest.raises(error, match="^" + re.escape(message.format(path))):
@@ -172,7 +171,9 @@ def test_images_devices_and_json_as_the_commands_use_them(tmp_path):
     from PIL import Image
 
     from pale.errors import InputError, MissingFileError
-    from pale.io import IMAGE_EXTENSIONS, BadImageError, atomic_write_json, find_images, load_image, resolve_device
+    from pale.device import resolve_device
+    from pale.files import atomic_write_json
+    from pale.images import BadImageError, IMAGE_EXTENSIONS, find_images, load_image
 
     for rel in ("a/x.png", "a/sub/y.JPG", "b/z.png"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -200,7 +201,7 @@ def test_16_bit_and_float_images_are_scaled_to_8_bits_not_clipped(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from pale.io import load_image
+    from pale.images import load_image
 
     ramp16 = np.linspace(0, 65535, 64).astype(np.uint16).reshape(8, 8)
     Image.fromarray(ramp16).save(tmp_path / "ramp16.png")
@@ -238,7 +239,7 @@ def test_images_are_turned_upright_by_their_exif_orientation(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from pale.io import exif_turn_note, load_image
+    from pale.images import exif_turn_note, load_image
 
     stored = _sideways_photo(tmp_path / "phone.png", orientation=6)  # 6: shown turned 90 degrees clockwise
     assert Image.open(tmp_path / "phone.png").size == (40, 20)
@@ -256,7 +257,7 @@ def test_images_are_turned_upright_by_their_exif_orientation(tmp_path):
 
 
 def test_output_stems_keep_inputs_with_one_name_apart(tmp_path):
-    from pale.io import output_stems
+    from pale.images import output_stems
 
     files = [tmp_path / "a" / "x.png", tmp_path / "b" / "x.png", tmp_path / "b" / "x.JPG", tmp_path / "b" / "y.png"]
     assert list(output_stems(files).values()) == ["a/x", "b/x_png", "b/x_jpg", "b/y"]
@@ -267,7 +268,7 @@ def test_output_stems_keep_inputs_with_one_name_apart(tmp_path):
 
 def test_folders_are_searched_without_hidden_files_and_folders(tmp_path):
     # macOS's "._x.jpg" resource forks are not images, and .ipynb_checkpoints holds copies
-    from pale.io import find_images
+    from pale.images import find_images
 
     for name in ("cat/a.jpg", "cat/._a.jpg", "cat/.ipynb_checkpoints/a-checkpoint.jpg", "cat/sub/b.PNG"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)

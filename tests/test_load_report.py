@@ -1,4 +1,4 @@
-"""pale.io's reading side where mutants survived the other tests: LoadReport's text, the report a
+"""pale.checkpoint's reading side where mutants survived the other tests: LoadReport's text, the report a
 WeightsMismatchError carries, which weights read_model_file picks, and create_model_from_file's
 strictness and overrides."""
 import re
@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pale.errors import InputError, MissingFileError
-from pale.io import (CheckpointError, LoadReport, WeightsMismatchError, create_model_from_file, describe_weights,
-                     load_safetensors, load_weights, read_model_file, save_checkpoint, save_safetensors, save_torch,
-                     select_weights)
+from pale.checkpoint import (LoadReport, WeightsMismatchError, create_model_from_file, describe_weights, load_weights,
+                             read_model_file, save_checkpoint, select_weights)
+from pale.errors import CheckpointError, InputError, MissingFileError
+from pale.files import load_safetensors, save_safetensors, save_torch
 
 TINY = dict(embed_dims=[8, 8, 8, 8], depths=[1, 1, 1, 1], num_heads=[2, 2, 2, 2], num_classes=3)
 
@@ -67,10 +67,10 @@ def test_create_model_from_file_is_strict_and_applies_overrides(tmp_path):
     assert rebuilt.attn_mode == "axial" and info["class_names"] == ["a", "b", "c"]
     with pytest.raises(WeightsMismatchError, match=re.escape(f"{tmp_path / 'c.pth'} does not fit PaleTransformer")):
         create_model_from_file(tmp_path / "c.pth", num_classes=5)
-    # Non-strict: a warning naming the file, attributed to the caller (not to pale/io.py itself).
+    # Non-strict: a warning naming the file, attributed to the caller (not to pale/checkpoint.py itself).
     with pytest.warns(UserWarning, match=re.escape(f"{tmp_path / 'c.pth'}: loaded the weights that fit")) as caught:
         create_model_from_file(tmp_path / "c.pth", strict=False, num_classes=5)
-    assert Path(caught[0].filename).name != "io.py"
+    assert Path(caught[0].filename).name != "checkpoint.py"
 
 
 def test_load_weights_strips_a_ddp_prefix_and_names_its_source():

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import pale  # noqa: F401
-from pale import io as pio
+from pale.checkpoint import save_checkpoint
 from pale.cli import main
 from pale.predict import load_classifier, resolve_preprocessing
 
@@ -26,7 +26,7 @@ def model():
 @pytest.fixture(scope="module")
 def checkpoint(model, tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-    pio.save_checkpoint(path, model, "pale_tiny", TINY, class_names=CLASSES)
+    save_checkpoint(path, model, "pale_tiny", TINY, class_names=CLASSES)
     return path
 
 
@@ -84,13 +84,13 @@ def test_checkpoint_preprocessing_wins_over_pretrained_cfg(model, tmp_path):
     # What pale train stores: the resolved data_config; an older checkpoint may only hold the recipe.
     stored = dict(input_size=[3, 32, 40], mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25],
                   interpolation="bilinear", crop_pct=1.0, crop_mode="center")
-    pio.save_checkpoint(tmp_path / "a.pth", model, "pale_tiny", TINY, class_names=CLASSES, data_config=stored)
+    save_checkpoint(tmp_path / "a.pth", model, "pale_tiny", TINY, class_names=CLASSES, data_config=stored)
     clf = load_classifier(tmp_path / "a.pth")
     assert clf.data_config["input_size"] == (3, 32, 40) and clf.data_config["mean"] == (0.5, 0.5, 0.5)
     assert clf.transform(Image.new("RGB", (100, 60))).shape == (3, 32, 40)
 
     recipe = dict(data=dict(img_size=28, mean=[0.1307] * 3, std=[0.3081] * 3, crop_pct=1.0, interpolation="bicubic"))
-    pio.save_checkpoint(tmp_path / "b.pth", model, "pale_tiny", TINY, class_names=CLASSES, config=recipe)
+    save_checkpoint(tmp_path / "b.pth", model, "pale_tiny", TINY, class_names=CLASSES, config=recipe)
     clf = load_classifier(tmp_path / "b.pth")
     assert clf.data_config["input_size"] == (3, 28, 28) and clf.data_config["std"] == (0.3081,) * 3
 
@@ -101,7 +101,7 @@ def test_checkpoint_preprocessing_wins_over_pretrained_cfg(model, tmp_path):
 def test_grayscale_model_gets_one_channel(tmp_path, photos):
     kw = dict(TINY, in_chans=1)
     gray = timm.create_model("pale_tiny", **kw)
-    pio.save_checkpoint(tmp_path / "g.pth", gray, "pale_tiny", kw, class_names=CLASSES,
+    save_checkpoint(tmp_path / "g.pth", gray, "pale_tiny", kw, class_names=CLASSES,
                         data_config=dict(input_size=[1, 28, 28], mean=[0.1307], std=[0.3081]))
     from pale.predict import predict
 
@@ -129,6 +129,6 @@ def test_non_image_file_is_a_clear_error(checkpoint, photos, tmp_path, capsys):
 
 def test_checkpoint_without_class_names_is_a_clear_error(model, photos, tmp_path, capsys):
     bare = tmp_path / "no_names.pth"
-    pio.save_checkpoint(bare, model, "pale_tiny", TINY)
+    save_checkpoint(bare, model, "pale_tiny", TINY)
     assert main(["predict", str(photos[1][0]), "-c", str(bare)]) == 1
     assert f"{bare} stores no class names" in capsys.readouterr().err

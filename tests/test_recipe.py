@@ -12,7 +12,7 @@ import pale  # noqa: F401
 from pale.cli import main
 from pale.train import ENGINE_DEFAULTS, RecipeError, resolve_config, resolved_lr
 from pale.train.classification import build_eval_transform, check_model_kwargs, data_config
-from pale.train.engine import build_optimizer, build_scheduler
+from pale.train.build import build_optimizer, build_scheduler
 from pale.train.recipe import (ENGINE_RULES, check_optimizer_name, check_rules, ema_decay, list_rule, number_rule,
                                parse_override, recipe_path, schedule_warnings, shipped_recipes)
 

@@ -18,10 +18,12 @@ import yaml
 import pale
 
 from pale.cli import main
-from pale.io import CheckpointError, load_torch
+from pale.errors import CheckpointError
+from pale.files import load_torch
+from pale.train.run_folder import RunFolderError
 from pale.train import TrainingInterrupted, train
 from pale.train.classification import ClassificationTask
-from pale.train.engine import checkpoint_files, config_differences
+from pale.train.checkpoints import checkpoint_files, config_differences
 from test_train import assert_same_state, folder, tiny_recipe  # noqa: F401 (folder: a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -181,24 +183,22 @@ def test_truncated_last_checkpoint_falls_back_to_the_previous_one(folder, straig
     assert all(path.stat().st_size == 1000 for path in checkpoint_files(broken))
 
 
-def test_measured_attention_kernels_are_saved_and_restored_on_resume(folder, tmp_path):
-    """A run that chose its attention kernels by timing records them; its continuation computes with
-    those choices, not with a new measurement that could pick other kernels."""
-    from pale.models import attention_kernels as ak
-
+def test_checkpoints_record_no_kernel_choices_and_an_old_record_is_ignored(folder, straight, tmp_path, monkeypatch):
+    """Older versions timed the attention kernels and saved their choices as ``attention_kernels``; such a
+    checkpoint still resumes, to the weights of the uninterrupted run, and the entry is not carried on."""
     run = tmp_path / "run"
-    ak.clear_kernel_choices()
-    with ak.use_kernel("auto"):
-        train(recipe(epochs=1), [f"data.root={folder}"], run)
-    saved = load_torch(run / "last.pth")["attention_kernels"]
-    assert saved["choices"], "an auto-kernel run measured no attention calls"
-    ak.clear_kernel_choices()
-    assert not ak.kernel_choices()["choices"]
-    with ak.use_kernel("auto"):
-        train(recipe(epochs=2), [f"data.root={folder}"], run, resume=run / "last.pth")
-    restored = ak.kernel_choices()["choices"]
-    assert all(restored[key] == entry for key, entry in saved["choices"].items())
-    ak.clear_kernel_choices()
+    restore = signal_at_call(monkeypatch, signal.SIGTERM, 5)
+    with pytest.raises(TrainingInterrupted):
+        train(recipe(), [f"data.root={folder}"], run)
+    restore()
+    last = run / "last.pth"
+    ckpt = load_torch(last)
+    assert "attention_kernels" not in ckpt
+    ckpt["attention_kernels"] = {"format": 1, "choices": {"cpu/float32/train/L64": {"kernel": "math"}}}
+    torch.save(ckpt, last)
+    train(None, [], resume=last)
+    assert "attention_kernels" not in load_torch(last)
+    assert_same_run(straight, run)
 
 
 def test_a_signal_to_the_whole_process_group_still_saves(folder, tmp_path):
@@ -270,8 +270,54 @@ def test_a_failed_checkpoint_write_leaves_the_kept_ones_as_they_were(folder, tmp
         Path(path).write_bytes(b"the first bytes")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(RunFolderError) as failed:
         train(None, ["epochs=2"], resume=run)
+    assert str(failed.value) == (f"cannot write {run / 'last.pth'}: No space left on device; training stopped; the "
+                                 f"checkpoints saved before are whole: continue with pale train --resume {run}")
     # before: the rotation came first, and the failed write left no last.pth
     assert {p.name: p.read_bytes() for p in checkpoint_files(run)} == kept
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []  # no temporary file left
+
+
+def test_a_save_that_fails_mid_run_is_one_line_and_the_run_resumes_from_the_last_good_checkpoint(
+        folder, straight, tmp_path, monkeypatch, capsys):
+    """The disk fills up at the third checkpoint (epoch 2, update 1): `pale train` says so in one line,
+    naming the file and the cause; the checkpoints before it are whole and the run resumes from them to
+    the uninterrupted run's weights."""
+    run = tmp_path / "run"
+    original = torch.save
+    saves = []
+
+    def full_at_third(obj, path, *args, **kwargs):
+        if Path(path).name.startswith(".last.pth."):  # (a temporary name, renamed once written)
+            saves.append(path)
+            if len(saves) == 3:
+                raise OSError(28, "No space left on device")
+        return original(obj, path, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", full_at_third)
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe()))
+    assert main(["train", "--recipe", str(recipe_file), "--data", str(folder), "-o", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert (f"pale train: error: cannot write {run / 'last.pth'}: No space left on device; training stopped; the "
+            f"checkpoints saved before are whole: continue with pale train --resume {run}") in err.splitlines()
+    assert "Traceback" not in err
+    assert [position(p) for p in checkpoint_files(run)] == [(1, 0), (0, 2)]
+    monkeypatch.setattr(torch, "save", original)
+    assert main(["train", "--resume", str(run)]) == 0
+    assert_same_run(straight, run)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_run_folder_that_became_read_only_stops_the_run_in_one_line(folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(recipe(epochs=1), [f"data.root={folder}"], run)
+    kept = {p.name: p.read_bytes() for p in checkpoint_files(run)}
+    run.chmod(0o555)
+    try:
+        assert main(["train", "--resume", str(run), "--epochs", "2"]) == 1
+    finally:
+        run.chmod(0o755)
+    err = capsys.readouterr().err
+    assert f"pale train: error: cannot write {run / 'config.yaml'}: Permission denied; training stopped" in err
+    assert {p.name: p.read_bytes() for p in checkpoint_files(run)} == kept

@@ -11,17 +11,17 @@ import pytest
 import torch
 from PIL import Image
 
-from pale import io as pio
+from pale.checkpoint import WeightsMismatchError, save_checkpoint
+from pale.files import save_safetensors
 from pale.cli import main as pale_main
 from pale.dense.engine import run_training
 from pale.dense.overlay import palette
 from pale.dense.seg_data import SegmentationFolder, SegTrainTransform, label_lookup, load_label, scan_label_ids
 from pale.dense.seg_eval import confusion_matrix, segment, segmentation_metrics
 from pale.dense.seg_task import SegmentationTask, evaluate_segmenter, inference_settings, seg_loss
-from pale.train import resolve_recipe
+from pale.train import Runtime, resolve_recipe
 from pale.dense.toydata import make_ade_dataset
 from pale.dense.upernet import PaleUperNet
-from pale.train import Runtime
 from timm.utils import random_seed
 
 from dense_tiny import TINY, TINY_YAML
@@ -75,8 +75,8 @@ def test_backbone_initialisation_from_imagenet_checkpoint(tmp_path):
     import timm
 
     classifier = timm.create_model("pale_tiny", num_classes=10, **TINY)
-    pio.save_checkpoint(tmp_path / "cls.pth", classifier, "pale_tiny", dict(TINY, num_classes=10))
-    pio.save_safetensors(classifier.state_dict(), tmp_path / "cls.safetensors")
+    save_checkpoint(tmp_path / "cls.pth", classifier, "pale_tiny", dict(TINY, num_classes=10))
+    save_safetensors(classifier.state_dict(), tmp_path / "cls.safetensors")
     for path in (tmp_path / "cls.pth", tmp_path / "cls.safetensors"):
         model = PaleUperNet("pale_tiny", 3, 32, **TINY)
         model.load_pretrained(path)
@@ -87,8 +87,8 @@ def test_backbone_initialisation_from_imagenet_checkpoint(tmp_path):
         assert set(got) <= set(classifier.state_dict())
     other = timm.create_model("pale_tiny", num_classes=10, embed_dims=(32, 64, 128, 256), depths=(1, 1, 1, 1),
                               num_heads=(2, 2, 2, 2))
-    pio.save_safetensors(other.state_dict(), tmp_path / "other.safetensors")
-    with pytest.raises(pio.WeightsMismatchError, match=r"keys with another shape[\s\S]*\(32,\) vs \(16,\)"):
+    save_safetensors(other.state_dict(), tmp_path / "other.safetensors")
+    with pytest.raises(WeightsMismatchError, match=r"keys with another shape[\s\S]*\(32,\) vs \(16,\)"):
         PaleUperNet("pale_tiny", 3, 32, **TINY).load_pretrained(tmp_path / "other.safetensors")
 
 
@@ -256,7 +256,7 @@ def test_predict_writes_overlays_of_the_input_size(toy, tmp_path):
     task = SegmentationTask(resolve_recipe(
         {}, tiny_overrides(toy), SegmentationTask.defaults))
     model = task.build_model()
-    pio.save_safetensors(model.state_dict(), tmp_path / "m.safetensors", metadata=task.model_info())
+    save_safetensors(model.state_dict(), tmp_path / "m.safetensors", metadata=task.model_info())
     photo = tmp_path / "odd.png"
     _write(photo, np.random.default_rng(0).integers(0, 255, (75, 101, 3), dtype=np.uint8))
     assert pale_main(["seg", "predict", str(photo), "--checkpoint", str(tmp_path / "m.safetensors"),
@@ -297,7 +297,7 @@ def test_predictions_use_the_data_sets_own_ids_and_the_overlay_has_a_legend(toy,
     info = task.model_info()
     assert info["model_kwargs"]["num_classes"] == 2 and info["data_config"]["label_ids"] == [1, 3]
     torch.manual_seed(0)
-    pio.save_safetensors(task.build_model().state_dict(), tmp_path / "m.safetensors", metadata=info)
+    save_safetensors(task.build_model().state_dict(), tmp_path / "m.safetensors", metadata=info)
     photo = next((data / "images" / "validation").iterdir())
     assert pale_main(["seg", "predict", str(photo), "-c", str(tmp_path / "m.safetensors"), "-o", str(tmp_path / "p"),
                       "--test-scale", "0", "0", "--device", "auto"]) == 0
@@ -353,7 +353,7 @@ def test_a_stopped_run_says_to_continue_with_pale_seg_train(toy, tmp_path, monke
     import os
     import signal
 
-    from pale.train.engine import TrainingInterrupted
+    from pale.train import TrainingInterrupted
 
     recipe_loss, calls = SegmentationTask.training_loss, []
 

@@ -16,13 +16,13 @@ import pytest
 import torch
 import yaml
 
-from pale.io import load_torch
+from pale.files import load_torch
 from pale.train import train
 from test_train import make_folder, tiny_recipe
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
-# Runs `pale train` (the CLI) under torchrun, logging every file each rank writes through pale.io,
+# Runs `pale train` (the CLI) under torchrun, logging every file each rank writes through pale.files,
 # and saving each rank's final weights for the test to compare. PALE_TEST_FAULT="ACTION:RANK:CALL" makes
 # rank RANK, on torchrun's first start only, during its CALL-th training batch: kill itself with SIGKILL
 # (ACTION=kill), or send SIGUSR1 to torchrun as Slurm's --signal would (ACTION=usr1; it then waits for
@@ -30,15 +30,15 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 RANK_SCRIPT = textwrap.dedent("""
     import contextlib, os, signal, sys, time
     import torch
-    import pale.io as pio
+    import pale.files as files
     from timm.utils import unwrap_model
-    from pale.train import engine
+    from pale.train.trainer import Trainer
     from pale.train.classification import ClassificationTask
 
     rank = int(os.environ["RANK"])
     restart = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
     spy_dir = sys.argv[1]
-    original = pio.atomic_path
+    original = files.atomic_path
 
     @contextlib.contextmanager
     def logged(path, before_replace=None):
@@ -46,7 +46,7 @@ RANK_SCRIPT = textwrap.dedent("""
             log.write(f"{path}\\n")
         with original(path, before_replace) as tmp:
             yield tmp
-    pio.atomic_path = logged
+    files.atomic_path = logged
 
     fault = os.environ.get("PALE_TEST_FAULT")
     if fault and restart == 0 and int(fault.split(":")[1]) == rank:
@@ -62,14 +62,14 @@ RANK_SCRIPT = textwrap.dedent("""
             return training_loss(self, model, batch, rt)
         ClassificationTask.training_loss = faulty_loss
 
-    fit = engine.Trainer.fit
+    fit = Trainer.fit
     def fit_and_dump(self):
         out = fit(self)
         model = unwrap_model(self.model)
         torch.save({"model": model.state_dict(), "ema": self.ema.module.state_dict(), "world": self.rt.world_size,
                     "restart": restart}, os.path.join(spy_dir, f"final-rank{rank}.pt"))
         return out
-    engine.Trainer.fit = fit_and_dump
+    Trainer.fit = fit_and_dump
 
     from pale.cli import main
     sys.exit(main(sys.argv[2:]))

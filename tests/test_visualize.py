@@ -9,7 +9,7 @@ from PIL import Image
 
 import pale  # noqa: F401
 from pale import create_attention
-from pale import io as pio
+from pale.checkpoint import create_model_from_file, save_checkpoint
 from pale.cli import main
 from pale.visualize import (RF_COLORS, receptive_field, stage_attention, token_attention)
 from reference import mode_masks
@@ -132,12 +132,12 @@ def checkpoint(tmp_path_factory):
     kw = dict(embed_dims=(16, 32, 32, 64), depths=(1, 2, 1, 1), num_heads=(2, 2, 2, 2), num_classes=3)
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-    pio.save_checkpoint(path, timm.create_model("pale_tiny", **kw), "pale_tiny", kw, class_names=["a", "b", "c"])
+    save_checkpoint(path, timm.create_model("pale_tiny", **kw), "pale_tiny", kw, class_names=["a", "b", "c"])
     return path
 
 
 def test_stage_attention_maps_the_token_to_every_stage(checkpoint):
-    model, _ = pio.create_model_from_file(checkpoint)
+    model, _ = create_model_from_file(checkpoint)
     maps = stage_attention(model, torch.randn(1, 3, 96, 160), token=(50, 120), block=-1)
     assert [m.stage for m in maps] == [0, 1, 2, 3] and [m.block for m in maps] == [0, 1, 0, 0]
     grids = [m.weights.shape for m in maps]

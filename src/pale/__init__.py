@@ -1,32 +1,29 @@
 """pale: the Pale Transformer (Wu et al., AAAI 2022) for PyTorch.
 
 ``import pale`` registers ``pale_tiny``, ``pale_small`` and ``pale_base`` with timm. Submodules load on
-first use (``pale.io``, ``pale.predict``, ``pale.train``, ...), so ``import pale; pale.io`` works.
+first use (``pale.checkpoint``, ``pale.predict``, ``pale.train``, ...), so ``import pale; pale.checkpoint``
+works.
 
-The ``pale`` command (console script or ``python -m pale``) is the one exception: it imports this
-package before it has parsed its arguments, so it registers the models itself after parsing, and
-``pale --help`` or a mistyped option answers without loading torch.
+Registering means importing :mod:`pale.models`, which needs timm (seconds to import). So that
+``pale --help`` (which imports this package first) answers at once, this package imports nothing
+heavy itself: when timm is already imported, the models register now; otherwise they register the
+moment timm is imported, whoever imports it (``import pale, timm`` works like ``import timm, pale``).
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
-from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
 __version__ = "0.1.0"
 __all__ = ["ATTN_MODES", "POS_EMBEDS", "PaleBlock", "PaleStage", "PaleTransformer", "PSAttention", "create_attention",
-           "register_models", "__version__"]
+           "create_model_from_file", "__version__"]
 
 _MODEL_NAMES = {"ATTN_MODES", "POS_EMBEDS", "PaleBlock", "PaleStage", "PaleTransformer", "PSAttention",
                 "create_attention"}
-_SUBMODULES = {"bench", "cli", "commands", "complexity", "dense", "errors", "export", "io", "models",
-               "predict", "progress", "train", "visualize"}
-
-
-def register_models() -> None:
-    """Register the Pale models with timm (idempotent: importing :mod:`pale.models` does it)."""
-    importlib.import_module(".models", __name__)
+_SUBMODULES = {"bench", "checkpoint", "cli", "commands", "complexity", "dense", "device", "errors", "export",
+               "files", "images", "models", "predict", "progress", "train", "visualize"}
 
 
 def __getattr__(name: str) -> Any:
@@ -34,19 +31,37 @@ def __getattr__(name: str) -> Any:
         return importlib.import_module(f".{name}", __name__)
     if name in _MODEL_NAMES:
         return getattr(importlib.import_module(".models", __name__), name)
+    if name == "create_model_from_file":
+        return importlib.import_module(".checkpoint", __name__).create_model_from_file
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list:
-    return sorted(set(globals()) | _SUBMODULES | _MODEL_NAMES)
+    return sorted(set(globals()) | _SUBMODULES | _MODEL_NAMES | {"create_model_from_file"})
 
 
-def _imported_by_the_command() -> bool:
-    # python -m pale: sys.argv[0] is "-m" while the package is being located; the console script's
-    # argv[0] is the script itself (a module named pale.py would shadow this package, so no clash).
-    argv0 = sys.argv[0] if sys.argv else ""
-    return argv0 == "-m" or Path(argv0).name in ("pale", "pale.exe", "pale-script.py")
+class _RegisterWhenTimmLoads:
+    """A meta path finder (not subclassing importlib.abc's, whose import costs ``pale --help`` 14 ms):
+    finds ``timm`` as the other finders would, and imports :mod:`pale.models` (which registers the
+    models) as soon as timm's own ``__init__`` has run. Used once, then removed."""
+
+    def find_spec(self, name: str, path: Optional[Sequence[str]] = None, target: Any = None) -> Any:
+        if name != "timm":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_timm = spec.loader.exec_module
+
+        def exec_then_register(module: Any) -> None:
+            exec_timm(module)
+            importlib.import_module(".models", __name__)
+        spec.loader.exec_module = exec_then_register
+        return spec
 
 
-if not _imported_by_the_command():
-    register_models()
+if "timm" in sys.modules:
+    importlib.import_module(".models", __name__)
+else:
+    sys.meta_path.insert(0, _RegisterWhenTimmLoads())

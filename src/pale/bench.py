@@ -236,7 +236,7 @@ class Runner:
         self.forward = torch.compile(self.model) if setting.compile else self.model
         self.x = torch.randn(setting.batch_size, 3, *setting.img_size, device=setting.device)
         self.y = torch.randint(0, 1000, (setting.batch_size,), device=setting.device)
-        # fused, as `pale train` builds it (pale.train.engine.build_optimizer)
+        # fused, as `pale train` builds it (pale.train.build.build_optimizer)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True) if mode == "train" else None
         self.autocast = dict(device_type=setting.device, dtype=torch.bfloat16, enabled=setting.dtype == "bf16")
 

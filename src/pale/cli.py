@@ -43,9 +43,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from . import register_models
-
-    register_models()
     name = " ".join(filter(None, [args.command, getattr(args, "action", None)]))  # for one-line errors
     try:
         status = int(args.func(args) or 0)

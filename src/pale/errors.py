@@ -6,13 +6,14 @@ anything else is a bug and keeps its traceback.
 * :class:`InputError` -- a bad value (also a :class:`ValueError`, so library callers catching
   ``ValueError`` keep working).
 * :class:`MissingFileError` -- a file or folder that does not exist (also a :class:`FileNotFoundError`).
+* :class:`CheckpointError` -- a weights or checkpoint file that cannot be used (an :class:`InputError`).
 """
 from __future__ import annotations
 
 import contextlib
 from typing import Iterator
 
-__all__ = ["UserError", "InputError", "MissingFileError", "settings_error"]
+__all__ = ["UserError", "InputError", "MissingFileError", "CheckpointError", "settings_error"]
 
 
 class UserError(Exception):
@@ -25,6 +26,10 @@ class InputError(UserError, ValueError):
 
 class MissingFileError(UserError, FileNotFoundError):
     """A file or folder that does not exist."""
+
+
+class CheckpointError(InputError):
+    """A weights or checkpoint file that cannot be used (missing, truncated, corrupt, unsafe)."""
 
 
 @contextlib.contextmanager

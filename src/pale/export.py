@@ -1,5 +1,6 @@
-"""Deployment exports: ONNX with dynamic batch, height and width (checked with onnxruntime), and
-weights-only safetensors with the model's description as metadata.
+"""Deployment exports: ONNX with dynamic batch, height and width (checked with onnxruntime),
+weights-only safetensors with the model's description as metadata, and the model folder timm's
+``save_for_hf`` writes (``timm.create_model("local-dir:" + folder, pretrained=True)``, the Hub).
 
 ONNX and padding. PS-attention pads each map up to a multiple of its group size and masks the
 padded keys. The exporters trace the model at one example size (default: the model's input size);
@@ -19,18 +20,25 @@ import json
 import re
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from . import io as pio
+from . import files
+from .checkpoint import create_model_from_file, load_weights, read_model_file
+from .files import PathLike, save_safetensors
 from .errors import InputError
 
-__all__ = ["EXPORTERS", "OnnxCheck", "OnnxExport", "attention_layers", "export_onnx", "check_onnx", "export_safetensors", "load_model_for_export"]
+__all__ = ["EXPORTERS", "PAPER_EVAL_CROP", "OnnxCheck", "OnnxExport", "attention_layers", "export_onnx", "check_onnx",
+           "export_safetensors", "export_timm_folder", "timm_folder_target", "load_model_for_export"]
 
 EXPORTERS = ("legacy", "dynamo")
 Size = Tuple[int, int]
+#: The paper's evaluation (Sec. 4.1): resize to 256x256, centre crop 224x224; for a timm folder of a
+#: checkpoint that records no evaluation crop of its own.
+PAPER_EVAL_CROP = dict(crop_pct=0.875, crop_mode="squash")
 
 
 @dataclass
@@ -73,7 +81,7 @@ class OnnxExport:
     failed: Dict[str, str]
 
 
-def export_onnx(model: nn.Module, path: pio.PathLike, *, exporter: str = "auto", opset: int = 17,
+def export_onnx(model: nn.Module, path: PathLike, *, exporter: str = "auto", opset: int = 17,
                 trace_size: Optional[Size] = None, dynamic: bool = True, batch: int = 2,
                 check_sizes: Sequence[Size] = (), rtol: float = 1e-4,
                 metadata: Optional[Mapping[str, Any]] = None) -> OnnxExport:
@@ -131,14 +139,14 @@ def _check_model_runs_at(model: nn.Module, sizes: Sequence[Size]) -> None:
                                  f"size): {err}") from None
 
 
-def _export_checked(model: nn.Module, path: pio.PathLike, exporter: str, opset: int, trace_size: Size,
+def _export_checked(model: nn.Module, path: PathLike, exporter: str, opset: int, trace_size: Size,
                     dynamic: bool, batch: int, sizes: Sequence[Size], rtol: float,
                     metadata: Optional[Mapping[str, Any]]) -> List[OnnxCheck]:
     """One exporter: export to a temporary file, add metadata, check, rename into place."""
     import onnx
 
     example = torch.randn(batch, getattr(model, "in_chans", 3), *trace_size)
-    with pio.atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         onnx_tmp = tmp.with_name(tmp.name + ".onnx")  # the dynamo exporter wants an .onnx suffix
         try:
             with warnings.catch_warnings(), _clear_exporter_errors(exporter):
@@ -181,7 +189,7 @@ def _clear_exporter_errors(exporter: str) -> Iterator[None]:
         raise InputError(f"the {exporter} ONNX exporter cannot export this model: {first}") from None
 
 
-def check_onnx(path: pio.PathLike, model: nn.Module, sizes: Sequence[Size], batch: int = 2,
+def check_onnx(path: PathLike, model: nn.Module, sizes: Sequence[Size], batch: int = 2,
                seed: int = 0) -> List[OnnxCheck]:
     """Run the ONNX file with onnxruntime and ``model`` with PyTorch on the same random images."""
     import onnxruntime as ort
@@ -203,15 +211,11 @@ def check_onnx(path: pio.PathLike, model: nn.Module, sizes: Sequence[Size], batc
     return checks
 
 
-def load_model_for_export(model_name: Optional[str], checkpoint: Optional[pio.PathLike],
+def load_model_for_export(model_name: Optional[str], checkpoint: Optional[PathLike],
                           weights: str = "best") -> Tuple[nn.Module, Dict[str, Any]]:
     """The model a checkpoint holds (``model_name``, when given, must match the one it records), or
     a freshly initialised ``model_name``. A bare state dict needs ``model_name``."""
     import timm
-
-    from . import register_models
-
-    register_models()
     if model_name is not None and not timm.is_model(model_name):
         known = ", ".join(timm.list_models("pale_*"))
         raise InputError(f"unknown model {model_name!r} (Pale models: {known}; any timm model name works)")
@@ -220,12 +224,12 @@ def load_model_for_export(model_name: Optional[str], checkpoint: Optional[pio.Pa
             raise InputError("nothing to export: give a checkpoint (-c FILE) or a model name for fresh weights")
         return timm.create_model(model_name).eval(), dict(model_name=model_name, model_kwargs={}, class_names=None,
                                                           weights="raw", weights_reason="freshly initialised")
-    state, info = pio.read_model_file(checkpoint, weights)
+    state, info = read_model_file(checkpoint, weights)
     stored = info.get("model_name")
     if stored and model_name and stored != model_name:
         raise InputError(f"{checkpoint} holds a {stored}, not a {model_name}")
     if stored:
-        return pio.create_model_from_file(checkpoint, weights=weights)
+        return create_model_from_file(checkpoint, weights=weights)
     if model_name is None:
         raise InputError(f"{checkpoint} does not record its model: give the model name, e.g. pale export pale_tiny -c FILE")
     # A bare state dict: build MODEL with the checkpoint's class count.
@@ -233,15 +237,55 @@ def load_model_for_export(model_name: Optional[str], checkpoint: Optional[pio.Pa
     if "head.fc.weight" in state:
         kwargs["num_classes"] = int(state["head.fc.weight"].shape[0])
     model = timm.create_model(model_name, **kwargs)
-    pio.load_weights(model, state, source=str(checkpoint))
+    load_weights(model, state, source=str(checkpoint))
     return model.eval(), dict(info, model_name=model_name, model_kwargs=kwargs)
 
 
-def export_safetensors(model: nn.Module, info: Mapping[str, Any], path: pio.PathLike) -> None:
+def export_safetensors(model: nn.Module, info: Mapping[str, Any], path: PathLike) -> None:
     """Weights alone, with ``model_name``, ``model_kwargs``, ``class_names``, ``weights`` (which set:
-    raw or ema) and, when known, ``data_config`` as metadata; loadable by :func:`pale.io.create_model_from_file` and by timm's
+    raw or ema) and, when known, ``data_config`` as metadata; loadable by :func:`pale.checkpoint.create_model_from_file` and by timm's
     ``pretrained_cfg_overlay=dict(file=...)``."""
     meta = {k: info.get(k) for k in ("model_name", "model_kwargs", "class_names", "weights")}
     if info.get("data_config") is not None:
         meta["data_config"] = info["data_config"]
-    pio.save_safetensors(model.state_dict(), path, metadata=meta)
+    save_safetensors(model.state_dict(), path, metadata=meta)
+
+
+def timm_folder_target(folder: PathLike) -> Path:
+    """``folder`` as the target of a timm folder export: new, empty, or a timm model folder (it holds a
+    ``config.json``), which the export replaces; a folder of other files or a file is refused."""
+    target = Path(folder)
+    if target.exists() and not target.is_dir():
+        raise InputError(f"cannot write the folder {target}: it is a file")
+    if target.is_dir() and any(target.iterdir()) and not (target / "config.json").is_file():
+        raise InputError(f"{target} is a folder of other files, not a timm model folder (no config.json): "
+                         f"name a new or empty folder")
+    return target
+
+
+def export_timm_folder(model: nn.Module, info: Mapping[str, Any], folder: PathLike) -> Dict[str, Any]:
+    """The folder ``timm.models.save_for_hf`` writes (``config.json``, ``model.safetensors``), written
+    whole or not at all (:func:`pale.files.atomic_folder`); returns the ``pretrained_cfg`` it holds.
+
+    The config records the architecture, its settings (``model_args``), ``num_classes``, the class
+    names as ``label_names`` and, as ``pretrained_cfg``, the evaluation preprocessing the checkpoint
+    records (input size, interpolation, mean, std, crop), the crop being :data:`PAPER_EVAL_CROP` where it
+    records none. An existing folder is replaced only if it is empty or a timm model folder
+    (:func:`timm_folder_target`).
+    """
+    from timm.models import save_for_hf
+
+    from .predict import resolve_preprocessing
+
+    target = timm_folder_target(folder)
+    # the checkpoint's record first, then the paper's crop (resolve_preprocessing falls back to the model's cfg)
+    model.pretrained_cfg = dict(model.pretrained_cfg, **PAPER_EVAL_CROP)
+    preprocessing = resolve_preprocessing(info, model)
+    model.pretrained_cfg = dict(model.pretrained_cfg, **preprocessing)
+    # timm's factory leaves drop rates out of the settings it records; the stored ones do the same
+    model_args = {k: v for k, v in (info.get("model_kwargs") or {}).items() if not k.endswith("drop_rate")
+                  and k != "drop_path_rate"}
+    model_config = dict(label_names=list(info["class_names"])) if info.get("class_names") else None
+    with files.atomic_folder(target) as tmp:
+        save_for_hf(model, str(tmp), model_config=model_config, model_args=model_args, safe_serialization=True)
+    return preprocessing

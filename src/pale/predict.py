@@ -12,7 +12,10 @@ from typing import Any, Callable, Dict, List, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from . import io as pio
+from .checkpoint import create_model_from_file
+from .device import resolve_device
+from .files import PathLike
+from .images import BadImageError, load_image
 from .errors import InputError
 
 __all__ = ["Classifier", "resolve_preprocessing", "load_classifier", "predict", "format_table"]
@@ -93,17 +96,17 @@ def resolve_preprocessing(info: Mapping[str, Any], model: nn.Module) -> Dict[str
     return cfg
 
 
-def load_classifier(checkpoint: pio.PathLike, device: str = "auto", strict: bool = True,
+def load_classifier(checkpoint: PathLike, device: str = "auto", strict: bool = True,
                     weights: str = "best") -> Classifier:
     """Rebuild the classifier a checkpoint (``.pth``) or export (``.safetensors``) describes
-    (``weights``: :func:`pale.io.select_weights`; ``device``: :func:`pale.io.resolve_device`)."""
+    (``weights``: :func:`pale.checkpoint.select_weights`; ``device``: :func:`pale.device.resolve_device`)."""
     from timm.data import create_transform
 
-    model, info = pio.create_model_from_file(checkpoint, strict=strict, weights=weights)
+    model, info = create_model_from_file(checkpoint, strict=strict, weights=weights)
     names = info.get("class_names")
     if not names:
         raise InputError(f"{checkpoint} stores no class names: save it with "
-                         f"pale.io.save_checkpoint(..., class_names=[...]) (pale train does)")
+                         f"pale.checkpoint.save_checkpoint(..., class_names=[...]) (pale train does)")
     num_classes = getattr(model, "num_classes", len(names))
     if len(names) != num_classes:
         raise InputError(f"{checkpoint} stores {len(names)} class names for a model with {num_classes} classes")
@@ -111,12 +114,12 @@ def load_classifier(checkpoint: pio.PathLike, device: str = "auto", strict: bool
     transform = create_transform(cfg["input_size"], is_training=False, interpolation=cfg["interpolation"],
                                  mean=cfg["mean"], std=cfg["std"], crop_pct=cfg["crop_pct"],
                                  crop_mode=cfg["crop_mode"])
-    return Classifier(model.to(pio.resolve_device(device)).eval(), [str(n) for n in names], cfg, transform,
+    return Classifier(model.to(resolve_device(device)).eval(), [str(n) for n in names], cfg, transform,
                       str(checkpoint), info)
 
 
 @torch.no_grad()
-def predict(classifier: Classifier, paths: Sequence[pio.PathLike], topk: int = 5, batch_size: int = 16,
+def predict(classifier: Classifier, paths: Sequence[PathLike], topk: int = 5, batch_size: int = 16,
             show_progress: bool = True, skip_bad: bool = False) -> Dict[str, Any]:
     """Top-k predictions for every image.
 
@@ -141,10 +144,10 @@ def predict(classifier: Classifier, paths: Sequence[pio.PathLike], topk: int = 5
             chunk, tensors = [], []
             for p in paths[start:start + batch_size]:
                 try:
-                    image = pio.load_image(p, "L" if classifier.in_chans == 1 else "RGB")
+                    image = load_image(p, "L" if classifier.in_chans == 1 else "RGB")
                     tensors.append(classifier.transform(image))
                     chunk.append(p)
-                except pio.BadImageError as err:
+                except BadImageError as err:
                     if not skip_bad:
                         raise
                     skipped.append(dict(path=str(p), error=str(err)))

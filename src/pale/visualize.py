@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from . import io as pio
+from .files import PathLike, atomic_savefig
 from .errors import InputError
 
 __all__ = ["TWO_BRANCH_MODES", "branch_channels", "receptive_field", "RFLayout",
@@ -283,7 +283,7 @@ def stage_attention(model: nn.Module, image: Tensor, token: Tuple[float, float],
 
 
 def render_attention_overlay(image: np.ndarray, maps: Sequence[StageAttention], token: Tuple[float, float],
-                             path: pio.PathLike, title: Optional[str] = None, panel_inches: float = 3.0,
+                             path: PathLike, title: Optional[str] = None, panel_inches: float = 3.0,
                              dpi: int = 100) -> Tuple[int, int]:
     """The image, then per stage the head-averaged weights (nearest upsampled, normalised to the
     stage's maximum) over the image, with the token marked. Written atomically; returns the PNG's (height, width):
@@ -319,7 +319,7 @@ def render_attention_overlay(image: np.ndarray, maps: Sequence[StageAttention], 
             ax.axis("off")
         if title:
             fig.suptitle(title, fontsize=9)
-        pio.atomic_savefig(fig, path, dpi=dpi)
+        atomic_savefig(fig, path, dpi=dpi)
         width, height = fig.canvas.get_width_height()
     finally:
         plt.close(fig)

@@ -76,7 +76,7 @@ def run_train(args: argparse.Namespace, task_cls: Type, extra: List[str], defaul
 def report_metrics(args: argparse.Namespace, metrics: Dict[str, Any], default_name: str) -> None:
     """The numbers on one line (or JSON with ``--json``), and the JSON file ``-o`` (default
     ``default_name`` next to the checkpoint)."""
-    from ..io import atomic_write_json
+    from ..files import atomic_write_json
 
     out = Path(args.output) if args.output else Path(args.checkpoint).with_name(default_name)
     atomic_write_json(out, metrics)
@@ -90,6 +90,6 @@ def report_metrics(args: argparse.Namespace, metrics: Dict[str, Any], default_na
 
 def loaded(info: Dict[str, Any], device: Any, amp: str = "") -> None:
     """The stderr line saying which weights (and precision) a command runs with."""
-    from ..io import describe_weights
+    from ..checkpoint import describe_weights
 
     print(f"{describe_weights(info)}; device: {device}{'; precision: ' + amp if amp else ''}", file=sys.stderr)

@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _emit_json(args: argparse.Namespace, doc: dict) -> None:
     """Write ``doc`` to ``-o FILE`` and print it for ``--json`` (or write it to the ``--json FILE`` of old)."""
-    from ..io import atomic_write_json
+    from ..files import atomic_write_json
 
     for path in (args.output, None if args.json == "-" else args.json):
         if path:

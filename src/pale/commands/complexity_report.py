@@ -177,7 +177,7 @@ def plot(times: Dict[str, List[float]], sides: Sequence[int], threads: int, path
     import matplotlib.pyplot as plt
 
     from ..complexity import PaleConfig, analytic_cost, global_model_macs
-    from ..io import atomic_savefig
+    from ..files import atomic_savefig
 
     plot_sides = list(range(224, 1025, 32))
     fig, (ax_macs, ax_time) = plt.subplots(1, 2, figsize=(12, 4.6))
@@ -395,7 +395,7 @@ _REPRODUCE = [
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..io import atomic_write_text
+    from ..files import atomic_write_text
 
     if args.repeats < 1 or args.threads < 1:
         raise InputError("--repeats and --threads must be >= 1")

@@ -53,7 +53,7 @@ def _threads_beside_loader(overrides: List[str]) -> None:
     second thread gains (measured: 280 images/s with one thread beside one loader process, 220 with two)."""
     import torch
 
-    from ..io import resolve_device
+    from ..device import resolve_device
     from ..train.data import loader_workers, usable_cores
     from ..train.run import resolve_config
 

@@ -43,19 +43,21 @@ def run_predict(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from .. import io as pio
+    from ..device import resolve_device
+    from ..files import atomic_write_json, output_folder
+    from ..images import find_images, load_image, output_stems
     from ..dense.det_task import load_detector
     from ..dense.overlay import detection_overlay, save_png
 
-    files = pio.find_images(args.inputs)
-    device = pio.resolve_device(args.device)
+    files = find_images(args.inputs)
+    device = resolve_device(args.device)
     model, info = load_detector(args.checkpoint, device, args.weights)
     loaded(info, device)
     names = ["background"] + list(info.get("class_names") or [])
-    out_dir = pio.output_folder(args.output)
-    stems = pio.output_stems(files)  # a/x.png and b/x.png must not write the same outputs
+    out_dir = output_folder(args.output)
+    stems = output_stems(files)  # a/x.png and b/x.png must not write the same outputs
     for f in files:
-        rgb = np.asarray(pio.load_image(f), dtype=np.uint8)
+        rgb = np.asarray(load_image(f), dtype=np.uint8)
         x = torch.from_numpy(rgb.astype(np.float32) / 255).permute(2, 0, 1).to(device)
         with torch.no_grad():
             det = model([x])[0]
@@ -64,7 +66,7 @@ def run_predict(args: argparse.Namespace) -> int:
         masks = (det["masks"][keep][:, 0] > 0.5).cpu().numpy()
         overlay_path = out_dir / f"{stems[f]}_overlay.png"
         save_png(detection_overlay(rgb, boxes, labels, scores, masks, names, args.alpha), overlay_path)
-        pio.atomic_write_json(out_dir / f"{stems[f]}_detections.json", [
+        atomic_write_json(out_dir / f"{stems[f]}_detections.json", [
             dict(label=names[int(lab)], score=float(s), box_xyxy=[float(v) for v in b])
             for b, lab, s in zip(boxes, labels, scores)])
         print(f"{f}: {len(boxes)} object(s) -> {overlay_path}")

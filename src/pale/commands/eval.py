@@ -22,7 +22,7 @@ def checkpoint_argument(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..io import atomic_write_json
+    from ..files import atomic_write_json
     from ..train.evaluate import evaluate_checkpoint
 
     checkpoint = checkpoint_argument(args)

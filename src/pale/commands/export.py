@@ -1,8 +1,10 @@
-"""``pale export -c CHECKPOINT -o FILE [--format onnx|safetensors]``: files for deployment."""
+"""``pale export -c CHECKPOINT -o FILE [--format onnx|safetensors|timm]``: files for deployment; ``timm``
+writes the model folder that ``timm.create_model("local-dir:FOLDER", pretrained=True)`` loads."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -15,30 +17,41 @@ FORMATS = {".onnx": "onnx", ".safetensors": "safetensors"}
 
 
 def output_format(output: Optional[str], fmt: Optional[str]) -> str:
-    """The export format: ``--format``, or the one the ``-o`` file name ends with (ONNX without ``-o``).
-    A known suffix that contradicts ``--format``, or an unknown one without it, is refused."""
-    suffix = Path(output).suffix.lower() if output else ""
+    """The export format: ``--format``, or the one ``-o`` names (``.onnx``, ``.safetensors``, a folder:
+    ending in ``/`` or existing, for ``timm``; ONNX without ``-o``). A name that contradicts ``--format``,
+    or an unknown one without it, is refused."""
+    folder = output is not None and (output.endswith(("/", os.sep)) or Path(output).is_dir())
+    named = "timm" if folder else FORMATS.get(Path(output).suffix.lower()) if output else None
     if fmt is None:
         if output is None:
             return "onnx"
-        if suffix not in FORMATS:
-            raise InputError(f"cannot tell the format from -o {output}: name it .onnx or .safetensors, "
-                             f"or pass --format onnx|safetensors")
-        return FORMATS[suffix]
-    if suffix in FORMATS and FORMATS[suffix] != fmt:
-        article = "an" if FORMATS[suffix] == "onnx" else "a"
-        raise InputError(f"-o {output} names {article} {FORMATS[suffix]} file but --format is {fmt}")
+        if named is None:
+            raise InputError(f"cannot tell the format from -o {output}: name it .onnx or .safetensors, or a "
+                             f"folder ending in / for a timm model folder, or pass --format onnx|safetensors|timm")
+        return named
+    if named is not None and named != fmt:
+        what = "a folder" if folder else f"{'an' if named == 'onnx' else 'a'} {named} file"
+        raise InputError(f"-o {output} names {what} but --format is {fmt}")
     return fmt
 
 
 def run(args: argparse.Namespace) -> int:
     from .. import export as ex
-    from ..io import describe_weights
+    from ..checkpoint import describe_weights
 
     fmt = output_format(args.output, args.format)
+    if fmt == "timm" and args.output:  # a bad target is refused before the model loads
+        ex.timm_folder_target(args.output)
     model, info = ex.load_model_for_export(args.model, args.checkpoint, args.weights)
     name = info["model_name"]
     print(describe_weights(info), file=sys.stderr)
+    if fmt == "timm":
+        out = Path(args.output or name)
+        cfg = ex.export_timm_folder(model, info, out)
+        print(f"wrote {out}/ ({info['weights']} weights of {name}; config.json with {model.num_classes} classes, "
+              f"crop_pct {cfg['crop_pct']:g} {cfg['crop_mode']}; model.safetensors): "
+              f"timm.create_model(\"local-dir:{out}\", pretrained=True) after import pale")
+        return 0
     out = Path(args.output) if args.output else Path(f"{name}.{fmt}")
     if fmt == "safetensors":
         ex.export_safetensors(model, info, out)
@@ -77,14 +90,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("export", help="export a model to ONNX (dynamic sizes, checked) or safetensors weights")
+    p = subparsers.add_parser("export", help="export a model to ONNX (dynamic sizes, checked), safetensors weights "
+                                             "or a timm model folder")
     p.add_argument("model", nargs="?", help="model name, e.g. pale_tiny: optional with a checkpoint that records it "
                    "(then it must match); without a checkpoint, the model with fresh weights")
     add_checkpoint(p, "a .pth checkpoint or .safetensors export", required=False)
     add_weights(p)
-    p.add_argument("--format", "-f", choices=["onnx", "safetensors"], default=None,
-                   help="default: from the -o file name (.onnx or .safetensors), onnx without -o")
-    p.add_argument("--output", "-o", metavar="FILE", help="output file (default MODEL.FORMAT)")
+    p.add_argument("--format", "-f", choices=["onnx", "safetensors", "timm"], default=None,
+                   help="default: from the -o name (.onnx, .safetensors, a folder for timm), onnx without -o; "
+                        "timm: the folder "
+                        "timm's save_for_hf writes (config.json with the class names and evaluation crop, "
+                        "model.safetensors), for timm.create_model('local-dir:FOLDER', pretrained=True) or the Hub")
+    p.add_argument("--output", "-o", metavar="FILE", help="output file (default MODEL.FORMAT), or folder for timm "
+                   "(default MODEL; replaced whole if it is a timm model folder)")
     p.add_argument("--exporter", choices=["auto", "legacy", "dynamo"], default="auto",
                    help="ONNX exporter: legacy TorchScript trace, torch.export, or auto (default: legacy, "
                         "then dynamo if legacy fails; docs/deploy.md)")

@@ -9,7 +9,9 @@ from ._options import add_checkpoint, add_device, add_weights, positive_int
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..io import atomic_write_json, describe_weights, find_images
+    from ..checkpoint import describe_weights
+    from ..files import atomic_write_json
+    from ..images import find_images
     from ..predict import format_table, load_classifier, predict
 
     paths = find_images(args.inputs)

@@ -69,7 +69,9 @@ def run_predict(args: argparse.Namespace) -> int:
     from ..dense.seg_data import normalize
     from ..dense.seg_eval import segment
     from ..dense.seg_task import load_segmenter
-    from ..io import find_images, load_image, output_folder, output_stems, resolve_device
+    from ..device import resolve_device
+    from ..files import output_folder
+    from ..images import find_images, load_image, output_stems
 
     files = find_images(args.inputs)
     device = resolve_device(args.device)

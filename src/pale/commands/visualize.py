@@ -17,7 +17,10 @@ MAX_RF_PIXELS = 16384
 
 def run_receptive_field(args: argparse.Namespace) -> int:
     from .. import ATTN_MODES, create_attention
-    from .. import io as pio
+    from ..checkpoint import create_model_from_file, describe_weights
+    from ..device import resolve_device
+    from ..files import atomic_save_image
+    from ..images import load_image
     from ..errors import InputError, settings_error
     from ..visualize import RFLayout, receptive_field, render_receptive_fields
 
@@ -42,7 +45,7 @@ def run_receptive_field(args: argparse.Namespace) -> int:
         fields[label] = receptive_field(layer, (h, w), token)
     picture = render_receptive_fields(fields, token, cell=args.cell)
     out = Path(args.output)
-    pio.atomic_save_image(picture, out)
+    atomic_save_image(picture, out)
     print(f"wrote {out} ({picture.shape[1]}x{picture.shape[0]} px): token {token} on a {h}x{w} map, "
           f"pale size {args.pale_size}, stripe width {args.stripe_width}, modes {', '.join(fields)}")
     for label, branches in fields.items():
@@ -56,15 +59,18 @@ def run_attention(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from .. import io as pio
+    from ..checkpoint import create_model_from_file, describe_weights
+    from ..device import resolve_device
+    from ..files import atomic_save_image
+    from ..images import load_image
     from ..errors import InputError
     from ..predict import resolve_preprocessing
     from ..visualize import render_attention_overlay, stage_attention
 
-    img = pio.load_image(args.image)  # checked before the model is built
-    device = pio.resolve_device(args.device)
-    model, info = pio.create_model_from_file(args.checkpoint, weights=args.weights)
-    print(pio.describe_weights(info), file=sys.stderr)
+    img = load_image(args.image)  # checked before the model is built
+    device = resolve_device(args.device)
+    model, info = create_model_from_file(args.checkpoint, weights=args.weights)
+    print(describe_weights(info), file=sys.stderr)
     cfg = resolve_preprocessing(info, model)
     if cfg["input_size"][0] == 1:
         img = img.convert("L")

@@ -1,7 +1,7 @@
 """Pale as a dense-prediction backbone: ImageNet weights in, per-stage normed NCHW maps out.
 
 * :func:`load_backbone_weights` -- copy a classifier checkpoint (``pale train`` ``.pth`` or a
-  ``.safetensors`` export, read through :mod:`pale.io`) into the Pale trunk of a dense model; the
+  ``.safetensors`` export, read through :mod:`pale.checkpoint`) into the Pale trunk of a dense model; the
   classifier's ``head.*`` and final ``norm.*`` are not part of a backbone and are dropped, anything
   else that does not fit is an error listing the keys.
 * :class:`PaleFPNBackbone` -- Pale (timm ``features_only``: NCHW maps at strides 4/8/16/32), a
@@ -20,7 +20,7 @@ import torch.nn as nn
 from timm.layers import LayerNorm2d
 from torch import Tensor
 
-from .. import io as pio
+from ..checkpoint import LoadReport, load_weights, read_model_file
 from ..errors import InputError
 
 __all__ = ["create_pale_features", "with_ape_size", "load_backbone_weights", "PaleFPNBackbone"]
@@ -42,10 +42,6 @@ def with_ape_size(pale_kwargs: Mapping[str, Any], img_size: Sequence[int]) -> Di
 def create_pale_features(name: str, **kwargs: Any) -> nn.Module:
     """``timm.create_model(name, features_only=True)``: Pale's four stage outputs as NCHW maps."""
     import timm
-
-    from .. import register_models
-
-    register_models()
     try:
         return timm.create_model(name, features_only=True, **kwargs)
     except RuntimeError as err:
@@ -54,20 +50,20 @@ def create_pale_features(name: str, **kwargs: Any) -> nn.Module:
         raise
 
 
-def load_backbone_weights(trunk: nn.Module, path: Union[str, os.PathLike]) -> pio.LoadReport:
+def load_backbone_weights(trunk: nn.Module, path: Union[str, os.PathLike]) -> LoadReport:
     """Load an ImageNet-trained Pale checkpoint into ``trunk`` (a ``PaleTransformer``, possibly pruned).
 
     EMA weights are used when the checkpoint has them. APE tables are resized to the trunk's. Keys of
     the classifier head and final norm are ignored; a missing, extra or mis-shaped backbone key raises
-    :class:`pale.io.WeightsMismatchError` naming it.
+    :class:`pale.checkpoint.WeightsMismatchError` naming it.
     """
     from ..models.pale_transformer import checkpoint_filter_fn
 
-    state, _ = pio.read_model_file(path)
+    state, _ = read_model_file(path)
     own = trunk.state_dict()
     state = checkpoint_filter_fn(state, trunk)   # strips "module.", resizes APE tables to the trunk's
     state = {k: v for k, v in state.items() if not (k.startswith(CLASSIFIER_ONLY) and k not in own)}
-    return pio.load_weights(trunk, state, strict=True, source=f"backbone checkpoint {path}")
+    return load_weights(trunk, state, strict=True, source=f"backbone checkpoint {path}")
 
 
 def pale_trunk(features: nn.Module) -> nn.Module:
@@ -94,7 +90,7 @@ class PaleFPNBackbone(nn.Module):
         self.fpn = FeaturePyramidNetwork(list(channels), fpn_channels, extra_blocks=LastLevelMaxPool())
         self.out_channels = fpn_channels
 
-    def load_pretrained(self, path: Union[str, os.PathLike]) -> pio.LoadReport:
+    def load_pretrained(self, path: Union[str, os.PathLike]) -> LoadReport:
         return load_backbone_weights(pale_trunk(self.body), path)
 
     def forward(self, x: Tensor) -> Dict[str, Tensor]:

@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..errors import InputError, MissingFileError
-from ..io import BadImageError, exif_turn_note, load_image
+from ..images import BadImageError, exif_turn_note, load_image
 
 __all__ = ["CocoInstances", "load_coco", "detection_collate"]
 

@@ -246,5 +246,5 @@ class DetectionTask(Task):
 
 
 def load_detector(path: str, device: str = "auto", weights: str = "best") -> Tuple[nn.Module, Dict[str, Any]]:
-    """A trained Mask R-CNN and its description (``weights``: :func:`pale.io.read_model_file`)."""
+    """A trained Mask R-CNN and its description (``weights``: :func:`pale.checkpoint.read_model_file`)."""
     return load_dense_model(path, "detection", DetectionTask.train_command, build_mask_rcnn, device, weights)

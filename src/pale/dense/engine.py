@@ -11,7 +11,9 @@ import copy
 import os
 from typing import Any, Dict, Iterable, Mapping, Optional, Type, Union
 
-from .. import io as pio
+from ..checkpoint import load_weights, read_model_file
+from ..device import resolve_device
+from ..errors import CheckpointError
 from ..train import ENGINE_DEFAULTS, Task, merge, register_task, resolve_config, train
 from ..train.recipe import RecipeError
 
@@ -21,17 +23,17 @@ __all__ = ["dense_defaults", "fill_variant_defaults", "load_dense_model", "resol
 def load_dense_model(path: Union[str, os.PathLike], task: str, command: str, build: Any,
                      device: str = "auto", weights: str = "best") -> Any:
     """``(model, info)`` of a checkpoint written by ``command`` for ``task``; ``weights`` as in
-    :func:`pale.io.read_model_file`, ``device`` as in :func:`pale.io.resolve_device`.
+    :func:`pale.checkpoint.read_model_file`, ``device`` as in :func:`pale.device.resolve_device`.
 
     ``build(model_kwargs)`` makes the empty model; a checkpoint of another task is refused by name.
     """
-    state, info = pio.read_model_file(path, weights)
+    state, info = read_model_file(path, weights)
     if info.get("task") != task:
-        raise pio.CheckpointError(f"{path} is not a {task} checkpoint of `{command}` "
+        raise CheckpointError(f"{path} is not a {task} checkpoint of `{command}` "
                                   f"(task: {info.get('task', 'classification')!r})")
     model = build(info["model_kwargs"])
-    pio.load_weights(model, state, source=str(path))
-    return model.to(pio.resolve_device(device)).eval(), info
+    load_weights(model, state, source=str(path))
+    return model.to(resolve_device(device)).eval(), info
 
 
 def dense_defaults(engine_overrides: Mapping[str, Any], sections: Mapping[str, Any]) -> Dict[str, Any]:

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .. import io as pio
+from ..checkpoint import LoadReport
 from ..errors import InputError
 from .backbone import PaleFPNBackbone, with_ape_size
 
@@ -105,6 +105,6 @@ def build_mask_rcnn(spec: Dict[str, Any]) -> nn.Module:
                               int(spec.get("max_size", 1333)), int(spec.get("roi_samples", 512)))
 
 
-def load_backbone(model: nn.Module, path: Union[str, os.PathLike]) -> pio.LoadReport:
+def load_backbone(model: nn.Module, path: Union[str, os.PathLike]) -> LoadReport:
     """Initialise a Mask R-CNN's Pale from an ImageNet-trained checkpoint."""
     return model.backbone.load_pretrained(path)

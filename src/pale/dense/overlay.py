@@ -1,4 +1,4 @@
-"""PNG overlays of predictions on the input image (written atomically through :mod:`pale.io`)."""
+"""PNG overlays of predictions on the input image (written atomically through :mod:`pale.files`)."""
 from __future__ import annotations
 
 import os
@@ -6,7 +6,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .. import io as pio
+from .. import files
 from ..errors import InputError
 
 __all__ = ["palette", "segmentation_overlay", "detection_overlay", "add_legend", "save_png"]
@@ -89,5 +89,5 @@ def add_legend(image: np.ndarray, entries: Sequence[Tuple[Sequence[int], str]], 
 def save_png(array: np.ndarray, path: Union[str, os.PathLike]) -> None:
     from PIL import Image
 
-    with pio.atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")

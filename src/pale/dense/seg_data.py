@@ -31,7 +31,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 
 from ..errors import InputError, MissingFileError
-from ..io import exif_turn_note, find_images, load_image
+from ..images import exif_turn_note, find_images, load_image
 
 __all__ = ["IGNORE_INDEX", "SegmentationFolder", "SegTrainTransform", "normalize", "scan_segmentation_folder",
            "contiguous_label_ids", "scan_label_ids", "label_lookup", "load_label", "rescale_size", "list_collate"]

@@ -22,7 +22,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from ..errors import InputError
 from ..train import Runtime, Task
 from ..train.recipe import RecipeError, choice_rule, list_rule, number_rule
-from ..io import BadImageError
+from ..images import BadImageError
 from .engine import dense_defaults, fill_variant_defaults, load_dense_model
 from .seg_data import (IGNORE_INDEX, SegmentationFolder, SegTrainTransform,
                        contiguous_label_ids, list_collate, scan_label_ids, scan_segmentation_folder)
@@ -269,7 +269,7 @@ class _SkippingFolder(SegmentationFolder):
 
 def load_segmenter(path: str, device: str = "auto", weights: str = "best") -> Tuple[PaleUperNet, Dict[str, Any]]:
     """A trained segmenter and its description, from a ``.pth`` or ``.safetensors`` (``weights``:
-    :func:`pale.io.read_model_file`). The description's ``label_ids`` (class index -> annotation id)
+    :func:`pale.checkpoint.read_model_file`). The description's ``label_ids`` (class index -> annotation id)
     are filled in for checkpoints that predate them (ids from 0, or from 1 with ``reduce_zero_label``)."""
     model, info = load_dense_model(path, "segmentation", SegmentationTask.train_command, build_upernet, device, weights)
     dc = dict(info.get("data_config") or {})

@@ -19,7 +19,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from .. import io as pio
+from .. import files
+from ..files import atomic_write_text
 
 __all__ = ["PHOTOS", "CLASS_NAMES", "toy_samples", "make_ade_dataset", "make_coco_dataset"]
 
@@ -88,7 +89,7 @@ def toy_samples(n: int, size_range: Tuple[int, int] = (96, 160), objects: Tuple[
 def _save_image(path: Path, array: np.ndarray, fmt: str) -> None:
     from PIL import Image
 
-    with pio.atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
 
 
@@ -130,6 +131,6 @@ def make_coco_dataset(root: Path, splits: Dict[str, int], seed: int = 0, **kwarg
                 annotations.append(dict(id=len(annotations) + 1, image_id=i + 1, category_id=cls, iscrowd=0,
                                         area=float(mask.sum()), segmentation=rle,
                                         bbox=[x0, y0, int(xs.max()) + 1 - x0, int(ys.max()) + 1 - y0]))
-        pio.atomic_write_text(root / "annotations" / f"instances_{split}.json",
+        atomic_write_text(root / "annotations" / f"instances_{split}.json",
                               json.dumps(dict(images=images, annotations=annotations, categories=categories)))
     return root

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import io as pio
+from ..checkpoint import LoadReport
 from ..errors import InputError
 from .backbone import load_backbone_weights, with_ape_size
 
@@ -102,7 +102,7 @@ class PaleUperNet(nn.Module):
         """The ``PaleTransformer`` inside smp's encoder and timm's feature wrapper."""
         return self.upernet.encoder.model.model
 
-    def load_pretrained(self, path: Union[str, os.PathLike]) -> pio.LoadReport:
+    def load_pretrained(self, path: Union[str, os.PathLike]) -> LoadReport:
         """Initialise the backbone from an ImageNet-trained Pale checkpoint."""
         return load_backbone_weights(self.trunk, path)
 

@@ -1,5 +1,5 @@
 """Image classification on an ImageFolder tree (ImageNet layout: ``root/train/<class>/*``,
-``root/val/<class>/*``), as a :class:`pale.train.engine.Task`.
+``root/val/<class>/*``), as a :class:`pale.train.task.Task`.
 
 Augmentation, Mixup/CutMix and losses are timm's: ``transforms_imagenet_train`` (RandomResizedCrop,
 flips, AutoAugment or RandAugment, colour jitter, random erasing), ``create_transform`` for evaluation
@@ -23,11 +23,12 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import to_2tuple
 from timm.utils import accuracy
 
-from .. import io as pio
+from ..checkpoint import WeightsMismatchError, load_weights, read_model_file
 from ..errors import InputError, MissingFileError
 from .data import ImageFolderDataset
-from .engine import Runtime, Task
 from .recipe import RecipeError, choice_rule, list_rule, number_rule
+from .runtime import Runtime
+from .task import Task
 
 __all__ = ["ClassificationTask", "evaluate_classifier", "build_eval_transform", "build_train_transform",
            "make_pillow_safe", "check_model_kwargs", "data_config", "CLASSIFICATION_DEFAULTS", "CLASSIFICATION_RULES"]
@@ -322,12 +323,12 @@ class ClassificationTask(Task):
         except TypeError as err:
             raise InputError(f"model.kwargs do not fit {m['name']}: {err}") from None
         if m["pretrained"]:
-            state, _ = pio.read_model_file(m["pretrained"])
+            state, _ = read_model_file(m["pretrained"])
             own = model.state_dict()
             state = {k: v for k, v in state.items() if not (k in own and own[k].shape != v.shape and k.startswith("head."))}
-            report = pio.load_weights(model, state, strict=False, source=str(m["pretrained"]))
+            report = load_weights(model, state, strict=False, source=str(m["pretrained"]))
             if report.mismatched or report.unexpected:
-                raise pio.WeightsMismatchError(f"{m['pretrained']} does not fit {m['name']}:\n{report.describe()}", report)
+                raise WeightsMismatchError(f"{m['pretrained']} does not fit {m['name']}:\n{report.describe()}", report)
         self._model = model
         self.data_config = data_config(self.cfg, model)
         return model

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 from ..errors import InputError, MissingFileError
-from ..io import BadImageError, find_images, load_image
+from ..images import BadImageError, find_images, load_image
 
 __all__ = ["BadImageError", "AugmentationError", "scan_image_folder", "ImageFolderDataset", "load_image",
            "SeededDataset", "EpochSampler", "ShardSampler", "SkipCollate", "clean_worker_error", "usable_cores",
@@ -263,7 +263,7 @@ def write_image_folder(root: Path, images: "np.ndarray", labels: Sequence[int], 
     (each atomically)."""
     from PIL import Image
 
-    from ..io import atomic_path
+    from ..files import atomic_path
 
     root = Path(root)
     for name in class_names:

@@ -26,10 +26,10 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 
 import numpy as np
 
-from .. import io as pio
+from ..files import atomic_write_json, output_folder
 from ..errors import InputError, MissingFileError
 from .data import write_image_folder
-from .engine import checkpoint_files
+from .checkpoints import checkpoint_files
 
 __all__ = ["load_mnist_5k", "split_digits", "prepare_digits", "run_demo", "RUN_FILES"]
 
@@ -93,7 +93,7 @@ def prepare_digits(root: Path, seed: int = 0) -> Dict[str, int]:
     for name, idx in splits.items():
         write_image_folder(root / name, images[idx], labels[idx], names, prefix=f"mnist{name}")
     counts = {k: len(v) for k, v in splits.items()}
-    pio.atomic_write_json(manifest, dict(key=key, source=str(mnist_5k_path()), counts=counts, seed=seed))
+    atomic_write_json(manifest, dict(key=key, source=str(mnist_5k_path()), counts=counts, seed=seed))
     return counts
 
 
@@ -103,7 +103,7 @@ def run_demo(out_dir: os.PathLike = "runs/demo", overrides: Optional[Iterable[st
     from .evaluate import evaluate_checkpoint
     from .run import train
 
-    out = pio.output_folder(out_dir, "run folder")
+    out = output_folder(out_dir, "run folder")
     started = time.time()
     data_root = out / "data"
     stale = sorted({*(out / name for name in RUN_FILES if (out / name).exists()), *checkpoint_files(out)})
@@ -127,5 +127,5 @@ def run_demo(out_dir: os.PathLike = "runs/demo", overrides: Optional[Iterable[st
                    last_val=summary["last"], epochs=summary["epochs"], train_time_s=summary["train_time_s"],
                    total_time_s=round(time.time() - started, 1), eval_command=
                    f"pale eval -c {checkpoint} --data {data_root / 'test'} --batch-size 250")
-    pio.atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / "metrics.json", metrics)
     return metrics

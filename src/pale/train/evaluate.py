@@ -13,7 +13,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, batch_size: int = 64, worker
                         weights: str = "best", show_progress: bool = True) -> Dict[str, Any]:
     """Top-1, top-5 (%) and loss of ``checkpoint`` on ``data/<class>/*``.
 
-    The model is rebuilt from the file with the chosen ``weights`` (:func:`pale.io.select_weights`),
+    The model is rebuilt from the file with the chosen ``weights`` (:func:`pale.checkpoint.select_weights`),
     images are preprocessed as :func:`pale.predict.resolve_preprocessing` finds (``data_config``
     overrides single keys), and evaluation runs in float32 unless ``amp`` asks for ``bf16``/``fp16``.
     The result records the weights, the precision and the preprocessing used.
@@ -22,12 +22,12 @@ def evaluate_checkpoint(checkpoint: str, data: str, batch_size: int = 64, worker
     from torch.utils.data import DataLoader
 
     from ..errors import InputError
-    from ..io import create_model_from_file
+    from ..checkpoint import create_model_from_file
     from ..predict import resolve_preprocessing
     from ..progress import progress
     from .classification import build_eval_transform, evaluate_classifier
     from .data import ImageFolderDataset, SkipCollate
-    from .engine import setup_runtime
+    from .runtime import setup_runtime
 
     if batch_size < 1:
         raise InputError(f"batch size must be >= 1, got {batch_size}")

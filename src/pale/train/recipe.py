@@ -27,7 +27,7 @@ import yaml
 from ..errors import InputError
 
 __all__ = ["RecipeError", "ENGINE_DEFAULTS", "ENGINE_RULES", "RecipeRule", "number_rule", "list_rule", "choice_rule",
-           "check_rules", "check_optimizer_name", "shipped_recipes", "recipe_path", "load_yaml", "merge", "parse_override",
+           "check_rules", "check_optimizer_name", "is_number", "shipped_recipes", "recipe_path", "load_yaml", "merge", "parse_override",
            "apply_overrides", "resolve_recipe", "dump_recipe", "schedule_warnings", "ema_decay"]
 
 Config = Dict[str, Any]
@@ -39,7 +39,7 @@ class RecipeError(InputError):
     """A recipe that cannot be used: unknown key, wrong type, missing file."""
 
 
-# Settings of the generic engine (pale.train.engine.Trainer). Tasks add their own sections.
+# Settings of the generic engine (pale.train.trainer.Trainer). Tasks add their own sections.
 ENGINE_DEFAULTS: Config = {
     "task": "classification",
     "epochs": 300,
@@ -102,7 +102,8 @@ ENGINE_DEFAULTS: Config = {
 }
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A finite int or float, not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -110,7 +111,7 @@ def _bounds(lo: Optional[float], hi: Optional[float], lo_open: bool, hi_open: bo
             ) -> Tuple[Callable[[Any], bool], str, str]:
     """A test of one number against the bounds; what it is ("an integer"); the bounds (">= 1", "in [0, 1)")."""
     def ok(v: Any) -> bool:
-        if not _is_number(v) or (integer and float(v) != int(v)):
+        if not is_number(v) or (integer and float(v) != int(v)):
             return False
         return (lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or (v < hi if hi_open else v <= hi))
 

@@ -5,13 +5,14 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Type, Union
 
-from .. import io as pio
-from ..errors import InputError, MissingFileError
+from ..errors import InputError
+from .checkpoints import open_checkpoint
 from .classification import ClassificationTask
-from .engine import Task, Trainer, load_latest_checkpoint
 from .recipe import ENGINE_DEFAULTS, RecipeError, apply_overrides, load_yaml, merge
+from .task import Task
+from .trainer import Trainer
 
-__all__ = ["TASKS", "register_task", "task_defaults", "resolve_config", "train"]
+__all__ = ["TASKS", "register_task", "task_defaults", "resolve_config", "make_trainer", "train"]
 
 #: recipe ``task:`` value -> Task class
 TASKS: Dict[str, Type[Task]] = {"classification": ClassificationTask}
@@ -40,6 +41,23 @@ def resolve_config(recipe: Union[str, os.PathLike, Dict[str, Any], None],
     return apply_overrides(merge(defaults, data), overrides, defaults)
 
 
+def make_trainer(recipe: Union[str, os.PathLike, Dict[str, Any], None], overrides: Optional[Iterable[str]] = None,
+                 out_dir: Optional[os.PathLike] = None, resume: Optional[os.PathLike] = None,
+                 dry_run: bool = False, task: Optional[str] = None) -> Trainer:
+    """The :class:`Trainer` that :func:`train` runs (same arguments)."""
+    checkpoint = None
+    if resume is not None and str(resume) != "auto":
+        command = TASKS[task].train_command if task in TASKS else "pale train"
+        resume, checkpoint = open_checkpoint(resume, command)   # read once: the recipe here, the state in Trainer
+        cfg = resolve_config(checkpoint["config"], overrides, task)
+        out_dir = Path(out_dir) if out_dir is not None else resume.parent
+    else:
+        cfg = resolve_config(recipe, overrides, task)
+        if out_dir is None:
+            raise InputError("no output folder given (--output)")
+    return Trainer(TASKS[cfg["task"]](cfg), cfg, Path(out_dir), resume=resume, dry_run=dry_run, checkpoint=checkpoint)
+
+
 def train(recipe: Union[str, os.PathLike, Dict[str, Any], None], overrides: Optional[Iterable[str]] = None,
           out_dir: Optional[os.PathLike] = None, resume: Optional[os.PathLike] = None,
           dry_run: bool = False, task: Optional[str] = None) -> Dict[str, Any]:
@@ -50,24 +68,4 @@ def train(recipe: Union[str, os.PathLike, Dict[str, Any], None], overrides: Opti
     run in ``out_dir`` if it holds one of the same recipe, else start it -- the form for job scripts that
     are started again after a crash or a requeue. ``task`` is the task of a recipe without a ``task`` key.
     """
-    if resume is not None and str(resume) != "auto":
-        resume = Path(resume)
-        if resume.is_dir():
-            found = load_latest_checkpoint(resume)
-            if found is None:
-                raise MissingFileError(f"no checkpoint to resume in {resume} (no last.pth)")
-            resume, ckpt = found
-        else:
-            ckpt = pio.load_torch(resume)
-        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
-            command = TASKS[task].train_command if task in TASKS else "pale train"
-            raise pio.CheckpointError(f"{resume} is not a `{command}` checkpoint (no stored recipe)")
-        cfg = resolve_config(ckpt["config"], overrides, task)
-        del ckpt
-        out_dir = Path(out_dir) if out_dir is not None else resume.parent
-    else:
-        cfg = resolve_config(recipe, overrides, task)
-        if out_dir is None:
-            raise InputError("no output folder given (--output)")
-    task = TASKS[cfg["task"]](cfg)
-    return Trainer(task, cfg, Path(out_dir), resume=resume, dry_run=dry_run).fit()
+    return make_trainer(recipe, overrides, out_dir, resume, dry_run, task).fit()
