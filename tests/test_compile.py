@@ -75,3 +75,34 @@ def test_inductor_matches_eager_on_two_sizes():
     with torch.no_grad():
         for x in (torch.randn(2, 3, 64, 64), torch.randn(2, 3, 96, 80), torch.randn(2, 3, 64, 64)):
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+class AttentionCallsBackend(CountingBackend):
+    """Counts the graphs and, in them, the SDPA calls with and without a mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.masked = self.unmasked = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+        for node in gm.graph.nodes:
+            if node.target is torch.nn.functional.scaled_dot_product_attention:
+                masked = node.kwargs.get("attn_mask") is not None or len(node.args) > 3
+                self.masked += masked
+                self.unmasked += not masked
+        return super().__call__(gm, example_inputs)
+
+
+@pytest.mark.parametrize("size, masked, unmasked", [((9, 9), 0, 1), ((10, 9), 1, 1)])
+def test_compiled_block_takes_the_eager_attention_path(size, masked, unmasked):
+    # As in eager: a square map that needs no padding is one unmasked call over both branches; at 10x9
+    # the rows pad to 12 (masked) and the 9 columns need none. The export-only path (always padded and
+    # masked) must stay out of torch.compile: before PyTorch 2.14 is_exporting() read True there too.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = PaleBlock(16, 2, 3).eval()
+    backend = AttentionCallsBackend()
+    x = torch.randn(2, *size, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend=backend, fullgraph=True)(x), model(x))
+    assert (backend.graphs, backend.masked, backend.unmasked) == (1, masked, unmasked)

@@ -40,7 +40,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = ["ALL_KERNELS", "CANDIDATES", "attention", "attention_probs", "explicit_attention", "choose_kernel",
-           "kernel_for", "set_kernel", "get_kernel", "use_kernel", "set_memory_cap", "native_bf16"]
+           "kernel_for", "is_exporting", "set_kernel", "get_kernel", "use_kernel", "set_memory_cap", "native_bf16"]
 
 #: The kernels that can be forced, per device type.
 CANDIDATES: Dict[str, Tuple[str, ...]] = {"cpu": ("flash", "math", "explicit"),
@@ -153,10 +153,20 @@ def choose_kernel(device: str, dtype: torch.dtype, length: int, train: bool, sco
     return "flash" if not train and length >= FLASH_FROM_LENGTH else "explicit"
 
 
+def is_exporting() -> bool:
+    """Whether ``torch.export`` (or the dynamo ONNX exporter) is recording this call; False under ``torch.compile``.
+
+    Reads the flag that ``torch.export`` sets rather than calling ``torch.compiler.is_exporting()`` (or timm's
+    ``is_exporting()``): before PyTorch 2.14 dynamo replaced that call by ``True`` under ``torch.compile`` too,
+    which sent compiled models down their export-only paths. The flag itself dynamo reads as it is.
+    """
+    return bool(getattr(torch.compiler, "_is_exporting_flag", False))
+
+
 def _graph_only(q: Tensor) -> bool:
     """Whether the call is recorded (traced, exported, under a dispatch mode) or on another device."""
     if isinstance(q, torch.fx.Proxy) or type(q) is not Tensor or torch.jit.is_scripting() or torch.jit.is_tracing() \
-            or getattr(torch.compiler, "is_exporting", lambda: False)():
+            or is_exporting():
         return True
     dispatch_mode = not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() > 0
     return dispatch_mode or q.device.type not in CANDIDATES

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import (ClassifierHead, ConvNormAct, DropPath, Mlp, calculate_drop_path_rates, is_exporting,
+from timm.layers import (ClassifierHead, ConvNormAct, DropPath, Mlp, calculate_drop_path_rates,
                          to_2tuple, trunc_normal_, use_fused_attn)
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -268,7 +268,7 @@ def traced_for_any_size() -> bool:
     """Whether this call is being recorded into a graph that must serve every input size:
     ``torch.jit.trace`` (and the TorchScript ONNX exporter) or ``torch.export`` (and the dynamo
     ONNX exporter). Size-dependent shortcuts are then left out of the graph."""
-    return torch.jit.is_tracing() or is_exporting()
+    return torch.jit.is_tracing() or attention_kernels.is_exporting()
 
 
 # torch.fx.wrap (not timm's register_notrace_function) makes a function a leaf for every FX tracer,
