@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Type
+from typing import Any, Callable, Dict, Iterator, List, Tuple, Type
 
 from ._options import (add_amp, add_checkpoint, add_device, add_json_output, add_resume, add_weights, nonnegative_int,
                        positive_int, print_best, resolve_resume)
@@ -73,10 +73,14 @@ def run_train(args: argparse.Namespace, task_cls: Type, extra: List[str], defaul
     return 0
 
 
-def report_metrics(args: argparse.Namespace, metrics: Dict[str, Any], default_name: str) -> None:
+def report_metrics(args: argparse.Namespace, metrics: Dict[str, Any], default_name: str, info: Dict[str, Any],
+                   amp_dtype: Any) -> None:
     """The numbers on one line (or JSON with ``--json``), and the JSON file ``-o`` (default
-    ``default_name`` next to the checkpoint)."""
+    ``default_name`` next to the checkpoint), with the checkpoint, the weights set and the precision."""
     from ..files import atomic_write_json
+
+    metrics = dict(metrics, checkpoint=str(args.checkpoint), weights=info["weights"],
+                   amp=str(amp_dtype or "none").replace("torch.", ""))
 
     out = Path(args.output) if args.output else Path(args.checkpoint).with_name(default_name)
     atomic_write_json(out, metrics)
@@ -86,6 +90,26 @@ def report_metrics(args: argparse.Namespace, metrics: Dict[str, Any], default_na
     shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     print("  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
     print(f"wrote {out}")
+
+
+def predict_images(args: argparse.Namespace, load: Callable[..., Tuple[Any, Dict[str, Any]]]) -> Iterator[Tuple[
+        Path, Any, Any, Dict[str, Any], Path, str]]:
+    """For ``pale seg/det predict``: the model from ``-c`` (with ``load(checkpoint, device, weights)``) on
+    ``--device``, then, per input image, ``(file, RGB uint8 array, model, info, output folder, output stem)``."""
+    import numpy as np
+
+    from ..device import resolve_device
+    from ..files import output_folder
+    from ..images import find_images, load_image, output_stems
+
+    files = find_images(args.inputs)
+    device = resolve_device(args.device)
+    model, info = load(args.checkpoint, device, args.weights)
+    loaded(info, device)
+    out_dir = output_folder(args.output)
+    stems = output_stems(files)  # a/x.png and b/x.png must not write the same outputs
+    for f in files:
+        yield f, np.asarray(load_image(f), dtype=np.uint8), model, info, out_dir, stems[f]
 
 
 def loaded(info: Dict[str, Any], device: Any, amp: str = "") -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._dense import add_eval_options, add_predict_options, add_train_options, loaded, report_metrics, run_train as train
+from ._dense import (add_eval_options, add_predict_options, add_train_options, loaded, predict_images, report_metrics,
+                     run_train as train)
 from ._options import fraction
 
 
@@ -33,9 +34,8 @@ def run_eval(args: argparse.Namespace) -> int:
     loader = torch.utils.data.DataLoader(ds, batch_size=1, collate_fn=detection_collate, num_workers=args.workers)
     with rt.autocast():
         out = evaluate_detector(model, loader, rt, ds.coco, ds.cat_ids)
-    out.update(checkpoint=str(args.checkpoint), annotations=str(ann), images=len(ds), weights=info["weights"],
-               amp=str(rt.amp_dtype or "none").replace("torch.", ""))
-    report_metrics(args, out, f"eval-{args.split}.json")
+    out.update(annotations=str(ann), images=len(ds))
+    report_metrics(args, out, f"eval-{args.split}.json", info, rt.amp_dtype)
     return 0
 
 
@@ -43,30 +43,22 @@ def run_predict(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from ..device import resolve_device
-    from ..files import atomic_write_json, output_folder
-    from ..images import find_images, load_image, output_stems
+    from ..files import atomic_write_json
     from ..dense.det_task import load_detector
     from ..dense.overlay import detection_overlay, save_png
 
-    files = find_images(args.inputs)
-    device = resolve_device(args.device)
-    model, info = load_detector(args.checkpoint, device, args.weights)
-    loaded(info, device)
-    names = ["background"] + list(info.get("class_names") or [])
-    out_dir = output_folder(args.output)
-    stems = output_stems(files)  # a/x.png and b/x.png must not write the same outputs
-    for f in files:
-        rgb = np.asarray(load_image(f), dtype=np.uint8)
+    for f, rgb, model, info, out_dir, stem in predict_images(args, load_detector):
+        names = ["background"] + list(info.get("class_names") or [])
+        device = next(model.parameters()).device
         x = torch.from_numpy(rgb.astype(np.float32) / 255).permute(2, 0, 1).to(device)
         with torch.no_grad():
             det = model([x])[0]
         keep = det["scores"] >= args.score_thr
         boxes, labels, scores = (det[k][keep].cpu().numpy() for k in ("boxes", "labels", "scores"))
         masks = (det["masks"][keep][:, 0] > 0.5).cpu().numpy()
-        overlay_path = out_dir / f"{stems[f]}_overlay.png"
+        overlay_path = out_dir / f"{stem}_overlay.png"
         save_png(detection_overlay(rgb, boxes, labels, scores, masks, names, args.alpha), overlay_path)
-        atomic_write_json(out_dir / f"{stems[f]}_detections.json", [
+        atomic_write_json(out_dir / f"{stem}_detections.json", [
             dict(label=names[int(lab)], score=float(s), box_xyxy=[float(v) for v in b])
             for b, lab, s in zip(boxes, labels, scores)])
         print(f"{f}: {len(boxes)} object(s) -> {overlay_path}")

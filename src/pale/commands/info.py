@@ -166,18 +166,17 @@ def run(args: argparse.Namespace) -> int:
         print(format_cost(args.model, cost, kwargs, analytic))
         # The paper's full-model numbers are for the kind's default size only.
         at_paper_size = img_size == kind.default_img_size and not kwargs
-        note = kind.paper_note(args.model, cost.params, cost.macs) if kind.paper_note and at_paper_size else None
-        if note:
+        if kind.paper_note and at_paper_size and (note := kind.paper_note(args.model, cost.params, cost.macs)):
             print(note)
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "info", help="parameters and multiply-adds of a model (measured and analytic), or the paper's tables",
-        description="Parameters and multiply-adds per part and in total: measured by counting a forward pass, "
-                    "and from the analytic model of pale.complexity. --compare-paper prints the paper's "
-                    "Tables 1-4 and 7-9 next to both, with a reason for every value more than 2% off.")
+    description = ("Parameters and multiply-adds per part and in total: measured by counting a forward pass, and "
+                   "from the analytic model of pale.complexity. --compare-paper prints the paper's Tables 1-4 and "
+                   "7-9 next to both, with a reason for every value more than 2% off.")
+    p = subparsers.add_parser("info", description=description, help="parameters and multiply-adds of a model "
+                              "(measured and analytic), or the paper's tables")
     p.add_argument("model", nargs="?", help="a timm model name, e.g. pale_tiny")
     p.add_argument("--kind", default="classifier", choices=sorted(KIND_HELP),
                    help="which model around the backbone to count: " + "; ".join(

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._dense import add_eval_options, add_predict_options, add_train_options, loaded, report_metrics, run_train as train
+from ._dense import (add_eval_options, add_predict_options, add_train_options, loaded, predict_images, report_metrics,
+                     run_train as train)
 from ._options import fraction, nonnegative_int, positive_float, positive_int
 
 
@@ -55,9 +56,8 @@ def run_eval(args: argparse.Namespace) -> int:
     names = info.get("class_names") or [str(i) for i in dc["label_ids"]]
     out["class_iou"] = dict(zip(names, out["class_iou"]))
     out["class_acc"] = dict(zip(names, out["class_acc"]))
-    out.update(checkpoint=str(args.checkpoint), data=str(args.data), split=args.split, images=len(ds),
-               weights=info["weights"], amp=str(rt.amp_dtype or "none").replace("torch.", ""))
-    report_metrics(args, out, f"eval-{args.split or 'seg'}.json")
+    out.update(data=str(args.data), split=args.split, images=len(ds))
+    report_metrics(args, out, f"eval-{args.split or 'seg'}.json", info, rt.amp_dtype)
     return 0
 
 
@@ -69,22 +69,12 @@ def run_predict(args: argparse.Namespace) -> int:
     from ..dense.seg_data import normalize
     from ..dense.seg_eval import segment
     from ..dense.seg_task import load_segmenter
-    from ..device import resolve_device
-    from ..files import output_folder
-    from ..images import find_images, load_image, output_stems
-
-    files = find_images(args.inputs)
-    device = resolve_device(args.device)
-    model, info = load_segmenter(args.checkpoint, device, args.weights)
-    loaded(info, device)
-    label_ids = np.asarray(info["data_config"]["label_ids"], dtype=np.int64)
-    names = info.get("class_names") or [str(i) for i in label_ids]
-    colours = palette(len(label_ids))
-    settings = _test_settings(args, info)
-    out_dir = output_folder(args.output)
-    stems = output_stems(files)  # a/x.png and b/x.png must not write the same outputs
-    for f in files:
-        rgb = np.asarray(load_image(f), dtype=np.uint8)
+    for f, rgb, model, info, out_dir, stem in predict_images(args, load_segmenter):
+        label_ids = np.asarray(info["data_config"]["label_ids"], dtype=np.int64)
+        names = info.get("class_names") or [str(i) for i in label_ids]
+        colours = palette(len(label_ids))
+        settings = _test_settings(args, info)
+        device = next(model.parameters()).device
         x = normalize(torch.from_numpy(rgb.astype(np.float32) / 255).permute(2, 0, 1))[None].to(device)
         with torch.no_grad():
             pred = segment(model, x, len(label_ids), **settings)[0].argmax(0).cpu().numpy()
@@ -92,7 +82,7 @@ def run_predict(args: argparse.Namespace) -> int:
         legend = [(colours[k], f"{label_ids[k]} {names[k]}" if names[k] != str(label_ids[k]) else names[k])
                   for k in present]
         overlay = add_legend(segmentation_overlay(rgb, pred, args.alpha), legend)
-        overlay_path, labels_path = (out_dir / f"{stems[f]}_{kind}.png" for kind in ("overlay", "labels"))
+        overlay_path, labels_path = (out_dir / f"{stem}_{kind}.png" for kind in ("overlay", "labels"))
         save_png(overlay, overlay_path)
         ids = label_ids[pred]  # the data set's own annotation ids
         save_png(ids.astype(np.uint8 if label_ids.max() <= 255 else np.uint16), labels_path)

@@ -180,8 +180,7 @@ class DetectionTask(Task):
     train_command = "pale det train"
     variant_defaults = DET_VARIANT_DEFAULTS
     rules = DET_RULES
-    best_metric, best_mode = "bbox_ap", "max"
-    curve_metrics = ("bbox_ap", "segm_ap")
+    best_metric, best_mode, curve_metrics = "bbox_ap", "max", ("bbox_ap", "segm_ap")
 
     def __init__(self, cfg: Dict[str, Any]):
         super().__init__(fill_variant_defaults(cfg, self.variant_defaults))

@@ -448,7 +448,7 @@ def group_lines(q: Tensor, k: Tensor, v: Tensor, num_heads: int, group_size: int
     padded = group_size > 1 and (traced_for_any_size() or hp != h)
     if padded:
         q, k, v = (F.pad(t, (0, 0, 0, 0, 0, hp - h)) for t in (q, k, v))
-    if is_exporting():
+    if attention_kernels.is_exporting():
         mask = export_key_mask(h, hp // group_size, num_heads, group_size, w, interlaced, q.device) if padded else None
         qg, kg, vg = (export_group_rows(t, num_heads, group_size, interlaced) for t in (q, k, v))
         return qg, kg, vg, mask
@@ -468,7 +468,7 @@ def ungroup_lines(out: Tensor, like: Tensor, group_size: int, interlaced: bool, 
     b, h, w = like.shape[:3]
     if direction == "column":
         h, w = w, h
-    if is_exporting():  # gathered, not sliced (the exporter cannot prove h <= hp either)
+    if attention_kernels.is_exporting():  # gathered, not sliced (the exporter cannot prove h <= hp either)
         out = export_ungroup_rows(out, like.shape[-1] // out.shape[-1], h, group_size, w, interlaced)
     else:
         out = ungroup_rows(merge_heads(out), b, padded_length(h, group_size), group_size, w, interlaced)[:, :h]
