@@ -19,7 +19,7 @@ from ..models.attention_kernels import attention, native_bf16, use_kernel
 from ..progress import log
 from .recipe import RecipeError
 
-__all__ = ["Runtime", "setup_runtime", "cuda_bf16_native", "rng_state", "set_rng_state", "PRECISION_NAMES",
+__all__ = ["Runtime", "setup_runtime", "join_process_group", "cuda_bf16_native", "rng_state", "set_rng_state", "PRECISION_NAMES",
            "log_main", "quiet_worker_warning", "sync_norm_stats", "check_attention_kernel"]
 
 #: autocast dtype -> the name a run's history and checkpoints give it
@@ -93,7 +93,7 @@ def setup_runtime(device: str = "auto", amp: str = "auto", channels_last: bool =
         dev = torch.device("cuda", local_rank if world > 1 or dev.index is None else dev.index)
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        join_process_group("nccl" if dev.type == "cuda" else "gloo", rank, world)
     if amp == "auto":
         if dev.type == "cpu":
             # emulated bf16 is far slower than fp32 (measured ~1 vs ~170 GFLOP/s on an AVX2-only EPYC)
@@ -109,6 +109,37 @@ def setup_runtime(device: str = "auto", amp: str = "auto", channels_last: bool =
         log("warning: this CPU has no native bf16 (AVX-512-BF16 or AMX): bf16 runs emulated, far slower than "
             "float32; amp none (or auto, which chooses it here) is faster")
     return Runtime(dev, amp_dtypes[amp], rank, world, local_rank, channels_last)
+
+
+#: the environment variable that keeps torchrun from sharing its rendezvous store with the workers
+UNSHARED_STORE_VARIABLE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
+
+def join_process_group(backend: str, rank: int, world: int) -> None:
+    """``dist.init_process_group`` under torchrun, also when torchrun restarts the group.
+
+    By default torchrun (torch 2.4 and later) hands its workers its own rendezvous store
+    (``TORCHELASTIC_USE_AGENT_STORE=True``), one store for the whole job: a restarted group finds the
+    keys of the group before it there (gloo's peer addresses, barrier counters) and fails to connect
+    or waits forever. Here each start keeps its keys under its restart count. On several nodes the
+    agents' restart counts need not agree (an agent restarts its workers without counting it when
+    another node asks to rejoin), so there a job that may restart is refused unless torchrun's store
+    is not shared (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, which gives every start a store of its own)."""
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        dist.init_process_group(backend=backend)
+        return
+    if int(env.get("GROUP_WORLD_SIZE", "1")) > 1 and int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+        raise InputError(f"torchrun may restart this job on several nodes, whose restarted group would meet the old "
+                         f"group's keys in torchrun's shared store: set {UNSHARED_STORE_VARIABLE}=1 in front of "
+                         f"torchrun (with --rdzv-backend=c10d), or --max-restarts=0")
+    from torch.distributed.constants import default_pg_timeout
+
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False,
+                          timeout=default_pg_timeout)
+    restart = int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    dist.init_process_group(backend=backend, store=dist.PrefixStore(f"pale/restart{restart}/", store), rank=rank,
+                            world_size=world)
 
 
 def check_attention_kernel(name: str, device: torch.device) -> str:
