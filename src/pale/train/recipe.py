@@ -92,7 +92,7 @@ ENGINE_DEFAULTS: Config = {
         "workers": None,         # data loader processes per training process; null: from the cores (see loader_workers)
         "eval_every": 1,         # epochs between validations (the last epoch is always validated)
         "eval_batch_size": None,  # per device; default: twice the training batch per device
-        "on_nonfinite": "stop",  # stop | skip: a NaN/inf loss stops the run, or its batch is skipped
+        "on_nonfinite": "stop",  # stop | skip: a NaN/inf loss stops the run, or its update is skipped
         "resume": None,          # auto: continue the run in the output folder if it has one, else start it
         "checkpoint_every_updates": 0,  # also save last.pth every N updates (0: at the end of each epoch only)
         "keep_checkpoints": 2,   # last.pth, last-1.pth, ...: a newest that does not load falls back to the one before
