@@ -91,3 +91,13 @@ def test_a_job_that_torchrun_may_restart_on_several_nodes_with_its_shared_store_
         monkeypatch.setenv(name, value)
     with pytest.raises(runtime.InputError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
         runtime.join_process_group("gloo", 0, 16)
+
+
+@pytest.mark.parametrize("device, enabled, precision", [("cuda", True, "high"), ("cuda", False, "highest"),
+                                                         ("cpu", True, None)])
+def test_fp32_matmuls_run_in_tf32_on_cuda_unless_told_not_to_and_the_cpu_is_left_alone(monkeypatch, device, enabled,
+                                                                                       precision):
+    seen = []
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", seen.append)
+    runtime.use_tf32(torch.device(device), enabled)
+    assert seen == ([precision] if precision else [])

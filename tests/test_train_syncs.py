@@ -75,3 +75,38 @@ def test_an_update_waits_for_the_device_once(accum, tmp_path, monkeypatch, one_t
     assert sum(reads.sites.values()) <= updates.calls, reads.sites
     assert counted_epoch.reductions <= updates.calls
     assert reads.blocking_copies == []
+
+
+def test_ddp_does_not_broadcast_buffers_at_every_forward():
+    """BatchNorm statistics are made equal at each epoch's end (train.dist_bn) and each rank's are kept in
+    checkpoints (tests/test_train_dist.py resumes exactly from them), not broadcast per micro-batch."""
+    import torch.distributed as dist
+    from pale.train.build import wrap_distributed
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        rt = Runtime(torch.device("cpu"), None, rank=0, world_size=1)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+        assert wrap_distributed(model, rt, False, {}).broadcast_buffers is False
+        assert wrap_distributed(model, rt, False, {"broadcast_buffers": True}).broadcast_buffers is True  # a task's own
+    finally:
+        dist.destroy_process_group()
+
+
+def test_loaders_on_cuda_pin_memory_and_keep_their_workers(tmp_path, monkeypatch, one_thread):
+    """What a GPU run's loaders are given (with CUDA only named: nothing is loaded here)."""
+    from test_train import make_folder
+    from pale.train.build import build_loaders
+    from pale.train.classification import ClassificationTask
+    from pale.train.run import resolve_config
+
+    folder = make_folder(tmp_path / "data")
+    cfg = resolve_config(tiny_recipe(**{"train.workers": 2}), [f"data.root={folder}"])
+    rt = Runtime(torch.device("cuda", 0), None)
+    task = ClassificationTask(cfg)
+    task.runtime = rt
+    task.build_model()  # on the CPU: it reads the model's data config
+    loaders = build_loaders(task, cfg, rt, 0, lambda text: None)
+    for loader in (loaders.train, loaders.val):
+        assert loader.pin_memory and loader.persistent_workers and loader.num_workers == 2
+        assert loader.prefetch_factor == 2

@@ -106,7 +106,12 @@ def build_model(task: Task, cfg: Mapping[str, Any], rt: Runtime) -> nn.Module:
 
 
 def wrap_distributed(model: nn.Module, rt: Runtime, sync_bn: bool, ddp_kwargs: Mapping[str, Any]) -> nn.Module:
-    """``model`` in DistributedDataParallel, its BatchNorms synchronised across ranks when ``sync_bn``."""
+    """``model`` in DistributedDataParallel, its BatchNorms synchronised across ranks when ``sync_bn``.
+
+    Buffers are not broadcast from rank 0 at every forward (DDP's default, one more collective per
+    micro-batch): each rank's BatchNorm statistics follow its own batches, and ``train.dist_bn`` makes
+    them equal at each epoch's end, before validation and checkpoints
+    (:func:`pale.train.runtime.sync_norm_stats`); the model's other buffers are constants."""
     if sync_bn:
         if rt.device.type != "cuda":
             raise RecipeError("train.sync_bn needs CUDA devices (PyTorch's SyncBatchNorm runs on GPUs only); "
@@ -117,7 +122,8 @@ def wrap_distributed(model: nn.Module, rt: Runtime, sync_bn: bool, ddp_kwargs: M
     # process ("may impair performance"); it copies each gradient into its bucket whatever the strides.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     return nn.parallel.DistributedDataParallel(
-        model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None, **ddp_kwargs)
+        model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+        **{"broadcast_buffers": False, **ddp_kwargs})
 
 
 @dataclass

@@ -64,7 +64,7 @@ class Trainer:
         found = find_resume(self.out_dir, cfg, resume, checkpoint, dry_run, task.train_command)
         self.resume_path: Optional[Path] = found[0] if found else None
 
-        self.rt = rt = setup_runtime(tcfg["device"], tcfg["amp"], bool(tcfg["channels_last"]))
+        self.rt = rt = setup_runtime(tcfg["device"], tcfg["amp"], bool(tcfg["channels_last"]), bool(tcfg["tf32"]))
         self.attention_kernel = check_attention_kernel(str(tcfg["attention_kernel"]), rt.device)
         self.folder = RunFolder(self.out_dir, tcfg["keep_checkpoints"], rt.is_main and not dry_run,
                                 task.train_command)
