@@ -78,6 +78,7 @@ ENGINE_DEFAULTS: Config = {
         "amp": "auto",           # auto (bf16 on CPUs with native bf16, else none; bf16/fp16 on CUDA) | bf16 | fp16 | none
         "val_amp": False,        # validate under the training autocast (true) or in fp32 (false, as pale eval)
         "channels_last": False,
+        "compile": False,        # torch.compile the model for the training loop (validation stays eager)
         "tf32": True,            # on CUDA, fp32 matmuls (fp32 training, fp32 validation) in TF32; false: full fp32
         # auto: time the attention kernels per shape at first use (pale.models.attention_kernels); or
         # flash | math | explicit (| efficient | cudnn on CUDA) for every call. Timings on a busy machine

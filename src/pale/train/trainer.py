@@ -6,6 +6,8 @@ flag, summed over ranks in one ``all_reduce``), the optimizer update (:meth:`Tra
 :meth:`Trainer.after_optimizer_step` around it), then validation of the model and its EMA, the
 checkpoints of :mod:`pale.train.checkpoints`, and SIGTERM / SIGUSR1 / Ctrl-C handling that saves
 first. Validation runs in fp32 unless ``train.val_amp``; ``val_precision`` in the history says which.
+With ``train.compile`` the training forward and backward run through ``torch.compile``; validation
+runs the module eagerly.
 """
 from __future__ import annotations
 
@@ -100,6 +102,11 @@ class Trainer:
             restore_checkpoint(self, *found)
         if rt.distributed:
             self.model = wrap_distributed(self.model, rt, bool(tcfg["sync_bn"]), task.ddp_kwargs)
+        if tcfg["compile"]:
+            # the DDP-wrapped model, as PyTorch recommends (its DDPOptimizer cuts the graph at the gradient
+            # buckets, so that their all-reduce overlaps the backward); checkpoints, the EMA and validation
+            # use the module inside (``unwrap_model``): saved weights carry no ``_orig_mod.`` prefix
+            self.model = torch.compile(self.model)
 
     # -- hooks --
 
