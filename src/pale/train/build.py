@@ -3,6 +3,7 @@ device, the data loaders, timm's optimizer (``create_optimizer_v2``), scheduler 
 and weight EMA (``ModelEmaV3``)."""
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from dataclasses import dataclass
@@ -121,9 +122,13 @@ def wrap_distributed(model: nn.Module, rt: Runtime, sync_bn: bool, ddp_kwargs: M
     # along the size-1 dim, the same memory layout, which DDP compares literally and warns about once per
     # process ("may impair performance"); it copies each gradient into its bucket whatever the strides.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-    return nn.parallel.DistributedDataParallel(
-        model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-        **{"broadcast_buffers": False, **ddp_kwargs})
+    ddp = nn.parallel.DistributedDataParallel
+    # newer PyTorch renames the flag (and then still broadcasts rank 0's buffers once, at the wrapping:
+    # a resume puts each rank's own back afterwards, pale.train.checkpoints.restore_rank_buffers)
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters \
+        else "broadcast_buffers"
+    return ddp(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+               **{no_sync: False, **ddp_kwargs})
 
 
 @dataclass

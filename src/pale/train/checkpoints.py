@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = ["RESTART_KEYS", "checkpoint_files", "load_training_checkpoint", "load_latest_checkpoint", "open_checkpoint",
            "find_resume", "EpochSums", "config_differences", "val_metrics", "better_weights", "runtime_record", "save_checkpoint",
-           "restore_checkpoint"]
+           "restore_checkpoint", "restore_rank_buffers"]
 
 #: recipe keys that may change between the starts of one run (where the data is staged, how many loader
 #: processes, logging, checkpoint cadence); any other difference makes ``resume="auto"`` refuse the folder
@@ -254,6 +254,21 @@ def _float_buffers(model: nn.Module) -> Dict[str, Any]:
     return {k: v.detach().cpu() for k, v in model.named_buffers() if v.is_floating_point()}
 
 
+def _copy_buffers(model: nn.Module, saved: Mapping[str, Any]) -> None:
+    buffers = dict(model.named_buffers())
+    for k, v in saved.items():
+        buffers[k].copy_(v)
+
+
+def restore_rank_buffers(trainer: "Trainer", ckpt: Mapping[str, Any]) -> None:
+    """This rank's own BatchNorm statistics of the model from ``ckpt``, once the model is wrapped in
+    DDP (whose wrapping copies rank 0's to every rank); nothing on one process, or when the checkpoint
+    was written by another number of processes (then the continuation is not exact anyway)."""
+    rt, saved = trainer.rt, ckpt.get("model_buffers")
+    if rt.distributed and saved and len(saved) == rt.world_size:
+        _copy_buffers(unwrap_model(trainer.model), saved[rt.rank])
+
+
 def restore_checkpoint(trainer: "Trainer", path: Path, ckpt: Mapping[str, Any]) -> None:
     """Continue ``trainer`` (built, not yet wrapped in DDP) from ``ckpt``, read from ``path``: weights,
     optimizer, schedule, counters, history, and this rank's random states."""
@@ -282,11 +297,8 @@ def restore_checkpoint(trainer: "Trainer", path: Path, ckpt: Mapping[str, Any]) 
     rngs = ckpt.get("rng") or []
     if len(rngs) == rt.world_size:
         set_rng_state(rngs[rt.rank])
-        for model, key in ((t.model, "model_buffers"), (t.ema.module if t.ema is not None else None, "ema_buffers")):
-            if model is not None and ckpt.get(key):
-                buffers = dict(model.named_buffers())
-                for k, v in ckpt[key][rt.rank].items():
-                    buffers[k].copy_(v)
+        if t.ema is not None and ckpt.get("ema_buffers"):
+            _copy_buffers(t.ema.module, ckpt["ema_buffers"][rt.rank])
     else:
         t.log(f"note: {path} was written by {len(rngs)} processes, this run has {rt.world_size}; random streams "
               f"restart from the seed, so the continuation is not bit-exact")

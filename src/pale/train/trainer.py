@@ -27,7 +27,8 @@ from ..files import output_folder
 from ..models.attention_kernels import use_kernel
 from ..progress import log, progress
 from .build import build_ema, build_loaders, build_model, build_optimizer, build_scheduler, wrap_distributed
-from .checkpoints import EpochSums, better_weights, find_resume, restore_checkpoint, runtime_record, save_checkpoint
+from .checkpoints import (EpochSums, better_weights, find_resume, restore_checkpoint, restore_rank_buffers,
+                          runtime_record, save_checkpoint)
 from .data import AugmentationError, BadImageError, clean_worker_error, shut_down_workers
 from .recipe import RecipeError
 from .run_folder import RunFolder
@@ -102,6 +103,8 @@ class Trainer:
             restore_checkpoint(self, *found)
         if rt.distributed:
             self.model = wrap_distributed(self.model, rt, bool(tcfg["sync_bn"]), task.ddp_kwargs)
+            if found:
+                restore_rank_buffers(self, found[1])
         if tcfg["compile"]:
             # the DDP-wrapped model, as PyTorch recommends (its DDPOptimizer cuts the graph at the gradient
             # buckets, so that their all-reduce overlaps the backward); checkpoints, the EMA and validation
