@@ -342,7 +342,7 @@ def test_bad_input_errors_name_the_problem(folder, tmp_path, capsys):
           f"run folder {recipe / 'run'}: {recipe} is a file, not a folder")
     fails(base + ["--data", str(folder), "--set", "aug.mixup_alpha=0.2"], "unknown recipe key 'aug.mixup_alpha'")
     fails(base + ["--data", str(folder), "--set", "train.attention_kernel=fastest"],
-          "train.attention_kernel='fastest': ", "flash, math, explicit")
+          "train.attention_kernel='fastest': ", "unknown attention kernel", "math, explicit")
     one_class = make_folder(tmp_path / "one_class", n_train=6, n_val=3)
     for extra in sorted((one_class / "train").iterdir())[1:]:
         shutil.rmtree(extra)
