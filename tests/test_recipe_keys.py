@@ -319,6 +319,17 @@ def check_channels_last(ctx):
     assert seen == [True, True]
 
 
+def check_tf32(ctx):
+    """A CUDA-only, process-wide setting (tests/test_runtime.py shows what it sets): here, that the key
+    reaches it."""
+    from pale.train import runtime
+    seen, original = [], runtime.use_tf32
+    ctx.monkeypatch.setattr(runtime, "use_tf32", lambda device, enabled: seen.append(enabled) or original(device, enabled))
+    ctx.trainer("train.tf32=false")
+    ctx.trainer()
+    assert seen == [False, True]
+
+
 def check_attention_kernel(ctx):
     from pale.models import attention_kernels as ak
     seen = ctx.during_loss(lambda *args: ak.get_kernel())
@@ -667,7 +678,8 @@ CHECKS = {
     "ema.enabled": check_ema_enabled, "ema.decay": check_ema_decay, "ema.warmup": check_ema_warmup,
     "ema.max_window": check_ema_max_window,
     "train.device": check_device, "train.amp": check_amp, "train.val_amp": check_val_amp,
-    "train.channels_last": check_channels_last, "train.attention_kernel": check_attention_kernel,
+    "train.channels_last": check_channels_last, "train.tf32": check_tf32,
+    "train.compile": Elsewhere("test_train_compile::test_compiled_training_saves_the_plain_module_keys"), "train.attention_kernel": check_attention_kernel,
     "train.sync_bn": check_sync_bn, "train.dist_bn": check_dist_bn,
     "train.grad_checkpointing": check_grad_checkpointing, "train.accum_steps": check_accum_steps,
     "train.clip_grad": check_clip_grad, "train.clip_mode": check_clip_mode, "train.workers": check_workers,

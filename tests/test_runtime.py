@@ -83,3 +83,21 @@ def test_amp_auto_on_cuda_takes_bf16_only_where_it_is_native(monkeypatch, native
 def test_amp_auto_on_cuda_with_a_pytorch_that_cannot_leave_out_emulation(monkeypatch, supported, amp):
     fake_gpu(monkeypatch, lambda: supported)  # older PyTorch: no including_emulation argument
     assert runtime.setup_runtime("cuda", "auto").amp_dtype == amp
+
+
+def test_a_job_that_torchrun_may_restart_on_several_nodes_with_its_shared_store_is_refused(monkeypatch):
+    for name, value in dict(TORCHELASTIC_USE_AGENT_STORE="True", GROUP_WORLD_SIZE="2", TORCHELASTIC_MAX_RESTARTS="3",
+                            MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(runtime.InputError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        runtime.join_process_group("gloo", 0, 16)
+
+
+@pytest.mark.parametrize("device, enabled, precision", [("cuda", True, "high"), ("cuda", False, "highest"),
+                                                         ("cpu", True, None)])
+def test_fp32_matmuls_run_in_tf32_on_cuda_unless_told_not_to_and_the_cpu_is_left_alone(monkeypatch, device, enabled,
+                                                                                       precision):
+    seen = []
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", seen.append)
+    runtime.use_tf32(torch.device(device), enabled)
+    assert seen == ([precision] if precision else [])

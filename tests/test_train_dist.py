@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -81,8 +82,18 @@ EVERY = 4
 USR1 = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
 
-def torchrun(tmp_path, folder, name, max_restarts=0, fault=None, handle=None):
-    """The job command under torchrun on data ``folder``: (process, spy folder, run folder)."""
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(tmp_path, folder, name, max_restarts=0, fault=None, handle=None, readme=False):
+    """The job command under torchrun on data ``folder``: (process, spy folder, run folder).
+
+    ``readme``: the README's line as a user copies it (torchrun's default static rendezvous, no
+    ``--standalone``, no TORCH_DISABLE_SHARE_RDZV_TCP_STORE; only the port is a free one, so that
+    tests running at once do not meet); else the docs' job scripts (``--standalone`` and the variable)."""
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe(epochs=2, **{"train.checkpoint_every_updates": EVERY})))
     script = tmp_path / "rank.py"
@@ -90,15 +101,27 @@ def torchrun(tmp_path, folder, name, max_restarts=0, fault=None, handle=None):
     spy = tmp_path / f"spy-{name}"
     spy.mkdir(exist_ok=True)
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           f"--max-restarts={max_restarts}", "--monitor-interval=0.1"] + \
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--master-port={free_port()}" if readme else "--standalone",
+           "--nproc_per_node=2", f"--max-restarts={max_restarts}", "--monitor-interval=0.1"] + \
         ([f"--signals-to-handle={handle}"] if handle else []) + \
         [str(script), str(spy), "train", "--recipe", str(recipe), "--data", str(folder), "-o", str(run),
          "--resume", "auto"]
-    # as in the job scripts of docs/training.md: without it, torch 2.14's torchrun hands a restarted group
-    # the previous group's addresses and gloo fails to connect ("Connection refused")
-    env = dict(ENV, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", **({"PALE_TEST_FAULT": fault} if fault else {}))
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300), spy, run
+    env = {k: v for k, v in ENV.items() if k != "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"}
+    if not readme:
+        # as in the job scripts of docs/training.md: every start of the group gets a rendezvous store of its own
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    if fault:
+        env["PALE_TEST_FAULT"] = fault
+    # its own process group, so that a hang is ended with every worker of it
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail("torchrun hung for 300 s:\n" + err[-3000:])
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), spy, run
 
 
 def history(run):
@@ -161,6 +184,19 @@ def test_torchrun_restarts_after_a_rank_is_killed_and_resumes_exactly(straight2,
     assert re.search(r"resuming \S+last.pth at epoch 2, update 1\b", proc.stderr), proc.stderr[-3000:]
     final = torch.load(spy / "final-rank1.pt", weights_only=True)
     assert final["restart"] == 1  # torchrun started the group again, once
+    assert_same_weights(straight2[2], run)
+    assert history(run) == history(straight2[2])
+
+
+def test_the_readme_torchrun_line_restarts_after_a_rank_is_killed_and_resumes_exactly(straight2, data, tmp_path):
+    # torchrun shares its rendezvous store with the workers here (its static rendezvous always does):
+    # the restarted group must not meet the killed group's keys there. Rank 1 is killed during its 4th
+    # batch (epoch 2's first update), after the checkpoint at the end of epoch 1.
+    proc, spy, run = torchrun(tmp_path, data, "readme", max_restarts=1, fault="kill:1:4", readme=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"resuming \S+last.pth at epoch 2, update 0\b", proc.stderr), proc.stderr[-3000:]
+    assert torch.load(spy / "final-rank1.pt", weights_only=True)["restart"] == 1
+    assert [h["epoch"] for h in history(run)] == [1, 2]  # every epoch once
     assert_same_weights(straight2[2], run)
     assert history(run) == history(straight2[2])
 

@@ -21,6 +21,8 @@ def overrides_from_args(args: argparse.Namespace) -> List[str]:
         out.append("data.skip_bad_images=true")
     if getattr(args, "skip_nonfinite", False):
         out.append("train.on_nonfinite=skip")
+    if getattr(args, "compile", False):
+        out.append("train.compile=true")
     return out + list(args.set or [])
 
 
@@ -64,6 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_resume(p)
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (counted) instead of failing")
     p.add_argument("--skip-nonfinite", action="store_true", help="skip batches whose loss is NaN/inf instead of stopping")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for training (train.compile)")
     p.add_argument("--dry-run", action="store_true", help="two updates and two evaluation batches, nothing written")
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     p.add_argument("--list-recipes", action="store_true", help="list the shipped recipes and exit")

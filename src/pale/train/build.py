@@ -3,6 +3,7 @@ device, the data loaders, timm's optimizer (``create_optimizer_v2``), scheduler 
 and weight EMA (``ModelEmaV3``)."""
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from dataclasses import dataclass
@@ -106,7 +107,12 @@ def build_model(task: Task, cfg: Mapping[str, Any], rt: Runtime) -> nn.Module:
 
 
 def wrap_distributed(model: nn.Module, rt: Runtime, sync_bn: bool, ddp_kwargs: Mapping[str, Any]) -> nn.Module:
-    """``model`` in DistributedDataParallel, its BatchNorms synchronised across ranks when ``sync_bn``."""
+    """``model`` in DistributedDataParallel, its BatchNorms synchronised across ranks when ``sync_bn``.
+
+    Buffers are not broadcast from rank 0 at every forward (DDP's default, one more collective per
+    micro-batch): each rank's BatchNorm statistics follow its own batches, and ``train.dist_bn`` makes
+    them equal at each epoch's end, before validation and checkpoints
+    (:func:`pale.train.runtime.sync_norm_stats`); the model's other buffers are constants."""
     if sync_bn:
         if rt.device.type != "cuda":
             raise RecipeError("train.sync_bn needs CUDA devices (PyTorch's SyncBatchNorm runs on GPUs only); "
@@ -116,8 +122,13 @@ def wrap_distributed(model: nn.Module, rt: Runtime, sync_bn: bool, ddp_kwargs: M
     # along the size-1 dim, the same memory layout, which DDP compares literally and warns about once per
     # process ("may impair performance"); it copies each gradient into its bucket whatever the strides.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-    return nn.parallel.DistributedDataParallel(
-        model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None, **ddp_kwargs)
+    ddp = nn.parallel.DistributedDataParallel
+    # newer PyTorch renames the flag (and then still broadcasts rank 0's buffers once, at the wrapping:
+    # a resume puts each rank's own back afterwards, pale.train.checkpoints.restore_rank_buffers)
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters \
+        else "broadcast_buffers"
+    return ddp(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+               **{no_sync: False, **ddp_kwargs})
 
 
 @dataclass

@@ -6,8 +6,8 @@ Contents (:func:`pale.checkpoint.save_checkpoint`): ``model``, ``model_ema``, ``
 ``class_names`` (and any other entries of ``task.model_info()``), ``optimizer``, ``scheduler``, ``scaler``,
 ``epoch`` (completed epochs), ``step`` (updates done in the current epoch, non-zero only for an interrupted
 epoch), ``num_updates``, ``epoch_state`` (running sums of the interrupted epoch), ``rng`` (every rank's
-:func:`pale.train.runtime.rng_state`), ``ema_buffers`` (every rank's EMA BatchNorm statistics, under
-torchrun), ``history``, ``best`` (epoch, value, metric and ``weights``: "raw" or "ema"), ``skipped_images``,
+:func:`pale.train.runtime.rng_state`), ``model_buffers`` and ``ema_buffers`` (every rank's BatchNorm
+statistics of the model and of its EMA, under torchrun), ``history``, ``best`` (epoch, value, metric and ``weights``: "raw" or "ema"), ``skipped_images``,
 ``config`` (the resolved recipe), ``runtime`` (run-time choices that change the numbers but are not in the
 recipe, :func:`runtime_record`), ``best_metric`` (the task's metric name) and, once validated,
 ``val_metrics`` = ``{"raw": {metric: value}, "ema": {...}}`` of the latest validation (no ``"ema"`` without
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+import torch.nn as nn
 from timm.utils import random_seed, unwrap_model
 
 from ..checkpoint import load_weights
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = ["RESTART_KEYS", "checkpoint_files", "load_training_checkpoint", "load_latest_checkpoint", "open_checkpoint",
            "find_resume", "EpochSums", "config_differences", "val_metrics", "better_weights", "runtime_record", "save_checkpoint",
-           "restore_checkpoint"]
+           "restore_checkpoint", "restore_rank_buffers"]
 
 #: recipe keys that may change between the starts of one run (where the data is staged, how many loader
 #: processes, logging, checkpoint cadence); any other difference makes ``resume="auto"`` refuse the folder
@@ -228,22 +229,44 @@ def save_checkpoint(trainer: "Trainer", name: str, epoch: int, step: int,
     t, rt = trainer, trainer.rt
     rngs = rt.all_gather_object(rng_state())
     skipped = t.total_skipped()
-    ema_buffers = None
-    if t.ema is not None and rt.distributed:
-        # the EMA's BatchNorm statistics follow each rank's own batches until the epoch's end averages them
-        ema_buffers = rt.all_gather_object(
-            {k: v.detach().cpu() for k, v in t.ema.module.named_buffers() if v.is_floating_point()})
+    model_buffers = ema_buffers = None
+    if rt.distributed:
+        # the BatchNorm statistics of the model and its EMA follow each rank's own batches (DDP does not
+        # broadcast buffers) until the epoch's end averages them
+        model_buffers = rt.all_gather_object(_float_buffers(unwrap_model(t.model)))
+        if t.ema is not None:
+            ema_buffers = rt.all_gather_object(_float_buffers(t.ema.module))
     if not t.folder.active:
         return t.folder.path / name
     val = val_metrics(t.history)
     return t.folder.save_checkpoint(
         name, unwrap_model(t.model), t.task.model_info(), rotate=rotate,
         model_ema=t.ema.module.state_dict() if t.ema is not None else None, ema_buffers=ema_buffers,
+        model_buffers=model_buffers,
         optimizer=t.optimizer.state_dict(), scheduler=t.scheduler.state_dict() if t.scheduler is not None else None,
         scaler=t.scaler.state_dict() if t.scaler is not None else None,
         epoch=epoch, step=step, num_updates=t.num_updates, epoch_state=dict(epoch_state or {}), rng=rngs,
         history=t.history, best=t.best, skipped_images=skipped, config=t.cfg, runtime=runtime_record(rt),
         best_metric=t.task.best_metric, **({"val_metrics": val} if val is not None else {}))
+
+
+def _float_buffers(model: nn.Module) -> Dict[str, Any]:
+    return {k: v.detach().cpu() for k, v in model.named_buffers() if v.is_floating_point()}
+
+
+def _copy_buffers(model: nn.Module, saved: Mapping[str, Any]) -> None:
+    buffers = dict(model.named_buffers())
+    for k, v in saved.items():
+        buffers[k].copy_(v)
+
+
+def restore_rank_buffers(trainer: "Trainer", ckpt: Mapping[str, Any]) -> None:
+    """This rank's own BatchNorm statistics of the model from ``ckpt``, once the model is wrapped in
+    DDP (whose wrapping copies rank 0's to every rank); nothing on one process, or when the checkpoint
+    was written by another number of processes (then the continuation is not exact anyway)."""
+    rt, saved = trainer.rt, ckpt.get("model_buffers")
+    if rt.distributed and saved and len(saved) == rt.world_size:
+        _copy_buffers(unwrap_model(trainer.model), saved[rt.rank])
 
 
 def restore_checkpoint(trainer: "Trainer", path: Path, ckpt: Mapping[str, Any]) -> None:
@@ -275,9 +298,7 @@ def restore_checkpoint(trainer: "Trainer", path: Path, ckpt: Mapping[str, Any]) 
     if len(rngs) == rt.world_size:
         set_rng_state(rngs[rt.rank])
         if t.ema is not None and ckpt.get("ema_buffers"):
-            buffers = dict(t.ema.module.named_buffers())
-            for k, v in ckpt["ema_buffers"][rt.rank].items():
-                buffers[k].copy_(v)
+            _copy_buffers(t.ema.module, ckpt["ema_buffers"][rt.rank])
     else:
         t.log(f"note: {path} was written by {len(rngs)} processes, this run has {rt.world_size}; random streams "
               f"restart from the seed, so the continuation is not bit-exact")

@@ -254,7 +254,7 @@ def evaluate_classifier(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, 
     """Cross-entropy loss, top-1 and top-5 accuracy (%) over ``batches``, summed over ranks."""
     totals = torch.zeros(4, dtype=torch.float64, device=rt.device)  # loss sum, top1, top5, count
     for images, targets in batches:
-        images, targets = rt.to_device(images), targets.to(rt.device)
+        images, targets = rt.to_device(images), targets.to(rt.device, non_blocking=True)
         with rt.autocast():
             logits = model(images)
         logits = logits.float()
@@ -366,7 +366,7 @@ class ClassificationTask(Task):
         from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
         images, targets = batch
-        images, targets = rt.to_device(images), targets.to(rt.device)
+        images, targets = rt.to_device(images), targets.to(rt.device, non_blocking=True)
         smoothing = float(self.cfg["aug"]["smoothing"])
         if self.mixup_fn is not None:
             if len(images) % 2:  # Mixup pairs samples; a batch shortened by skipped images may be odd

@@ -78,6 +78,8 @@ ENGINE_DEFAULTS: Config = {
         "amp": "auto",           # auto (bf16 on CPUs with native bf16, else none; bf16/fp16 on CUDA) | bf16 | fp16 | none
         "val_amp": False,        # validate under the training autocast (true) or in fp32 (false, as pale eval)
         "channels_last": False,
+        "compile": False,        # torch.compile the model for the training loop (validation stays eager)
+        "tf32": True,            # on CUDA, fp32 matmuls (fp32 training, fp32 validation) in TF32; false: full fp32
         # auto: time the attention kernels per shape at first use (pale.models.attention_kernels); or
         # flash | math | explicit (| efficient | cudnn on CUDA) for every call. Timings on a busy machine
         # may pick another kernel in the next run, which rounds differently, so only a fixed kernel
@@ -92,7 +94,7 @@ ENGINE_DEFAULTS: Config = {
         "workers": None,         # data loader processes per training process; null: from the cores (see loader_workers)
         "eval_every": 1,         # epochs between validations (the last epoch is always validated)
         "eval_batch_size": None,  # per device; default: twice the training batch per device
-        "on_nonfinite": "stop",  # stop | skip: a NaN/inf loss stops the run, or its batch is skipped
+        "on_nonfinite": "stop",  # stop | skip: a NaN/inf loss stops the run, or its update is skipped
         "resume": None,          # auto: continue the run in the output folder if it has one, else start it
         "checkpoint_every_updates": 0,  # also save last.pth every N updates (0: at the end of each epoch only)
         "keep_checkpoints": 2,   # last.pth, last-1.pth, ...: a newest that does not load falls back to the one before

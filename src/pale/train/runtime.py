@@ -19,7 +19,7 @@ from ..models.attention_kernels import attention, native_bf16, use_kernel
 from ..progress import log
 from .recipe import RecipeError
 
-__all__ = ["Runtime", "setup_runtime", "cuda_bf16_native", "rng_state", "set_rng_state", "PRECISION_NAMES",
+__all__ = ["Runtime", "setup_runtime", "join_process_group", "use_tf32", "cuda_bf16_native", "rng_state", "set_rng_state", "PRECISION_NAMES",
            "log_main", "quiet_worker_warning", "sync_norm_stats", "check_attention_kernel"]
 
 #: autocast dtype -> the name a run's history and checkpoints give it
@@ -80,11 +80,12 @@ def cuda_bf16_native() -> bool:
         return bool(torch.cuda.is_bf16_supported())
 
 
-def setup_runtime(device: str = "auto", amp: str = "auto", channels_last: bool = False) -> Runtime:
+def setup_runtime(device: str = "auto", amp: str = "auto", channels_last: bool = False, tf32: bool = True) -> Runtime:
     """Pick the device and precision; join the process group when launched by torchrun.
 
     ``amp="auto"``: bf16 where the hardware computes it natively (CPUs with AVX-512-BF16 or AMX, GPUs
-    from Ampere on), else fp32 on a CPU and fp16 with a GradScaler on a GPU."""
+    from Ampere on), else fp32 on a CPU and fp16 with a GradScaler on a GPU. ``tf32``: on CUDA,
+    fp32 matrix products in TF32 (:func:`use_tf32`)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -92,8 +93,9 @@ def setup_runtime(device: str = "auto", amp: str = "auto", channels_last: bool =
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank if world > 1 or dev.index is None else dev.index)
         torch.cuda.set_device(dev)
+    use_tf32(dev, tf32)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        join_process_group("nccl" if dev.type == "cuda" else "gloo", rank, world)
     if amp == "auto":
         if dev.type == "cpu":
             # emulated bf16 is far slower than fp32 (measured ~1 vs ~170 GFLOP/s on an AVX2-only EPYC)
@@ -109,6 +111,49 @@ def setup_runtime(device: str = "auto", amp: str = "auto", channels_last: bool =
         log("warning: this CPU has no native bf16 (AVX-512-BF16 or AMX): bf16 runs emulated, far slower than "
             "float32; amp none (or auto, which chooses it here) is faster")
     return Runtime(dev, amp_dtypes[amp], rank, world, local_rank, channels_last)
+
+
+#: the environment variable that keeps torchrun from sharing its rendezvous store with the workers
+UNSHARED_STORE_VARIABLE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
+
+def join_process_group(backend: str, rank: int, world: int) -> None:
+    """``dist.init_process_group`` under torchrun, also when torchrun restarts the group.
+
+    By default torchrun (torch 2.4 and later) hands its workers its own rendezvous store
+    (``TORCHELASTIC_USE_AGENT_STORE=True``), one store for the whole job: a restarted group finds the
+    keys of the group before it there (gloo's peer addresses, barrier counters) and fails to connect
+    or waits forever. Here each start keeps its keys under its restart count. On several nodes the
+    agents' restart counts need not agree (an agent restarts its workers without counting it when
+    another node asks to rejoin), so there a job that may restart is refused unless torchrun's store
+    is not shared (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, which gives every start a store of its own)."""
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        dist.init_process_group(backend=backend)
+        return
+    if int(env.get("GROUP_WORLD_SIZE", "1")) > 1 and int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+        raise InputError(f"torchrun may restart this job on several nodes, whose restarted group would meet the old "
+                         f"group's keys in torchrun's shared store: set {UNSHARED_STORE_VARIABLE}=1 in front of "
+                         f"torchrun (with --rdzv-backend=c10d), or --max-restarts=0")
+    from torch.distributed.constants import default_pg_timeout
+
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False,
+                          timeout=default_pg_timeout)
+    restart = int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    dist.init_process_group(backend=backend, store=dist.PrefixStore(f"pale/restart{restart}/", store), rank=rank,
+                            world_size=world)
+
+
+def use_tf32(device: torch.device, enabled: bool) -> None:
+    """On CUDA, let fp32 matrix products run in TF32 (``enabled``) or in full fp32; nothing elsewhere.
+
+    PyTorch computes fp32 matmuls in full fp32 by default, several times slower on tensor-core GPUs
+    (Ampere on) than TF32's 10-bit mantissa products with fp32 sums, the precision timm's and most
+    GPU training uses. It acts on fp32 training (``amp=none``) and on fp32 validation, which the
+    trainer runs by default. cuDNN's convolutions use TF32 already by PyTorch's default. A process-wide
+    setting; on the CPU it is left alone (there "high" may mean bf16 products)."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if enabled else "highest")
 
 
 def check_attention_kernel(name: str, device: torch.device) -> str:

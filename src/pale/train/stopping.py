@@ -40,8 +40,13 @@ class StopSignals:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         self.received = signum
 
+    @property
+    def flag(self) -> float:
+        """1.0 once a signal came to this process, else 0.0 (summed over ranks, > 0 means stop)."""
+        return 1.0 if self.received is not None else 0.0
+
     def requested(self) -> bool:
-        flag = torch.tensor([1.0 if self.received is not None else 0.0])
+        flag = torch.tensor([self.flag])
         if self.rt.distributed:  # every rank stops at the same update
             flag = flag.to(self.rt.device)
             self.rt.all_reduce_sum(flag)

@@ -1,10 +1,13 @@
 """The training loop: :class:`Trainer` runs a :class:`~pale.train.task.Task` for a recipe.
 
-Per epoch: micro-batches under autocast, their backward (DDP syncs on the last of an update), a
-finite-loss check on every rank, the optimizer update (:meth:`Trainer.before_optimizer_step` and
+Per epoch: micro-batches under autocast, their backward (DDP syncs on the last of an update), then
+once per update one wait for the host (the update's loss sums, its finite-loss check and the stop
+flag, summed over ranks in one ``all_reduce``), the optimizer update (:meth:`Trainer.before_optimizer_step` and
 :meth:`Trainer.after_optimizer_step` around it), then validation of the model and its EMA, the
 checkpoints of :mod:`pale.train.checkpoints`, and SIGTERM / SIGUSR1 / Ctrl-C handling that saves
 first. Validation runs in fp32 unless ``train.val_amp``; ``val_precision`` in the history says which.
+With ``train.compile`` the training forward and backward run through ``torch.compile``; validation
+runs the module eagerly.
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ from ..files import output_folder
 from ..models.attention_kernels import use_kernel
 from ..progress import log, progress
 from .build import build_ema, build_loaders, build_model, build_optimizer, build_scheduler, wrap_distributed
-from .checkpoints import EpochSums, better_weights, find_resume, restore_checkpoint, runtime_record, save_checkpoint
+from .checkpoints import (EpochSums, better_weights, find_resume, restore_checkpoint, restore_rank_buffers,
+                          runtime_record, save_checkpoint)
 from .data import AugmentationError, BadImageError, clean_worker_error, shut_down_workers
 from .recipe import RecipeError
 from .run_folder import RunFolder
@@ -63,7 +67,7 @@ class Trainer:
         found = find_resume(self.out_dir, cfg, resume, checkpoint, dry_run, task.train_command)
         self.resume_path: Optional[Path] = found[0] if found else None
 
-        self.rt = rt = setup_runtime(tcfg["device"], tcfg["amp"], bool(tcfg["channels_last"]))
+        self.rt = rt = setup_runtime(tcfg["device"], tcfg["amp"], bool(tcfg["channels_last"]), bool(tcfg["tf32"]))
         self.attention_kernel = check_attention_kernel(str(tcfg["attention_kernel"]), rt.device)
         self.folder = RunFolder(self.out_dir, tcfg["keep_checkpoints"], rt.is_main and not dry_run,
                                 task.train_command)
@@ -99,6 +103,13 @@ class Trainer:
             restore_checkpoint(self, *found)
         if rt.distributed:
             self.model = wrap_distributed(self.model, rt, bool(tcfg["sync_bn"]), task.ddp_kwargs)
+            if found:
+                restore_rank_buffers(self, found[1])
+        if tcfg["compile"]:
+            # the DDP-wrapped model, as PyTorch recommends (its DDPOptimizer cuts the graph at the gradient
+            # buckets, so that their all-reduce overlaps the backward); checkpoints, the EMA and validation
+            # use the module inside (``unwrap_model``): saved weights carry no ``_orig_mod.`` prefix
+            self.model = torch.compile(self.model)
 
     # -- hooks --
 
@@ -222,7 +233,10 @@ class Trainer:
         total_updates = 2 if self.dry_run else self.updates_per_epoch
         bar = progress(total=total_updates, initial=start_step, desc=f"epoch {epoch + 1}/{epochs}",
                        unit="updates", enabled=rt.is_main and bool(tcfg["progress"]))
-        step, micro, window_loss, window_n = start_step, 0, 0.0, 0
+        step, micro = start_step, 0
+        # this update's sums, kept on the device so that a micro-batch costs no wait for the host:
+        # loss x images, images, non-finite losses, and (set at the update) whether a stop signal came
+        window = torch.zeros(4, dtype=torch.float64, device=rt.device)
         every = int(tcfg["checkpoint_every_updates"])
         sums.tick = time.time()
         opt.zero_grad(set_to_none=True)
@@ -233,24 +247,30 @@ class Trainer:
             with model.no_sync() if (rt.distributed and not sync) else contextlib.nullcontext():
                 with rt.autocast():
                     loss, n = self.task.training_loss(model, batch, rt)
-                if not self._loss_is_finite(loss, epoch, step):
-                    opt.zero_grad(set_to_none=True)
-                    micro = 0
-                    continue
                 scaled = loss / self.accum
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            window_loss += loss.item() * n
-            window_n += n
+            loss = loss.detach().double()
+            window[0] += loss * n
+            window[1] += n
+            window[2] += (~torch.isfinite(loss)).double()
             micro += 1
             if not sync:
                 continue
-            self._optimizer_step()
-            step, micro = step + 1, 0
-            self._after_update(sums, window_loss, window_n, bar)
-            window_loss, window_n = 0.0, 0
-            if every and self.num_updates % every == 0 and step < total_updates:  # the epoch's end saves anyway
-                self._save_last(epoch, step, sums.state())
-            if self.stop.requested():
+            # the update's one wait for the host: its sums and flags, summed over ranks in one all_reduce
+            window[3].fill_(self.stop.flag)
+            loss_sum, count, nonfinite, stop = self.rt.all_reduce_sum(window).tolist()
+            window.zero_()
+            micro = 0
+            if nonfinite:
+                opt.zero_grad(set_to_none=True)
+                self._nonfinite(loss_sum, epoch, step)
+            else:
+                self._optimizer_step()
+                step += 1
+                self._after_update(sums, loss_sum, int(count), bar)
+                if every and self.num_updates % every == 0 and step < total_updates:  # the epoch's end saves anyway
+                    self._save_last(epoch, step, sums.state())
+            if stop:
                 bar.close()
                 self._interrupted(epoch, step, sums.state())
         bar.close()
@@ -259,31 +279,32 @@ class Trainer:
         return dict(epoch=epoch + 1, lr=opt.param_groups[0]["lr"], train_loss=sums.mean_loss(),
                     train_images_per_s=round(sums.images / max(sums.time, 1e-9), 2))
 
-    def _loss_is_finite(self, loss: torch.Tensor, epoch: int, step: int) -> bool:
-        """Whether the loss is finite on every rank; on a non-finite loss, stop (``train.on_nonfinite=stop``,
-        naming the last good checkpoint) or count the batch as skipped."""
-        finite = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=self.rt.device)
-        if not bool(self.rt.all_reduce_sum(finite).item() > 0):
-            return True
+    def _nonfinite(self, loss: float, epoch: int, step: int) -> None:
+        """An update whose loss was not finite on some rank (in some micro-batch): stop
+        (``train.on_nonfinite=stop``, naming the last good checkpoint), or skip it (its gradients are
+        dropped, the update is not counted) and count its batch as skipped.
+
+        Checked once per update, after the backward passes, so that a micro-batch does not wait for the
+        host: the optimizer never steps on the non-finite gradients, and every rank decides alike."""
         if self.cfg["train"]["on_nonfinite"] == "stop":
             keep = "no checkpoint was written yet"
             if self.last_saved is not None:
                 keep = (f"the last good checkpoint is {self.out_dir / 'last.pth'} (at epoch "
                         f"{self.last_saved[0] + 1}, update {self.last_saved[1]})")
             raise NonFiniteLossError(
-                f"loss is {loss.item()} at epoch {epoch + 1}, update {step + 1} (lr "
+                f"loss is {loss} at epoch {epoch + 1}, update {step + 1} (lr "
                 f"{self.optimizer.param_groups[0]['lr']:.3g}); training stopped and {keep}. Lower the learning "
                 f"rate, set train.clip_grad, or pass --set train.on_nonfinite=skip to skip such batches")
         self.nonfinite_skipped += 1
         self.log(f"skipping a batch with a non-finite loss at epoch {epoch + 1}, update {step + 1}")
-        return False
 
     def _optimizer_step(self) -> None:
         """One update from the accumulated gradients: :meth:`before_optimizer_step`, clip, step (through
         the GradScaler under fp16), advance the per-update schedule and the EMA, :meth:`after_optimizer_step`.
 
         Not timm's ``NativeScaler``, which runs backward and step in one call: here the backward of each
-        micro-batch comes first, after the all-ranks finite-loss check, and the step only on the last."""
+        micro-batch comes first, and the step only on the last, once the update's losses are known finite
+        on every rank."""
         from timm.utils import dispatch_clip_grad
 
         tcfg, opt = self.cfg["train"], self.optimizer
@@ -305,18 +326,16 @@ class Trainer:
             self.ema.update(unwrap_model(self.model), step=self.num_updates)
         self.after_optimizer_step()
 
-    def _after_update(self, sums: EpochSums, window_loss: float, window_n: int, bar: Any) -> None:
-        """Add the update's loss (summed over ranks) to the epoch's sums; report it to the progress bar
-        and TensorBoard."""
-        stats = self.rt.all_reduce_sum(
-            torch.tensor([window_loss, float(window_n)], device=self.rt.device, dtype=torch.float64))
-        sums.add(float(stats[0]), int(stats[1]))
+    def _after_update(self, sums: EpochSums, loss_sum: float, count: int, bar: Any) -> None:
+        """Add the update's loss x images and images (summed over ranks) to the epoch's sums; report it to
+        the progress bar and TensorBoard."""
+        sums.add(loss_sum, count)
         lr = self.optimizer.param_groups[0]["lr"]
         bar.set_postfix(loss=f"{sums.mean_loss():.4f}", lr=f"{lr:.2e}",
                         img_s=f"{sums.images / max(sums.time, 1e-9):.1f}")
         bar.update(1)  # after the postfix, so a progress line shows this update's loss and lr
         if self.tb is not None and self.num_updates % 50 == 0:
-            self.tb.add_scalar("train/loss", float(stats[0] / max(stats[1], 1)), self.num_updates)
+            self.tb.add_scalar("train/loss", loss_sum / max(count, 1), self.num_updates)
             self.tb.add_scalar("train/lr", lr, self.num_updates)
 
     def _validate(self) -> Dict[str, Any]:
