@@ -38,16 +38,17 @@ clean:
 # Mutation testing (docs/testing.md): slow, so not part of `make test` or CI. Each mutant runs
 # only the tests that executed its function. The default scope: the model's computational core, the
 # file, image, device and checkpoint modules (MUTANTS_FILES) and the engine's checkpoint/resume
-# functions; the model's constructors and helpers add 613 mutants: make mutation 'MUTANTS=$(MUTANTS_ALL)'
+# functions; add the model's constructors and helpers with: make mutation 'MUTANTS=$(MUTANTS_ALL)'
 MODEL := pale.models.pale_transformer
 MUTANTS_FILES := pale.files.* pale.images.* pale.device.* pale.checkpoint.*
 MUTANTS_MODEL_CORE := \
 	$(foreach f,padded_length group_rows ungroup_rows real_key_mask split_heads merge_heads \
-		attend_in_groups _branch_grid group_branches ungroup_branches ps_attention_one_call \
-		resample_pos_embed attention_layout block_direction,$(MODEL).x_$(f)__*) \
-	$(foreach m,SeparableProjection?forward GroupedAttention?forward PSAttention?attend \
-		ConvPosEnc?forward ConvPatchMerging?forward PaleBlock?forward PaleStage?forward \
-		PaleTransformer?_embed PaleTransformer?forward_features PaleTransformer?forward_head \
+		attend_in_groups attention_weights group_lines ungroup_lines _branch_grid group_branches \
+		ungroup_branches ps_attention_one_call resample_pos_embed attention_layout block_direction \
+		two_branch_macs row_groups_macs,$(MODEL).x_$(f)__*) \
+	$(foreach m,SeparableProjection?forward GroupedAttention?attend GroupedAttention?forward PSAttention?group \
+		PSAttention?ungroup PSAttention?attend ConvPosEnc?forward ConvPatchMerging?forward PaleBlock?forward \
+		PaleStage?forward PaleTransformer?_embed PaleTransformer?forward_features PaleTransformer?forward_head \
 		PaleTransformer?forward PaleTransformer?forward_intermediates,$(MODEL).x?$(m)__*)
 MUTANTS_ENGINE := pale.train.runtime.x_rng_state__* pale.train.runtime.x_set_rng_state__* \
 	pale.train.checkpoints.x_save_checkpoint__* pale.train.checkpoints.x_restore_checkpoint__* \
