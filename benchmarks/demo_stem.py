@@ -1,6 +1,6 @@
 """What the demo's deep stem costs: the training step of the ``demo_digits`` model as shipped (28x28 digits
 through ``stem_type="deep"``) against the same model with the paper's 7x7 stride-4 stem on 56x56 digits
-(the recipe before the seventh search, docs/training.md).
+(the demo recipe's earlier stem).
 
 Times, round-robin in one process with one torch thread (as ``pale demo`` trains beside its loader), a
 forward, cross-entropy, backward and fused AdamW step at the recipe's batch, with the recipe's attention

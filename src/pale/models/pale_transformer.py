@@ -784,7 +784,7 @@ class DeepConvStem(nn.Module):
     Not the paper's stem (a 7x7 stride-4 convolution, Sec. 3.3): a stack of 3x3 convolutions in front of the
     transformer, as Xiao et al. (2021, "Early convolutions help transformers see better") propose, with
     output stride 2, for small images. On 3500 MNIST digits at 28x28 it validated better than the paper's
-    stem on 56x56 upsampled digits (docs/training.md, "A seventh search")."""
+    stem on 56x56 upsampled digits (the demo of docs/training.md)."""
 
     def __init__(self, in_chans: int, dim: int, norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
                  device: DeviceLike = None, dtype: Optional[torch.dtype] = None):

@@ -80,10 +80,8 @@ ENGINE_DEFAULTS: Config = {
         "channels_last": False,
         "compile": False,        # torch.compile the model for the training loop (validation stays eager)
         "tf32": True,            # on CUDA, fp32 matmuls (fp32 training, fp32 validation) in TF32; false: full fp32
-        # auto: time the attention kernels per shape at first use (pale.models.attention_kernels); or
-        # flash | math | explicit (| efficient | cudnn on CUDA) for every call. Timings on a busy machine
-        # may pick another kernel in the next run, which rounds differently, so only a fixed kernel
-        # repeats a run's numbers exactly.
+        # auto: the fixed rule of pale.models.attention_kernels (by device, dtype, group length, training);
+        # or flash | math | explicit (| efficient | cudnn on CUDA) for every call
         "attention_kernel": "auto",
         "sync_bn": False,        # SyncBatchNorm across processes (the separable q/k/v projections use BN)
         "dist_bn": "reduce",     # reduce | broadcast | none: make BN running stats equal on all ranks each epoch
