@@ -3,6 +3,7 @@ model folder (loaded back by timm.create_model("local-dir:..."))."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +31,19 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def onnx_file(tiny_checkpoint, tmp_path_factory):
+def onnx_export(tiny_checkpoint, tmp_path_factory):
+    """The default (dynamo) export through the command, with its JSON report."""
+    import contextlib
+    import io
+
     out = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    stdout = io.StringIO()
     # Traced at the model's input size (224x224, where no layer pads); the command checks the trace
-    # size and 33x47 itself, the test below checks the file independently.
-    assert main(["export", "pale_tiny", "--checkpoint", str(tiny_checkpoint), "--output", str(out),
-                 "--check-size", "33", "47"]) == 0
-    return out
+    # size and the two odd sizes itself, the test below checks the file independently.
+    with contextlib.redirect_stdout(stdout):
+        assert main(["export", "pale_tiny", "--checkpoint", str(tiny_checkpoint), "--output", str(out),
+                     "--check-size", "97", "131", "--check-size", "33", "47", "--json"]) == 0
+    return out, json.loads(stdout.getvalue())
 
 
 def _pads(model, size):
@@ -52,57 +59,114 @@ def _pads(model, size):
     return any(h % s_r or w % s_c for (s_r, s_c), (h, w) in seen)
 
 
-def test_onnx_equals_pytorch_at_three_sizes_from_one_file(onnx_file, tiny_checkpoint):
+def test_dynamo_export_reports_its_checks_at_three_sizes_and_batches(onnx_export, tiny_checkpoint):
+    out, report = onnx_export
+    assert (report["exporter"], report["opset"], report["dynamic"], report["trace_size"]) == ("dynamo", 18, True,
+                                                                                              [224, 224])
+    # the trace size first, then the sizes given, on batches of 1, 2, 3
+    assert [c["shape"] for c in report["checks"]] == [[1, 3, 224, 224], [2, 3, 97, 131], [3, 3, 33, 47]]
+    assert report["max_abs_err"] == max(c["max_abs_err"] for c in report["checks"]) > 0
+    assert report["max_rel_err"] == max(c["max_rel_err"] for c in report["checks"]) <= 1e-4
+    assert report["output"] == str(out) and report["export_seconds"] > 0
+    # what torch.export proved: any batch, and sizes at which the last stage's map is 2x2 or more
+    assert report["proven_ranges"] == dict(batch=[1, None], height=[35, None], width=[35, None])
+    assert sorted(p.name for p in out.parent.iterdir()) == ["tiny.onnx"]  # no temporary file left
+
+
+def test_onnx_equals_pytorch_at_three_sizes_from_one_file(onnx_export, tiny_checkpoint):
+    import onnx
     import onnxruntime as ort
 
+    out, _ = onnx_export
     model, _ = create_model_from_file(tiny_checkpoint)
-    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
-    # 224: no layer pads (56/28/14/7 with pale size 7); 97x131 and 33x47: odd, layers pad.
-    shapes = [(1, 3, 224, 224), (3, 3, 97, 131), (2, 3, 33, 47)]
-    assert not _pads(model, (224, 224)) and _pads(model, (97, 131)) and _pads(model, (33, 47))
+    proto = onnx.load(str(out))
+    assert [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim] == [
+        "batch", 3, "height", "width"]
+    assert {o.domain: o.version for o in proto.opset_import}[""] == 18
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    # 224: no layer pads (56/28/14/7 with pale size 7); 97x131, 33x47 and 5x200: odd, layers pad.
+    shapes = [(1, 3, 224, 224), (3, 3, 97, 131), (2, 3, 33, 47), (2, 3, 5, 200)]
+    assert not _pads(model, (224, 224)) and all(_pads(model, s[2:]) for s in shapes[1:])
     for shape in shapes:
         x = torch.randn(*shape)
         with torch.no_grad():
             ref = model(x).numpy()
-        out = session.run(None, {"image": x.numpy()})[0]
-        assert out.shape == ref.shape == (shape[0], 5)
-        rel = np.abs(out - ref).max() / np.abs(ref).max()
+        out_ = session.run(None, {"image": x.numpy()})[0]
+        assert out_.shape == ref.shape == (shape[0], 5)
+        rel = np.abs(out_ - ref).max() / np.abs(ref).max()
         assert rel <= 1e-4, (shape, rel)
 
 
-def test_onnx_metadata_holds_class_names_and_preprocessing(onnx_file):
+def test_onnx_metadata_holds_class_names_and_preprocessing(onnx_export):
     import onnx
 
-    props = {p.key: json.loads(p.value) for p in onnx.load(str(onnx_file)).metadata_props}
+    props = {p.key: json.loads(p.value) for p in onnx.load(str(onnx_export[0])).metadata_props}
     assert props["model_name"] == "pale_tiny"
     assert props["class_names"] == CLASSES
     assert props["data_config"]["input_size"] == [3, 224, 224]
 
 
-def test_default_trace_size_is_the_models_input_size(tiny_checkpoint, tmp_path):
+def test_legacy_exporter_behind_the_flag_writes_a_lower_opset(tiny_checkpoint, tmp_path, capsys):
+    import onnx
+
+    out = tmp_path / "legacy.onnx"
+    assert main(["export", "-c", str(tiny_checkpoint), "-o", str(out), "--exporter", "legacy", "--opset", "17",
+                 "--check-size", "61", "45"]) == 0
+    text = capsys.readouterr().out
+    assert "(legacy exporter, opset 17, dynamic batch, height and width; traced at 224x224" in text
+    assert "1x3x224x224" in text and "2x3x61x45" in text and "max abs error" in text
+    assert {o.domain: o.version for o in onnx.load(str(out)).opset_import}[""] == 17
+
+
+def test_legacy_default_trace_size_is_the_models_input_size(tiny_checkpoint, tmp_path):
     # A trace taken where no layer pads still pads and masks at every other size (no trace-size search).
     model, _ = create_model_from_file(tiny_checkpoint)
     result = ex.export_onnx(model, tmp_path / "m.onnx", exporter="legacy", check_sizes=[(61, 45)])
     assert result.trace_size == (224, 224) and not _pads(model, (224, 224)) and _pads(model, (61, 45))
-    assert [c.shape[2:] for c in result.checks] == [(224, 224), (61, 45)]
+    assert [c.shape for c in result.checks] == [(1, 3, 224, 224), (2, 3, 61, 45)]
     assert all(c.max_rel_err <= 1e-4 for c in result.checks)
 
 
-def test_failed_check_leaves_existing_output_untouched(tiny_checkpoint, tmp_path):
-    model, _ = create_model_from_file(tiny_checkpoint)
+def test_failed_check_is_one_line_and_leaves_existing_output_untouched(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "model.onnx"
     out.write_bytes(b"previous export")
-    with pytest.raises(ValueError, match="legacy ONNX export does not match PyTorch"):
-        ex.export_onnx(model, out, exporter="legacy", trace_size=(64, 64), rtol=1e-12)
+    assert main(["export", "-c", str(tiny_checkpoint), "-o", str(out), "--exporter", "legacy",
+                 "--trace-size", "64", "64", "--rtol", "1e-12"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(r"pale export: error: the legacy ONNX export does not match PyTorch: relative error "
+                        r"\S+ > 1e-12 at input \(\d, 3, \d+, \d+\); " + re.escape(f"{out} was not written"), err), err
     assert out.read_bytes() == b"previous export"
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
 
 
-def test_vanilla_dynamic_export_is_refused(tmp_path):
+def test_an_example_with_a_map_of_side_1_is_refused(tiny_checkpoint, tmp_path, capsys):
+    # 32x32: stage maps 8, 4, 2, 1; torch.export would fix the size-1 side in the graph
+    assert main(["export", "-c", str(tiny_checkpoint), "-o", str(tmp_path / "m.onnx"), "--trace-size", "32", "32"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "pale export: error: a 32x32 example gives an attention layer a 1x1 map, which a dynamic export would fix "
+        "in the graph: use a larger --trace-size")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_vanilla_dynamic_export_is_one_line_naming_the_static_export(tmp_path, capsys):
     model = timm.create_model("pale_tiny", **dict(TINY, attn_mode="vanilla"))
-    with pytest.raises(ValueError, match="vanilla"):
-        ex.export_onnx(model, tmp_path / "v.onnx")
-    assert not (tmp_path / "v.onnx").exists()
+    ckpt = tmp_path / "vanilla.pth"
+    save_checkpoint(ckpt, model, "pale_tiny", dict(TINY, attn_mode="vanilla"), class_names=CLASSES)
+    for exporter in ex.EXPORTERS:
+        assert main(["export", "-c", str(ckpt), "-o", str(tmp_path / "v.onnx"), "--exporter", exporter]) == 1
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            "pale export: error: attn_mode='vanilla' cannot be exported to ONNX with dynamic height and width "
+            "(its grouping is a Python choice on the image size): export one size with --static [--trace-size H W]")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vanilla.pth"]
+
+
+def test_the_commands_exporters_are_the_librarys_and_legacy_says_why(capsys):
+    from pale.commands.export import LEGACY_REASON
+
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--exporter {" + ",".join(ex.EXPORTERS) + "}" in text and f"legacy: {LEGACY_REASON}" in text
 
 
 def test_export_checkpoint_of_other_model_is_an_error(tiny_checkpoint, tmp_path, capsys):
@@ -140,7 +204,9 @@ def test_the_file_name_chooses_the_format_and_a_contradiction_is_refused(tiny_ch
         (["-o", str(tmp_path / "m.txt")], "cannot tell the format from -o"),
         (["-o", str(tmp_path / "m") + "/", "--format", "onnx"], "names a folder but --format is onnx"),
         (["-o", str(tmp_path / "m.onnx"), "--format", "timm"], "names an onnx file but --format is timm"),
-        (["-o", str(tmp_path / "m.onnx"), "--opset", "99"], "ONNX opset 99 is not one torch"),
+        (["-o", str(tmp_path / "m.onnx"), "--opset", "99"], "ONNX opset 99 is not one the dynamo exporter"),
+        (["-o", str(tmp_path / "m.onnx"), "--opset", "17"], "writes: 18 to 23 (the legacy exporter writes lower ones)"),
+        (["-o", str(tmp_path / "m.onnx"), "--opset", "21", "--exporter", "legacy"], "the legacy exporter of torch"),
         # sizes the model refuses: one line naming the size, not a failed trace and a failed torch.export
         (["-o", str(tmp_path / "m.onnx"), "--trace-size", "2", "2"], "does not run on 2x2 images"),
         (["-o", str(tmp_path / "m.onnx"), "--check-size", "1", "5"], "does not run on 1x5 images"),
@@ -152,31 +218,35 @@ def test_the_file_name_chooses_the_format_and_a_contradiction_is_refused(tiny_ch
 
 
 @pytest.mark.slow
-def test_dynamo_exporter_also_matches(tiny_checkpoint, tmp_path):
-    model, _ = create_model_from_file(tiny_checkpoint)
-    result = ex.export_onnx(model, tmp_path / "d.onnx", exporter="dynamo",
-                            check_sizes=[(224, 224), (97, 131), (33, 47)])
-    assert result.exporter == "dynamo" and result.opset == 18 and result.trace_size == (224, 224)
-    assert len(result.checks) == 3 and all(c.max_rel_err <= 1e-4 for c in result.checks)
+def test_dynamo_export_of_the_full_pale_tiny(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model("pale_tiny").eval()
+    result = ex.export_onnx(model, tmp_path / "d.onnx", check_sizes=[(97, 131), (33, 47)])
+    assert (result.exporter, result.opset, result.trace_size) == ("dynamo", 18, (224, 224))
+    assert [c.shape for c in result.checks] == [(1, 3, 224, 224), (2, 3, 97, 131), (3, 3, 33, 47)]
+    assert all(c.max_rel_err <= 1e-4 for c in result.checks)
 
 
 @pytest.mark.slow
-def test_auto_falls_back_to_dynamo_for_static_vanilla(tmp_path):
+def test_static_vanilla_exports_with_dynamo(tmp_path):
     # The legacy exporter cannot export vanilla's pale index, which is built while tracing.
     model = timm.create_model("pale_tiny", **dict(TINY, attn_mode="vanilla"))
-    result = ex.export_onnx(model, tmp_path / "v.onnx", dynamic=False)
-    assert result.exporter == "dynamo" and "cannot export this model" in result.failed["legacy"]
-    assert result.checks[0].max_rel_err <= 1e-4
+    with pytest.raises(InputError, match="the legacy ONNX exporter cannot export this model"):
+        ex.export_onnx(model, tmp_path / "v.onnx", exporter="legacy", dynamic=False, trace_size=(61, 45))
+    result = ex.export_onnx(model, tmp_path / "v.onnx", dynamic=False, trace_size=(61, 45))
+    assert [c.shape for c in result.checks] == [(2, 3, 61, 45)] and result.checks[0].max_rel_err <= 1e-4
 
 
 def test_exporter_errors_become_one_plain_line():
-    # the dynamo exporter's messages carry terminal colour codes and a multi-line report
-    raw = "Failed to export the model with torch.export. \x1b[96mThis is step 1/3\x1b[0m of exporting.\nNext steps: ..."
+    # the dynamo exporter's messages carry terminal colour codes and a report, the cause under a heading
+    raw = ("Failed to export the model with torch.export. \x1b[96mThis is step 1/3\x1b[0m of exporting.\n"
+           "Next steps: ...\n\n## Exception summary\n\n<class 'NameError'>: name 'x' is not defined\n\n(Refer ...)")
     with pytest.raises(InputError) as caught:
         with ex._clear_exporter_errors("dynamo"):
             raise torch.onnx.errors.OnnxExporterError(raw)
     assert str(caught.value) == ("the dynamo ONNX exporter cannot export this model: Failed to export the model "
-                                 "with torch.export. This is step 1/3 of exporting.")
+                                 "with torch.export. This is step 1/3 of exporting. <class 'NameError'>: name 'x' "
+                                 "is not defined")
 
 
 # ---- timm model folder ---------------------------------------------------------------------------

@@ -2,22 +2,21 @@
 weights-only safetensors with the model's description as metadata, and the model folder timm's
 ``save_for_hf`` writes (``timm.create_model("local-dir:" + folder, pretrained=True)``, the Hub).
 
-ONNX and padding. PS-attention pads each map up to a multiple of its group size and masks the
-padded keys. The exporters trace the model at one example size (default: the model's input size);
-the graph is right at every size because, while traced, the model always pads (by zero rows when
-none are needed, with an all-true mask) and runs the row and column branches separately, and its
-``padded_length`` rounds up without dividing a negative number, which ONNX would truncate
-(docs/deploy.md has the details).
-
-Every export is verified against PyTorch with onnxruntime before it replaces the target file. The
-default exporter is the legacy TorchScript one (seconds); torch.export ("dynamo", a minute) is the
-fallback when it cannot translate an operator or its graph does not match (docs/deploy.md).
+ONNX. The default exporter is PyTorch's dynamo one (``torch.onnx.export(..., dynamo=True)``, built on
+``torch.export``), with batch, height and width as symbolic dimensions (:data:`DYNAMIC_AXES`); under
+``torch.export`` PS-attention always pads each map to a multiple of its group size and masks the
+padded keys (by zero rows, all keys real, where nothing needs padding), so the one graph is the model at
+every size, the sizes that pad and those that do not. The legacy TorchScript exporter,
+kept for runtimes that need an opset below 18 (TorchScript is deprecated in PyTorch), traces one
+example the same way. Every export is run with onnxruntime against
+PyTorch before it replaces the target file.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import re
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +30,22 @@ from .checkpoint import create_model_from_file, load_weights, read_model_file
 from .files import PathLike, save_safetensors
 from .errors import InputError
 
-__all__ = ["EXPORTERS", "PAPER_EVAL_CROP", "OnnxCheck", "OnnxExport", "attention_layers", "export_onnx", "check_onnx",
-           "export_safetensors", "export_timm_folder", "timm_folder_target", "load_model_for_export"]
+__all__ = ["EXPORTERS", "OPSETS", "DEFAULT_OPSET", "DYNAMIC_AXES", "PAPER_EVAL_CROP", "OnnxCheck", "OnnxExport",
+           "attention_layers", "export_onnx", "check_onnx", "check_batch", "export_safetensors",
+           "export_timm_folder", "timm_folder_target", "load_model_for_export"]
 
-EXPORTERS = ("legacy", "dynamo")
+EXPORTERS = ("dynamo", "legacy")
+#: The opsets each exporter writes: dynamo's operator library starts at 18; the TorchScript
+#: exporter's range is torch's (7 to 20 in torch 2.14; private constants, hence the fallbacks).
+_CONSTANTS = getattr(torch.onnx, "_constants", None)
+OPSETS = dict(dynamo=(18, getattr(_CONSTANTS, "ONNX_MAX_OPSET", 23)),
+              legacy=(getattr(_CONSTANTS, "ONNX_MIN_OPSET", 7),
+                      getattr(_CONSTANTS, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20)))
+DEFAULT_OPSET = 18
+#: The dynamic input dimensions, ``axis: (name, smallest size asked for)``: any batch, images of 3x3
+#: or more (the Pale stem's smallest input), no largest size. torch.export may prove a narrower range
+#: (the dynamo exporter then narrows it); :attr:`OnnxExport.ranges` is the range it proved.
+DYNAMIC_AXES = {0: ("batch", 1), 2: ("height", 3), 3: ("width", 3)}
 Size = Tuple[int, int]
 #: The paper's evaluation (Sec. 4.1): resize to 256x256, centre crop 224x224; for a timm folder of a
 #: checkpoint that records no evaluation crop of its own.
@@ -43,7 +54,7 @@ PAPER_EVAL_CROP = dict(crop_pct=0.875, crop_mode="squash")
 
 @dataclass
 class OnnxCheck:
-    """onnxruntime against PyTorch at one input shape: ``max|onnx - torch| / max|torch|``."""
+    """onnxruntime against PyTorch at one input shape: ``max|onnx - torch|`` and that over ``max|torch|``."""
 
     shape: Tuple[int, int, int, int]
     max_abs_err: float
@@ -65,75 +76,96 @@ def _check_dynamic_export_supported(model: nn.Module) -> None:
 
     fixed = sorted({layer.mode for layer in attention_layers(model) if not attention_mode(layer.mode).any_size_graph})
     if fixed:
-        # e.g. vanilla picks the pale count with max(ceil(h/s_r), ceil(w/s_c)): a Python choice
-        # on sizes that a trace freezes, so one graph cannot serve every size.
-        raise InputError(f"ONNX export with dynamic height and width does not support attn_mode={fixed[0]!r} "
-                         "(its grouping is a size-dependent Python choice); use --static")
+        # vanilla picks its pale count with max(ceil(h/s_r), ceil(w/s_c)): a Python choice on the
+        # size, which neither exporter keeps symbolic (torch.export refuses it, a trace freezes it)
+        raise InputError(f"attn_mode={fixed[0]!r} cannot be exported to ONNX with dynamic height and width (its "
+                         f"grouping is a Python choice on the image size): export one size with --static "
+                         f"[--trace-size H W]")
+
+
+def check_batch(index: int) -> int:
+    """The batch of the ``index``-th onnxruntime check: 1, 2, 3, 1, ... (the dynamic batch is checked too)."""
+    return index % 3 + 1
 
 
 @dataclass
 class OnnxExport:
-    """What :func:`export_onnx` wrote: the exporter that worked, its opset, the trace size, the checks,
-    and why any exporter tried before it failed."""
+    """What :func:`export_onnx` wrote: the exporter, its opset, the trace size, the checks, the
+    seconds the export took (checks excluded) and, for a dynamic dynamo export, the range of each
+    dynamic dimension that torch.export proved the graph for, ``name: (smallest, largest or None)``."""
 
     exporter: str
     opset: int
     trace_size: Size
     checks: List[OnnxCheck]
-    failed: Dict[str, str]
+    seconds: float
+    ranges: Optional[Dict[str, Tuple[int, Optional[int]]]] = None
+
+    @property
+    def worst(self) -> OnnxCheck:
+        return max(self.checks, key=lambda c: c.max_rel_err)
 
 
-def export_onnx(model: nn.Module, path: PathLike, *, exporter: str = "auto", opset: int = 17,
+def export_onnx(model: nn.Module, path: PathLike, *, exporter: str = "dynamo", opset: Optional[int] = None,
                 trace_size: Optional[Size] = None, dynamic: bool = True, batch: int = 2,
                 check_sizes: Sequence[Size] = (), rtol: float = 1e-4,
                 metadata: Optional[Mapping[str, Any]] = None) -> OnnxExport:
-    """Export ``model`` (eval mode) to ONNX at ``path``, verify it, then move it into place.
+    """Export ``model`` (eval mode) to ONNX at ``path``, check it with onnxruntime, then move it into place.
 
     Args:
-        exporter: ``'legacy'`` (TorchScript trace, ``dynamo=False``), ``'dynamo'`` (torch.export,
-            opset >= 18), or ``'auto'``: legacy, and dynamo if legacy fails to export or to match.
-        trace_size: example image size; default the model's input size (``pretrained_cfg``).
-        dynamic: batch, height and width as dynamic axes; otherwise every size is fixed.
-        check_sizes: image sizes at which onnxruntime must match PyTorch (the trace size is always checked).
+        exporter: ``'dynamo'`` (``torch.onnx.export(..., dynamo=True)``: torch.export, opset >= 18) or
+            ``'legacy'`` (``dynamo=False``: the TorchScript trace, for an opset below 18).
+        trace_size: example image size (batch ``batch``); default the model's input size (``pretrained_cfg``).
+        dynamic: batch, height and width dynamic (:data:`DYNAMIC_AXES`); otherwise the example's shape is fixed.
+        check_sizes: image sizes at which onnxruntime must match PyTorch, the ``i``-th on a batch of
+            :func:`check_batch` ``(i)`` images; the trace size is checked first whatever is given. A
+            static export is checked at the example's shape only.
+        opset: the ONNX opset, default :data:`DEFAULT_OPSET` (within the exporter's :data:`OPSETS`).
         rtol: largest allowed ``max|onnx - torch| / max|torch|``.
         metadata: stored as ONNX ``metadata_props`` (values JSON-encoded).
     Raises:
-        InputError: no exporter gave a graph that matches; the target is then untouched.
+        InputError: a mode or opset the exporter cannot take, an operator it cannot translate, or a
+            check above ``rtol``; the target is then untouched.
     """
-    if exporter not in EXPORTERS + ("auto",):
-        raise InputError(f"unknown exporter {exporter!r}; expected auto or one of {EXPORTERS}")
-    # the opsets this torch can write (a private module: if a torch release moves it, the exporter
-    # itself refuses a bad opset, with a less direct message)
-    lowest = getattr(getattr(torch.onnx, "_constants", None), "ONNX_MIN_OPSET", None)
-    highest = getattr(getattr(torch.onnx, "_constants", None), "ONNX_MAX_OPSET", None)
-    if lowest is not None and highest is not None and not lowest <= opset <= highest:
-        raise InputError(f"ONNX opset {opset} is not one torch {torch.__version__} exports: {lowest} to {highest}")
+    if exporter not in EXPORTERS:
+        raise InputError(f"unknown exporter {exporter!r}; expected one of {EXPORTERS}")
+    lowest, highest = OPSETS[exporter]
+    opset = DEFAULT_OPSET if opset is None else opset
+    if not lowest <= opset <= highest:
+        other = " (the legacy exporter writes lower ones)" if exporter == "dynamo" and opset < lowest else ""
+        raise InputError(f"ONNX opset {opset} is not one the {exporter} exporter of torch {torch.__version__} "
+                         f"writes: {lowest} to {highest}{other}")
     model = model.eval()
     if dynamic:
         _check_dynamic_export_supported(model)
-    if trace_size is None:
-        trace_size = tuple(model.pretrained_cfg["input_size"][1:])
-    trace_size = tuple(trace_size)
-    sizes = [trace_size] + ([tuple(s) for s in check_sizes if tuple(s) != trace_size] if dynamic else [])
-    _check_model_runs_at(model, sizes)
-    failed: Dict[str, str] = {}
-    for name in (EXPORTERS if exporter == "auto" else (exporter,)):
-        used_opset = opset if name == "legacy" else max(opset, 18)
-        try:
-            checks = _export_checked(model, path, name, used_opset, trace_size, dynamic, batch, sizes, rtol, metadata)
-        except ValueError as err:
-            failed[name] = str(err)
-            continue
-        return OnnxExport(name, used_opset, trace_size, checks, failed)
-    raise InputError("; ".join(f"{msg}" for msg in failed.values()) + f"; {path} was not written")
+    trace_size = tuple(trace_size or model.pretrained_cfg["input_size"][1:])
+    if dynamic:
+        sizes = [trace_size] + [tuple(s) for s in check_sizes if tuple(s) != trace_size]
+        shapes = [(check_batch(i), *size) for i, size in enumerate(sizes)]
+    else:
+        shapes = [(batch, *trace_size)]
+    _check_model_runs_at(model, [trace_size] + [s[1:] for s in shapes])
+    if dynamic:
+        _check_example_size(model, trace_size)
+    start = time.perf_counter()
+    with files.atomic_path(path) as tmp:
+        ranges = _write_onnx(model, tmp, exporter, opset, (batch, *trace_size), dynamic, metadata)
+        seconds = time.perf_counter() - start
+        checks = check_onnx(tmp, model, shapes)
+        result = OnnxExport(exporter, opset, trace_size, checks, seconds, ranges)
+        if not result.worst.max_rel_err <= rtol:
+            raise InputError(f"the {exporter} ONNX export does not match PyTorch: relative error "
+                             f"{result.worst.max_rel_err:.3g} > {rtol:g} at input {result.worst.shape}; "
+                             f"{path} was not written")
+    return result
 
 
 def _check_model_runs_at(model: nn.Module, sizes: Sequence[Size]) -> None:
     """Run ``model`` eagerly on one image of every size, so that a size the model refuses is one line
-    naming the size, not a failed trace followed by a failed torch.export of the same input."""
+    naming the size, not a failed export."""
     in_chans = getattr(model, "in_chans", 3)
     with torch.no_grad():
-        for size in sizes:
+        for size in dict.fromkeys(tuple(s) for s in sizes):
             try:
                 model(torch.zeros(1, in_chans, *size))
             except (ValueError, TypeError, RuntimeError) as err:
@@ -141,59 +173,98 @@ def _check_model_runs_at(model: nn.Module, sizes: Sequence[Size]) -> None:
                                  f"size): {err}") from None
 
 
-def _export_checked(model: nn.Module, path: PathLike, exporter: str, opset: int, trace_size: Size,
-                    dynamic: bool, batch: int, sizes: Sequence[Size], rtol: float,
-                    metadata: Optional[Mapping[str, Any]]) -> List[OnnxCheck]:
-    """One exporter: export to a temporary file, add metadata, check, rename into place."""
+def _check_example_size(model: nn.Module, size: Size) -> None:
+    """Refuse an example size at which an attention layer's map has a side of 1: the exporters fix
+    such a size in the graph (torch.export specialises every size it sees as 1)."""
+    seen: List[Tuple[int, int]] = []
+    hooks = [layer.register_forward_pre_hook(lambda _, args: seen.append(tuple(args[0].shape[1:3])))
+             for layer in attention_layers(model)]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, getattr(model, "in_chans", 3), *size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if any(1 in hw for hw in seen):
+        smallest = min(seen, key=min)
+        raise InputError(f"a {size[0]}x{size[1]} example gives an attention layer a {smallest[0]}x{smallest[1]} map, "
+                         f"which a dynamic export would fix in the graph: use a larger --trace-size")
+
+
+def _write_onnx(model: nn.Module, path: Path, exporter: str, opset: int, example_shape: Tuple[int, ...],
+                dynamic: bool, metadata: Optional[Mapping[str, Any]]) -> Optional[Dict[str, Tuple[int, Optional[int]]]]:
+    """One export of ``model`` to ``path``, traced on a random ``example_shape`` input, ``metadata``
+    added; returns the ranges torch.export proved (:attr:`OnnxExport.ranges`)."""
     import onnx
 
-    example = torch.randn(batch, getattr(model, "in_chans", 3), *trace_size)
-    with files.atomic_path(path) as tmp:
-        onnx_tmp = tmp.with_name(tmp.name + ".onnx")  # the dynamo exporter wants an .onnx suffix
-        try:
-            with warnings.catch_warnings(), _clear_exporter_errors(exporter):
-                warnings.simplefilter("ignore")  # TracerWarnings about the size checks: expected, see above
-                if exporter == "legacy":
-                    axes = {"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}} if dynamic else None
-                    torch.onnx.export(model, (example,), str(onnx_tmp), dynamo=False, opset_version=opset,
-                                      input_names=["image"], output_names=["logits"], dynamic_axes=axes)
-                else:
-                    from torch.export import Dim
-                    shapes = {"x": {0: Dim.DYNAMIC, 2: Dim.DYNAMIC, 3: Dim.DYNAMIC}} if dynamic else None
-                    program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset,
-                                                input_names=["image"], output_names=["logits"],
-                                                dynamic_shapes=shapes, verbose=False)
-                    program.save(str(onnx_tmp), external_data=False)
-            proto = onnx.load(str(onnx_tmp))
-            for key, value in (metadata or {}).items():
-                entry = proto.metadata_props.add()
-                entry.key, entry.value = key, json.dumps(value)
-            onnx.save(proto, str(tmp))
-        finally:
-            if onnx_tmp.exists():
-                onnx_tmp.unlink()
-        checks = check_onnx(tmp, model, sizes, batch=batch)
-        worst = max(checks, key=lambda c: c.max_rel_err)
-        if not worst.max_rel_err <= rtol:
-            raise InputError(f"the {exporter} ONNX export does not match PyTorch: relative error "
-                             f"{worst.max_rel_err:.3g} > {rtol:g} at input {worst.shape}")
-    return checks
+    example = torch.randn(example_shape[0], getattr(model, "in_chans", 3), *example_shape[1:])
+    ranges = None
+    onnx_tmp = path.with_name(path.name + ".onnx")  # the dynamo exporter wants an .onnx suffix
+    try:
+        with warnings.catch_warnings(), _clear_exporter_errors(exporter):
+            warnings.simplefilter("ignore")  # TracerWarnings about the size checks: expected, see above
+            if exporter == "legacy":
+                axes = {"image": {i: name for i, (name, _) in DYNAMIC_AXES.items()}, "logits": {0: "batch"}}
+                torch.onnx.export(model, (example,), str(onnx_tmp), dynamo=False, opset_version=opset,
+                                  input_names=["image"], output_names=["logits"],
+                                  dynamic_axes=axes if dynamic else None)
+            else:
+                from torch.export import Dim
+
+                # positional (not by the argument's name), so that any timm model's forward takes it
+                shapes = ({i: Dim(name, min=low) for i, (name, low) in DYNAMIC_AXES.items()},) if dynamic else None
+                program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset,
+                                            input_names=["image"], output_names=["logits"],
+                                            dynamic_shapes=shapes, verbose=False)
+                program.save(str(onnx_tmp), external_data=False)
+                ranges = _proven_ranges(program.exported_program) if dynamic else None
+        proto = onnx.load(str(onnx_tmp))
+        for key, value in (metadata or {}).items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, json.dumps(value)
+        onnx.save(proto, str(path))
+    finally:
+        if onnx_tmp.exists():
+            onnx_tmp.unlink()
+    return ranges
+
+
+def _proven_ranges(program: torch.export.ExportedProgram) -> Dict[str, Tuple[int, Optional[int]]]:
+    """The range of each of :data:`DYNAMIC_AXES` for which ``program`` holds (a fixed size: one value)."""
+    image = next(n for n in program.graph.nodes if n.op == "placeholder"
+                 and n.name == program.graph_signature.user_inputs[0])
+    ranges = {}
+    for axis, (name, _) in DYNAMIC_AXES.items():
+        size = image.meta["val"].shape[axis]
+        if isinstance(size, torch.SymInt):
+            bound = program.range_constraints[size.node.expr]
+            upper = int(bound.upper) if bound.upper.is_Integer else None  # else torch's integer infinity
+            ranges[name] = (int(bound.lower), upper)
+        else:
+            ranges[name] = (int(size), int(size))
+    return ranges
 
 
 @contextlib.contextmanager
 def _clear_exporter_errors(exporter: str) -> Iterator[None]:
-    """An operator the exporter cannot translate becomes one InputError line, not a graph dump."""
+    """An operator or a model the exporter cannot take becomes one InputError line, not a report."""
     try:
         yield
     except torch.onnx.errors.OnnxExporterError as err:
-        first = str(err).strip().splitlines()[-1 if exporter == "legacy" else 0]
-        first = re.sub(r"\x1b\[[0-9;]*m", "", first)  # the dynamo exporter colours its messages
-        raise InputError(f"the {exporter} ONNX exporter cannot export this model: {first}") from None
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()  # the dynamo exporter colours its messages
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if exporter == "legacy":
+            line = lines[-1]
+        else:  # its first line names the step that failed; the cause follows "## Exception summary"
+            cause = next((lines[i + 1] for i, line in enumerate(lines[:-1]) if line == "## Exception summary"), None)
+            line = lines[0] + (f" {cause}" if cause else "")
+        raise InputError(f"the {exporter} ONNX exporter cannot export this model: {line}") from None
 
 
-def check_onnx(path: PathLike, model: nn.Module, sizes: Sequence[Size], batch: int = 2,
+def check_onnx(path: PathLike, model: nn.Module, shapes: Sequence[Tuple[int, int, int]],
                seed: int = 0) -> List[OnnxCheck]:
-    """Run the ONNX file with onnxruntime and ``model`` with PyTorch on the same random images."""
+    """Run the ONNX file with onnxruntime and ``model`` with PyTorch on the same random images, a batch
+    of ``(batch, height, width)`` for each entry of ``shapes``."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -201,7 +272,7 @@ def check_onnx(path: PathLike, model: nn.Module, sizes: Sequence[Size], batch: i
     gen = torch.Generator().manual_seed(seed)
     in_chans = getattr(model, "in_chans", 3)
     checks = []
-    for h, w in sizes:
+    for batch, h, w in shapes:
         x = torch.randn(batch, in_chans, h, w, generator=gen)
         with torch.no_grad():
             ref = model(x).double()
