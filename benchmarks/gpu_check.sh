@@ -124,7 +124,7 @@ for dtype in bf16 fp32; do
   stage digits 120 install "$(q "$PY") -c 'import sys; from pale.train.demo import prepare_digits; print(prepare_digits(sys.argv[1]))' $(q "$DIGITS")"
   stage train 120 digits "$PALE train --recipe demo_digits --data $(q "$DIGITS") --epochs 1 --device $DEVICE --amp bf16 --workers $WORKERS --set sched.warmup_epochs=0 --set train.attention_kernel=auto -o $(q "$RUN") && cp $(q "$RUN/summary.json") $(q "$DATA/train_summary.json")"
   stage eval 60 train "$PALE eval -c $(q "$RUN/last.pth") --data $(q "$DIGITS/test") --device $DEVICE --amp bf16 -b 250 -o $(q "$DATA/eval.json")"
-  stage export_onnx 90 train "$PALE export -c $(q "$RUN/last.pth") -o $(q "$RUN/model.onnx") --json > $(q "$DATA/export_onnx.json")"
+  stage export_onnx 180 train "$PALE export -c $(q "$RUN/last.pth") -o $(q "$RUN/model.onnx") --json > $(q "$DATA/export_onnx.json")"
   stage export_safetensors 45 train "$PALE export -c $(q "$RUN/last.pth") -o $(q "$RUN/model.safetensors")"
   stage eval_export 60 export_safetensors "$PALE eval -c $(q "$RUN/model.safetensors") --data $(q "$DIGITS/test") --device $DEVICE --amp bf16 -b 250 -o $(q "$DATA/eval_export.json")"
 done
