@@ -147,9 +147,39 @@ def export_onnx(model: nn.Module, path: PathLike, *, exporter: str = "dynamo", o
     _check_model_runs_at(model, [trace_size] + [s[1:] for s in shapes])
     if dynamic:
         _check_example_size(model, trace_size)
+    import onnx
+
     start = time.perf_counter()
-    with files.atomic_path(path) as tmp:
-        ranges = _write_onnx(model, tmp, exporter, opset, (batch, *trace_size), dynamic, metadata)
+    with files.atomic_path(path) as tmp:  # the export, its metadata and the checks all happen on tmp
+        example = torch.randn(batch, getattr(model, "in_chans", 3), *trace_size)
+        ranges = None
+        onnx_tmp = tmp.with_name(tmp.name + ".onnx")  # the dynamo exporter wants an .onnx suffix
+        try:
+            with warnings.catch_warnings(), _clear_exporter_errors(exporter):
+                warnings.simplefilter("ignore")  # TracerWarnings about the size checks: expected, see above
+                if exporter == "legacy":
+                    axes = {"image": {i: name for i, (name, _) in DYNAMIC_AXES.items()}, "logits": {0: "batch"}}
+                    torch.onnx.export(model, (example,), str(onnx_tmp), dynamo=False, opset_version=opset,
+                                      input_names=["image"], output_names=["logits"],
+                                      dynamic_axes=axes if dynamic else None)
+                else:
+                    from torch.export import Dim
+
+                    # positional (not by the argument's name), so that any timm model's forward takes it
+                    dims = ({i: Dim(name, min=low) for i, (name, low) in DYNAMIC_AXES.items()},) if dynamic else None
+                    program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset,
+                                                input_names=["image"], output_names=["logits"],
+                                                dynamic_shapes=dims, verbose=False)
+                    program.save(str(onnx_tmp), external_data=False)
+                    ranges = _proven_ranges(program.exported_program) if dynamic else None
+            proto = onnx.load(str(onnx_tmp))
+            for key, value in (metadata or {}).items():
+                entry = proto.metadata_props.add()
+                entry.key, entry.value = key, json.dumps(value)
+            onnx.save(proto, str(tmp))
+        finally:
+            if onnx_tmp.exists():
+                onnx_tmp.unlink()
         seconds = time.perf_counter() - start
         checks = check_onnx(tmp, model, shapes)
         result = OnnxExport(exporter, opset, trace_size, checks, seconds, ranges)
@@ -189,44 +219,6 @@ def _check_example_size(model: nn.Module, size: Size) -> None:
         smallest = min(seen, key=min)
         raise InputError(f"a {size[0]}x{size[1]} example gives an attention layer a {smallest[0]}x{smallest[1]} map, "
                          f"which a dynamic export would fix in the graph: use a larger --trace-size")
-
-
-def _write_onnx(model: nn.Module, path: Path, exporter: str, opset: int, example_shape: Tuple[int, ...],
-                dynamic: bool, metadata: Optional[Mapping[str, Any]]) -> Optional[Dict[str, Tuple[int, Optional[int]]]]:
-    """One export of ``model`` to ``path``, traced on a random ``example_shape`` input, ``metadata``
-    added; returns the ranges torch.export proved (:attr:`OnnxExport.ranges`)."""
-    import onnx
-
-    example = torch.randn(example_shape[0], getattr(model, "in_chans", 3), *example_shape[1:])
-    ranges = None
-    onnx_tmp = path.with_name(path.name + ".onnx")  # the dynamo exporter wants an .onnx suffix
-    try:
-        with warnings.catch_warnings(), _clear_exporter_errors(exporter):
-            warnings.simplefilter("ignore")  # TracerWarnings about the size checks: expected, see above
-            if exporter == "legacy":
-                axes = {"image": {i: name for i, (name, _) in DYNAMIC_AXES.items()}, "logits": {0: "batch"}}
-                torch.onnx.export(model, (example,), str(onnx_tmp), dynamo=False, opset_version=opset,
-                                  input_names=["image"], output_names=["logits"],
-                                  dynamic_axes=axes if dynamic else None)
-            else:
-                from torch.export import Dim
-
-                # positional (not by the argument's name), so that any timm model's forward takes it
-                shapes = ({i: Dim(name, min=low) for i, (name, low) in DYNAMIC_AXES.items()},) if dynamic else None
-                program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset,
-                                            input_names=["image"], output_names=["logits"],
-                                            dynamic_shapes=shapes, verbose=False)
-                program.save(str(onnx_tmp), external_data=False)
-                ranges = _proven_ranges(program.exported_program) if dynamic else None
-        proto = onnx.load(str(onnx_tmp))
-        for key, value in (metadata or {}).items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, json.dumps(value)
-        onnx.save(proto, str(path))
-    finally:
-        if onnx_tmp.exists():
-            onnx_tmp.unlink()
-    return ranges
 
 
 def _proven_ranges(program: torch.export.ExportedProgram) -> Dict[str, Tuple[int, Optional[int]]]:
