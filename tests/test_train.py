@@ -222,17 +222,23 @@ def test_resume_is_exact(folder, straight, tmp_path, monkeypatch):
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
 
 
-def test_sigterm_mid_epoch_saves_and_resume_is_exact(folder, straight, tmp_path, monkeypatch):
-    straight = straight[0]
-    calls = {"n": 0}
-    original = ClassificationTask.training_loss
+def sigterm_during_training_batch(monkeypatch, n: int):
+    """Make this process receive SIGTERM during its ``n``-th training batch; returns the unpatched
+    ``ClassificationTask.training_loss``, to put back for the resumed run."""
+    calls, original = {"n": 0}, ClassificationTask.training_loss
 
     def loss_then_sigterm(self, model, batch, rt):
         calls["n"] += 1
-        if calls["n"] == 5:  # second epoch, second update
+        if calls["n"] == n:
             os.kill(os.getpid(), signal.SIGTERM)
         return original(self, model, batch, rt)
     monkeypatch.setattr(ClassificationTask, "training_loss", loss_then_sigterm)
+    return original
+
+
+def test_sigterm_mid_epoch_saves_and_resume_is_exact(folder, straight, tmp_path, monkeypatch):
+    straight = straight[0]
+    original = sigterm_during_training_batch(monkeypatch, 5)  # second epoch, second update
     run = tmp_path / "run"
     with pytest.raises(TrainingInterrupted) as info:
         train(tiny_recipe(), [f"data.root={folder}"], run)

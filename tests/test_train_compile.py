@@ -2,8 +2,6 @@
 ``torch.compile`` while checkpoints and exports keep the plain module's keys (no ``_orig_mod.``), the
 EMA follows the uncompiled module, and a compiled run stopped mid-epoch resumes to the weights of an
 uninterrupted compiled run (slow: inductor compiles on the CPU)."""
-import os
-import signal
 
 import pytest
 import timm
@@ -15,7 +13,7 @@ from pale.cli import main
 from pale.files import load_torch
 from pale.train import TrainingInterrupted
 from pale.train.classification import ClassificationTask
-from test_train import TINY_MODEL, assert_same_state, make_folder, tiny_recipe, weights
+from test_train import TINY_MODEL, assert_same_state, make_folder, sigterm_during_training_batch, tiny_recipe, weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -61,14 +59,7 @@ def test_compiled_run_stopped_mid_epoch_resumes_to_the_uninterrupted_compiled_ru
     torch._dynamo.reset()
     straight = tmp_path / "straight"
     assert main(command(tmp_path, data, straight)) == 0
-    calls, original = {"n": 0}, ClassificationTask.training_loss
-
-    def loss_then_sigterm(self, model, batch, rt):
-        calls["n"] += 1
-        if calls["n"] == 5:  # second epoch, second update
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, model, batch, rt)
-    monkeypatch.setattr(ClassificationTask, "training_loss", loss_then_sigterm)
+    original = sigterm_during_training_batch(monkeypatch, 5)  # second epoch, second update
     run = tmp_path / "run"
     with pytest.raises(TrainingInterrupted):
         main(command(tmp_path, data, run))
