@@ -1,5 +1,5 @@
-"""Detection metrics across processes: each rank's detections gathered on rank 0 (over a gloo group of
-their own when the default backend is NCCL), COCOeval there, and the same metrics on every rank as one
+"""Detection metrics across processes: each rank's detections gathered on rank 0 (over a gloo group made
+for the evaluation when the default backend is NCCL), COCOeval there, and the same metrics on every rank as one
 process computes over all images."""
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from unittest import mock
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
@@ -66,12 +67,15 @@ def _rank(rank: int, root: str, out: str) -> None:
         ds, rt = val_set(Path(root)), Runtime(torch.device("cpu"), rank=rank, world_size=WORLD)
         with mock.patch.object(det_task, "coco_metrics", wraps=det_task.coco_metrics) as cocoeval:
             found = dict(gloo=evaluate(ds, rt), cocoeval_calls=cocoeval.call_count)
-        # as under NCCL: the objects go over a gloo group made on the first call, and that group only
-        with mock.patch.object(dist, "get_backend", return_value="nccl"):
+        # as under NCCL: the objects go over a gloo group of their own, made for each evaluation and
+        # destroyed after it (one left behind aborts the process at exit, after destroy_process_group)
+        groups_before = set(c10d._world.pg_map)
+        with mock.patch.object(dist, "get_backend", return_value="nccl"), \
+                mock.patch.object(dist, "new_group", wraps=dist.new_group) as new_group:
             found["nccl"] = evaluate(ds, rt)
-            group = det_task.object_group()
             found["nccl_again"] = evaluate(ds, rt)
-            found["one_group"] = det_task.object_group() is group and group is not None
+        found["gloo_groups_made"] = [call.kwargs.get("backend") for call in new_group.call_args_list]
+        found["groups_left"] = len(set(c10d._world.pg_map) - groups_before)
         Path(out, f"rank{rank}.json").write_text(json.dumps(found))
     finally:
         dist.destroy_process_group()
@@ -88,7 +92,7 @@ def test_two_ranks_give_every_rank_the_metrics_of_one_process(tmp_path):
     mp.spawn(_rank, args=(str(root), str(tmp_path)), nprocs=WORLD)
     for rank in range(WORLD):
         found = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert found["one_group"]
+        assert found["gloo_groups_made"] == ["gloo", "gloo"] and found["groups_left"] == 0
         assert found["cocoeval_calls"] == (1 if rank == 0 else 0)  # COCOeval runs on rank 0 only
         for run in ("gloo", "nccl", "nccl_again"):
             assert found[run] == alone, (rank, run)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -121,36 +121,37 @@ def coco_metrics(coco_gt: Any, results: List[Dict[str, Any]], image_ids: Optiona
     return out
 
 
-#: ``(default group, its gloo group)``: pickled objects go over gloo when the default backend is NCCL
-_OBJECT_GROUP: List[Any] = [None, None]
+@contextlib.contextmanager
+def object_group(rt: Runtime) -> Iterator[Optional[dist.ProcessGroup]]:
+    """The group to send pickled objects over inside the block: the default one (None) unless its
+    backend is NCCL, which would move them through GPU memory on every rank; then a gloo group over
+    all ranks, made on entry (every rank enters) and destroyed on exit. Not kept for later calls: a
+    group still referenced after ``dist.destroy_process_group()`` aborts the process at exit."""
+    if not rt.distributed or dist.get_backend() != "nccl":
+        yield None
+        return
+    group = dist.new_group(backend="gloo")
+    try:
+        yield group
+    finally:
+        dist.destroy_process_group(group)
 
 
-def object_group() -> Optional[dist.ProcessGroup]:
-    """The group to send pickled objects over: the default one (None) unless its backend is NCCL, which
-    would move them through GPU memory on every rank; then a gloo group over all ranks, made once (on
-    the first call, which every rank makes) for each default group."""
-    if dist.get_backend() != "nccl":
-        return None
-    if _OBJECT_GROUP[0] is not dist.group.WORLD:
-        _OBJECT_GROUP[:] = [dist.group.WORLD, dist.new_group(backend="gloo")]
-    return _OBJECT_GROUP[1]
-
-
-def gather_to_main(obj: Any, rt: Runtime) -> Optional[List[Any]]:
+def gather_to_main(obj: Any, rt: Runtime, group: Optional[dist.ProcessGroup]) -> Optional[List[Any]]:
     """Every rank's ``obj`` in rank order on rank 0, None on the other ranks; ``[obj]`` on one process."""
     if not rt.distributed:
         return [obj]
     out: Optional[List[Any]] = [None] * rt.world_size if rt.is_main else None
-    dist.gather_object(obj, out, dst=0, group=object_group())
+    dist.gather_object(obj, out, dst=0, group=group)
     return out
 
 
-def broadcast_from_main(obj: Any, rt: Runtime) -> Any:
+def broadcast_from_main(obj: Any, rt: Runtime, group: Optional[dist.ProcessGroup]) -> Any:
     """Rank 0's ``obj`` on every rank."""
     if not rt.distributed:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0, group=object_group())
+    dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
 
 
@@ -166,11 +167,13 @@ def evaluate_detector(model: nn.Module, batches: Iterable[Any], rt: Runtime, coc
         outputs = model([rt.to_device(im) for im in images])
         results += coco_results(outputs, ids, cat_ids)
         seen += ids
-    parts = gather_to_main((results, seen), rt)
-    metrics = None
-    if parts is not None:
-        metrics = coco_metrics(coco_gt, [r for part, _ in parts for r in part], [i for _, ids in parts for i in ids])
-    return broadcast_from_main(metrics, rt)
+    with object_group(rt) as group:
+        parts = gather_to_main((results, seen), rt, group)
+        metrics = None
+        if parts is not None:
+            metrics = coco_metrics(coco_gt, [r for part, _ in parts for r in part],
+                                   [i for _, ids in parts for i in ids])
+        return broadcast_from_main(metrics, rt, group)
 
 
 class DetectionTask(Task):
