@@ -278,3 +278,39 @@ def test_explicit_weights_are_softmax_rows_on_the_map(mode):
             torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:2], dtype=torch.float64))
             assert ((weights > 0) == mask[token]).all()
     assert layer.fused_attn   # restored
+
+
+@pytest.mark.parametrize("mode", ["parallel", "vanilla"])
+def test_key_masks_are_built_once_per_size_and_serve_autograd(mode):
+    # 10x9 pads for pale size 3 in every mode. The masks (and vanilla's pale index) are built once per
+    # size in eager calls; one first built under inference_mode must still serve a training step.
+    from pale.models.pale_ablations import pale_key_mask
+    from pale.models.pale_transformer import batch_key_mask
+
+    cache = pale_key_mask if mode == "vanilla" else batch_key_mask
+    cache.cache_clear()
+    layer = create_attention(16, 2, 3, mode=mode)
+    x = torch.randn(2, 10, 9, 16)
+    with torch.inference_mode():
+        layer.eval()(x)
+    built = cache.cache_info().misses
+    assert built >= 1
+    layer(x).sum()
+    assert cache.cache_info().misses == built  # the second call built nothing
+    layer.train()(x.requires_grad_()).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    with torch.no_grad():
+        cached = layer.eval()(x)
+        cache.cache_clear()
+        torch.testing.assert_close(cached, layer(x), rtol=0, atol=0)
+
+
+def test_key_masks_are_not_cached_while_traced_or_compiled():
+    from pale.models.pale_transformer import batch_key_mask
+
+    batch_key_mask.cache_clear()
+    layer = create_attention(16, 2, 3).eval()
+    x = torch.randn(2, 10, 9, 16)
+    torch.compile(layer, backend="eager", fullgraph=True)(x)
+    torch.jit.trace(layer, x, check_trace=False)
+    assert batch_key_mask.cache_info().currsize == 0

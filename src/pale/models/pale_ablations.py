@@ -21,8 +21,8 @@ from torch import Tensor
 
 from .pale_transformer import (DIRECTIONS, AttentionLayout, AttentionMode, GroupedAttention, GroupedQKV,
                                attend_in_groups, group_lines, merge_heads, pale_count,
-                               pale_group_size, register_attention_mode, row_groups_macs, split_heads,
-                               traced_for_any_size, ungroup_lines)
+                               eager_cache, pale_group_size, register_attention_mode, row_groups_macs,
+                               split_heads, ungroup_lines)
 
 __all__ = ["SequentialPSAttention", "VanillaPSAttention", "per_pale_attention", "group_pales", "ungroup_pales",
            "pale_index"]
@@ -90,18 +90,25 @@ def pale_index(num_pales: int, pale_size: Tuple[int, int], device: Optional[torc
     return index, count
 
 
-@functools.lru_cache(maxsize=64)
-def _cached_pale_index(num_pales: int, pale_size: Tuple[int, int], device: torch.device) -> Tuple[Tensor, Tensor]:
-    with torch.inference_mode(False):  # usable later by autograd, whatever mode the first call ran in
-        return pale_index(num_pales, pale_size, device)
+_cached_pale_index = eager_cache(pale_index)
 
 
 def _pale_index_for(q: Tensor, num_pales: int, pale_size: Tuple[int, int]) -> Tuple[Tensor, Tensor]:
-    # Cached per (pale count, pale size, device) in eager mode only: tensors made while tracing,
-    # exporting or compiling must not outlive the capture.
-    if traced_for_any_size() or torch.compiler.is_compiling():
-        return pale_index(num_pales, pale_size, q.device)
     return _cached_pale_index(num_pales, tuple(pale_size), q.device)
+
+
+@eager_cache
+def pale_key_mask(batch: int, height: int, width: int, num_pales: int, pale_size: Tuple[int, int],
+                  device: torch.device) -> Tensor:
+    """Which tokens of each pale are real (not padding) on an ``height x width`` map padded to
+    ``(N s_r, N s_c)``: ``(B N, 1, 1, P)`` bool, as attention takes it."""
+    hp, wp = num_pales * pale_size[0], num_pales * pale_size[1]
+    index, _ = _cached_pale_index(num_pales, tuple(pale_size), device)
+    real = ((torch.arange(hp, device=device) < height).view(hp, 1)
+            & (torch.arange(wp, device=device) < width).view(1, wp)).view(-1)
+    tokens = index.shape[1]
+    return real[index].view(1, num_pales, 1, 1, tokens).expand(batch, num_pales, 1, 1, tokens).reshape(
+        batch * num_pales, 1, 1, tokens)
 
 
 def _same_size_as_traced(x: Tensor, height: int, width: int) -> Tensor:
@@ -150,11 +157,7 @@ def group_pales(q: Tensor, k: Tensor, v: Tensor, num_heads: int, pale_size: Tupl
     tokens = index.shape[1]
     qp, kp, vp = (split_heads(t.reshape(b, hp * wp, c).index_select(1, index.view(-1)).view(b * n, tokens, c),
                               num_heads) for t in (q, k, v))
-    mask = None
-    if padded:
-        real = ((torch.arange(hp, device=q.device) < h).view(hp, 1)
-                & (torch.arange(wp, device=q.device) < w).view(1, wp)).view(-1)
-        mask = real[index].view(1, n, 1, 1, tokens).expand(b, n, 1, 1, tokens).reshape(b * n, 1, 1, tokens)
+    mask = pale_key_mask(b, h, w, n, tuple(pale_size), q.device) if padded else None
     return qp, kp, vp, mask
 
 

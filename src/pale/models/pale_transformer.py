@@ -271,6 +271,27 @@ def traced_for_any_size() -> bool:
     return torch.jit.is_tracing() or attention_kernels.is_exporting()
 
 
+def eager_cache(make: Callable[..., Tensor]) -> Callable[..., Any]:
+    """``make`` (a function of hashable sizes and a device that builds constant tensors: indices,
+    masks), memoised per argument tuple in eager calls (the 64 most recent). Traced, exported and
+    compiled calls run ``make`` itself: no tensor made during a capture outlives it. Cached tensors
+    are made outside inference mode, so autograd can use them whatever mode the first call ran in."""
+
+    @functools.lru_cache(maxsize=64)
+    def cached(*args: Any) -> Any:
+        with torch.inference_mode(False):
+            return make(*args)
+
+    @functools.wraps(make)
+    def call(*args: Any) -> Any:
+        if traced_for_any_size() or torch.compiler.is_compiling():
+            return make(*args)
+        return cached(*args)
+
+    call.cache_info, call.cache_clear = cached.cache_info, cached.cache_clear  # type: ignore[attr-defined]
+    return call
+
+
 # torch.fx.wrap (not timm's register_notrace_function) makes a function a leaf for every FX tracer,
 # also torchvision's create_feature_extractor called directly, which does not read timm's list.
 @torch.fx.wrap
@@ -338,6 +359,16 @@ def real_key_mask(height: int, padded_height: int, width: int, group_size: int, 
     """Which grouped tokens are real rows (not padding): ``(G, group_size * W)`` bool."""
     real = (torch.arange(padded_height, device=device) < height).view(1, padded_height, 1, 1)
     return group_rows(real.expand(1, padded_height, width, 1), group_size, interlaced).squeeze(-1)
+
+
+@eager_cache
+def batch_key_mask(batch: int, height: int, padded_height: int, width: int, group_size: int, interlaced: bool,
+                   device: torch.device) -> Tensor:
+    """:func:`real_key_mask` for every group of a batch, as attention takes it: ``(B G, 1, 1, group_size * W)``
+    bool (built once per size in eager calls: :func:`eager_cache`)."""
+    groups, length = padded_height // group_size, group_size * width
+    mask = real_key_mask(height, padded_height, width, group_size, interlaced, device)
+    return mask.unsqueeze(0).expand(batch, groups, length).reshape(batch * groups, 1, 1, length)
 
 
 # torch.export keeps every size symbolic and specialises the graph on any size it cannot prove to
@@ -452,11 +483,7 @@ def group_lines(q: Tensor, k: Tensor, v: Tensor, num_heads: int, group_size: int
         mask = export_key_mask(h, hp // group_size, num_heads, group_size, w, interlaced, q.device) if padded else None
         qg, kg, vg = (export_group_rows(t, num_heads, group_size, interlaced) for t in (q, k, v))
         return qg, kg, vg, mask
-    mask = None
-    if padded:
-        groups = hp // group_size
-        mask = real_key_mask(h, hp, w, group_size, interlaced, q.device)
-        mask = mask.unsqueeze(0).expand(b, groups, group_size * w).reshape(b * groups, 1, 1, group_size * w)
+    mask = batch_key_mask(b, h, hp, w, group_size, interlaced, q.device) if padded else None
     qg, kg, vg = (split_heads(group_rows(t, group_size, interlaced), num_heads) for t in (q, k, v))
     return qg, kg, vg, mask
 
