@@ -268,6 +268,39 @@ def test_bf16_kernels_within_rounding_bound(name, masked):
         assert (a.double() - b).abs().max() <= 4 * U_BF16 * b.abs().max(), f"{name} {what}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask_rows", ["per group", "one for all", "none"])
+def test_explicit_in_chunks_equals_reference(monkeypatch, dtype, mask_rows):
+    # Chunks of 2 groups over 5 (the last chunk short), with a mask per group, one mask row broadcast over
+    # every group, or none: values and gradients as exact as the kernels' reference tests demand.
+    q, k, v, mask = inputs(n=5, length=49, d=32, dtype=dtype, masked=mask_rows != "none")
+    if mask_rows == "one for all":
+        mask = mask[2:3]
+    monkeypatch.setattr(ak, "CHUNK_BYTES", 2 * 2 * 49 * 49 * q.element_size())
+    assert ak.chunk_groups(q, k) == 2
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    got = run_with_grads(through_kernel("explicit"), q, k, v, mask, dout)
+    want = run_with_grads(reference, q.double(), k.double(), v.double(), mask, dout.double())
+    bounds = bf16_error_bounds(q, k, v, mask, dout) if dtype == torch.bfloat16 else [1e-6] * 4
+    for what, a, b, bound in zip(("out", "dq", "dk", "dv"), got, want, bounds):
+        assert a.dtype == dtype
+        assert ((a.double() - b).abs() - bound).max() <= 1e-12, f"{what} ({mask_rows})"
+
+
+def test_chunks_hold_at_most_chunk_bytes_of_scores():
+    # Pale-T's stage shapes at batch 8 in bf16 and fp32: a chunk's scores fit CHUNK_BYTES, and a chunk of
+    # one more group would not (or every group is in one chunk); a group larger than the chunk goes alone.
+    for shape in PALE_T_STAGES + [(2, 1, 2000, 32)]:
+        for dtype in (torch.bfloat16, torch.float32):
+            q = torch.empty(shape, dtype=dtype)
+            n, heads, length, _ = shape
+            group_bytes = heads * length * length * q.element_size()
+            chunk = ak.chunk_groups(q, q)
+            assert chunk >= 1
+            assert chunk == 1 or chunk * group_bytes <= ak.CHUNK_BYTES
+            assert chunk >= n or (chunk + 1) * group_bytes > ak.CHUNK_BYTES
+
+
 def test_cpu_flash_is_the_flash_kernel():
     from torch.profiler import ProfilerActivity, profile
 
