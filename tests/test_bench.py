@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from pale.bench import (Result, Setting, _fill_rates, checkpointing_summary, format_table, forward_macs, matmul_peak,
-                        run_benchmark)
+from pale.bench import (Result, Setting, _fill_rates, checkpointing_summary, compile_summary, format_table, forward_macs,
+                        matmul_peak, run_benchmark)
 from pale.cli import main
 
 
@@ -56,6 +56,26 @@ def test_grad_checkpointing_on_and_off_in_the_same_rounds():
     assert len(off.infer_times_s) == 2 and on.infer_times_s == []  # inference: once, without
     (line,) = checkpointing_summary([off, on])
     assert "pale_tiny" in line and "training step time x" in line
+
+
+def test_eager_and_compiled_in_the_same_rounds(monkeypatch):
+    import torch
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend="eager", **kw))  # no inductor build
+    results = run_benchmark(["pale_tiny", "resnet18"], [(32, 32)], [2], warmup=1, repeats=3, memory=False,
+                            compile_modes=(False, True))
+    assert [(r.model, r.compile) for r in results] == [("pale_tiny", False), ("pale_tiny", True),
+                                                       ("resnet18", False), ("resnet18", True)]
+    assert all(len(r.infer_times_s) == len(r.train_times_s) == 3 for r in results)
+    lines = compile_summary(results)
+    assert len(lines) == 2 and lines[0].startswith("torch.compile, pale_tiny 32x32 batch 2 fp32: compiled / eager")
+    # Ratios: per round eager time / compiled time, median over rounds.
+    eager = Result("m", (32, 32), 1, "fp32", False, 1.0, infer_times_s=[2.0, 3.0, 9.0], train_times_s=[1.0, 1.0, 1.0])
+    compiled = Result("m", (32, 32), 1, "fp32", True, 1.0, infer_times_s=[1.0, 1.0, 1.0], train_times_s=[2.0, 2.0, 1.0])
+    (line,) = compile_summary([eager, compiled])
+    assert "inference 3.00, training step 0.50" in line
+    assert compile_summary([eager]) == []
 
 
 def test_forward_macs_counts_attention():

@@ -328,8 +328,10 @@ def run_benchmark(models: Sequence[str], img_sizes: Sequence[Pair], batch_sizes:
     with ``checkpointing=(False, True)`` each model's training step with and without gradient
     checkpointing in the same rounds (inference is measured without it: it changes nothing there).
 
-    Returns one :class:`Result` per (setting, model, checkpointing), settings in the order size,
-    batch, dtype, compile.
+    Eager and compiled models (``compile_modes=(False, True)``) are timed in the same rounds too.
+
+    Returns one :class:`Result` per (setting, model, compile, checkpointing), settings in the order
+    size, batch, dtype.
     """
     results: List[Result] = []
     macs_cache: Dict[Tuple[str, Pair], int] = {}
@@ -340,38 +342,37 @@ def run_benchmark(models: Sequence[str], img_sizes: Sequence[Pair], batch_sizes:
                 macs_cache[(model, size)] = forward_macs(model, size)
         for batch in batch_sizes:
             for dtype in dtypes:
-                for compiled in compile_modes:
-                    settings = [Setting(m, size, batch, dtype, compiled, ckpt, device)
-                                for m in models for ckpt in checkpointing]
-                    group = {s: Result(s.model, size, batch, dtype, compiled, macs_cache[(s.model, size)] / 1e9,
-                                       s.grad_checkpointing, emulated=dtype == "bf16" and emulated_bf16, device=device)
-                             for s in settings}
-                    for mode in modes:
-                        active = [s for s in settings if mode == "train" or s.grad_checkpointing == min(checkpointing)]
-                        runners = []
+                settings = [Setting(m, size, batch, dtype, compiled, ckpt, device)
+                            for m in models for compiled in compile_modes for ckpt in checkpointing]
+                group = {s: Result(s.model, size, batch, dtype, s.compile, macs_cache[(s.model, size)] / 1e9,
+                                   s.grad_checkpointing, emulated=dtype == "bf16" and emulated_bf16, device=device)
+                         for s in settings}
+                for mode in modes:
+                    active = [s for s in settings if mode == "train" or s.grad_checkpointing == min(checkpointing)]
+                    runners = []
+                    for s in active:
+                        log(f"building {s.model} on {device} ({mode}, {size[0]}x{size[1]}, batch {batch}, {dtype}"
+                            f"{', compiled' if s.compile else ''}"
+                            f"{', grad checkpointing' if s.grad_checkpointing else ''}) and warming up")
+                        runner = Runner(s, mode)
+                        for _ in range(warmup):
+                            runner()
+                        runners.append(runner)
+                    for r in range(repeats):
+                        for runner in runners:
+                            start = time.perf_counter()
+                            runner()
+                            elapsed = time.perf_counter() - start
+                            getattr(group[runner.setting], f"{mode}_times_s").append(elapsed)
+                        log(f"{mode} round {r + 1}/{repeats} done")
+                    del runners
+                    if memory:
                         for s in active:
-                            log(f"building {s.model} on {device} ({mode}, {size[0]}x{size[1]}, batch {batch}, {dtype}"
-                                f"{', compiled' if compiled else ''}"
-                                f"{', grad checkpointing' if s.grad_checkpointing else ''}) and warming up")
-                            runner = Runner(s, mode)
-                            for _ in range(warmup):
-                                runner()
-                            runners.append(runner)
-                        for r in range(repeats):
-                            for runner in runners:
-                                start = time.perf_counter()
-                                runner()
-                                elapsed = time.perf_counter() - start
-                                getattr(group[runner.setting], f"{mode}_times_s").append(elapsed)
-                            log(f"{mode} round {r + 1}/{repeats} done")
-                        del runners
-                        if memory:
-                            for s in active:
-                                log(f"peak memory of {s.model} ({mode}) in a subprocess")
-                                setattr(group[s], f"{mode}_peak_mem_mib", peak_memory_mib(s, mode))
-                    for res in group.values():
-                        _fill_rates(res, peaks)
-                    results.extend(group.values())
+                            log(f"peak memory of {s.model} ({mode}) in a subprocess")
+                            setattr(group[s], f"{mode}_peak_mem_mib", peak_memory_mib(s, mode))
+                for res in group.values():
+                    _fill_rates(res, peaks)
+                results.extend(group.values())
     return results
 
 
@@ -423,9 +424,7 @@ def format_table(results: Sequence[Result], baseline: Optional[str] = None) -> s
                _fmt(None if r.infer_fraction_of_peak is None else 100 * r.infer_fraction_of_peak, ".0f"),
                _fmt(r.train_images_per_s, ".1f"), _fmt(r.infer_peak_mem_mib, ".0f"), _fmt(r.train_peak_mem_mib, ".0f")]
         if baseline:
-            base = next((b for b in results if b.model == baseline and
-                         (b.img_size, b.batch_size, b.dtype, b.compile, b.grad_checkpointing)
-                         == (r.img_size, r.batch_size, r.dtype, r.compile, r.grad_checkpointing)), None)
+            base = same_setting(results, r, model=baseline)
             for mode in MODES:
                 row.append(_fmt(speed_ratio(r, base, mode) if base else None, ".2f"))
         rows.append(row)
@@ -442,13 +441,19 @@ def to_json(results: Sequence[Result], peaks: Dict[str, float], info: Dict[str, 
             "results": [asdict(r) for r in results]}
 
 
+def same_setting(results: Sequence[Result], result: Result, **change: Any) -> Optional[Result]:
+    """The result measured in ``result``'s setting with ``change`` (e.g. ``compile=False``), if any."""
+    want = {name: change.get(name, getattr(result, name))
+            for name in ("model", "img_size", "batch_size", "dtype", "compile", "grad_checkpointing")}
+    return next((r for r in results if all(getattr(r, name) == value for name, value in want.items())), None)
+
+
 def checkpointing_summary(results: Sequence[Result]) -> List[str]:
     """One line per model measured with and without gradient checkpointing in the same rounds: the
     training step's time and peak memory with it, over without."""
     lines = []
     for on in (r for r in results if r.grad_checkpointing):
-        off = next((r for r in results if not r.grad_checkpointing and (r.model, r.img_size, r.batch_size, r.dtype,
-                    r.compile) == (on.model, on.img_size, on.batch_size, on.dtype, on.compile)), None)
+        off = same_setting(results, on, grad_checkpointing=False)
         speed = speed_ratio(off, on, "train") if off else None
         if speed is None:
             continue
@@ -457,4 +462,20 @@ def checkpointing_summary(results: Sequence[Result]) -> List[str]:
         lines.append(f"grad checkpointing, {on.model} {on.img_size[0]}x{on.img_size[1]} batch {on.batch_size} "
                      f"{on.dtype}: training step time x{speed:.2f} (median of per-round ratios), peak memory "
                      f"{'-' if mem is None else f'x{mem:.2f}'}")
+    return lines
+
+
+def compile_summary(results: Sequence[Result]) -> List[str]:
+    """One line per model measured eager and compiled in the same rounds: compiled speed over eager,
+    inference and training step (> 1: compiling made it faster)."""
+    lines = []
+    for compiled in (r for r in results if r.compile):
+        eager = same_setting(results, compiled, compile=False)
+        ratios = {mode: speed_ratio(compiled, eager, mode) if eager else None for mode in MODES}
+        if all(v is None for v in ratios.values()):
+            continue
+        lines.append(f"torch.compile, {compiled.model} {compiled.img_size[0]}x{compiled.img_size[1]} batch "
+                     f"{compiled.batch_size} {compiled.dtype}{' grad checkpointing' if compiled.grad_checkpointing else ''}: "
+                     f"compiled / eager speed, inference {_fmt(ratios['infer'], '.2f')}, training step "
+                     f"{_fmt(ratios['train'], '.2f')} (median of per-round ratios)")
     return lines

@@ -41,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", nargs="+", type=int, default=[16], metavar="B", help="batch sizes (default: 16)")
     p.add_argument("--dtype", nargs="+", choices=["fp32", "bf16"], default=["fp32"],
                    help="fp32, or bf16 autocast (default: fp32)")
-    p.add_argument("--compile", choices=["no", "yes", "both"], default="no", help="torch.compile the models")
+    p.add_argument("--compile", choices=["no", "yes", "both"], default="no",
+                   help="torch.compile the models; 'both' times eager and compiled in the same rounds")
     p.add_argument("--grad-checkpointing", choices=["no", "yes", "both"], default="no",
                    help="gradient checkpointing in the training step; 'both' times it on and off in the same rounds")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -64,8 +65,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..bench import (check_model_name, checkpointing_summary, format_table, machine_info, machine_peaks,
-                         resolve_device, run_benchmark, to_json)
+    from ..bench import (check_model_name, checkpointing_summary, compile_summary, format_table, machine_info,
+                         machine_peaks, resolve_device, run_benchmark, to_json)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"instruction set: {info['cpu_capability']}; {bf16_note}")
     print("peak GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()))
     print(format_table(results, baseline))
-    for line in checkpointing_summary(results):
+    for line in checkpointing_summary(results) + compile_summary(results):
         print(line)
     print("GFLOP/s = 2 x measured forward multiply-adds x inference images/s; % peak = of matmul peak in the "
           "same dtype. MiB = " + ("peak CUDA memory allocated" if device == "cuda" else "RSS high-water") +
