@@ -363,3 +363,16 @@ def test_an_empty_batch_gives_empty_outputs(mode, kernel):
                 features = model.eval().forward_features(x)
                 assert features.shape[0] == 0 and features.shape[-1] == 64
                 assert [f.shape[0] for f in model.forward_intermediates(x, intermediates_only=True)] == [0] * 4
+
+
+def test_ceil_max_pool_is_ceil_mode_max_pooling():
+    from pale.models.pale_transformer import CeilMaxPool2d
+
+    pool, reference = CeilMaxPool2d(), torch.nn.MaxPool2d(2, ceil_mode=True)
+    for size in ((7, 7), (8, 9), (1, 2), (28, 28)):
+        x = torch.randn(2, 3, *size, requires_grad=True)
+        out = pool(x)
+        assert out.shape[-2:] == ((size[0] + 1) // 2, (size[1] + 1) // 2)
+        torch.testing.assert_close(out, reference(x), rtol=0, atol=0)
+        grad, = torch.autograd.grad(out.sum(), x)
+        torch.testing.assert_close(grad, torch.autograd.grad(reference(x).sum(), x)[0], rtol=0, atol=0)

@@ -375,7 +375,10 @@ def batch_key_mask(batch: int, height: int, padded_height: int, width: int, grou
 # be 1 or more than 1 (even a contiguity check asks). ``G`` can be either in an input range (stage 4
 # of a 64..512 input has one group or three), so on the export path no tensor has a dimension of
 # ``G`` alone: the groups and heads share one dimension, and the tokens are gathered by index from
-# a flat view (a view that merges symbolic dimensions asks the same questions).
+# a flat view (a view that merges symbolic dimensions asks the same questions). Nor does a view split
+# a dimension into symbolic sizes: it must prove the division exact, which sympy often cannot (it
+# distributes ``2 (G + 1)`` into ``2 G + 2`` and no longer sees the factor); the gathers' indices have
+# the result's shape instead.
 
 def _flat(x: Tensor, *shape: int) -> Tensor:
     """``x`` viewed as ``shape`` through ``(numel / C, C)``, ``C`` the last entry of ``shape``."""
@@ -391,39 +394,43 @@ def _export_rows(groups: int, num_heads: int, group_size: int, interlaced: bool,
 
 def _export_positions(groups: int, num_heads: int, group_size: int, width: int, interlaced: bool,
                       device: torch.device) -> Tensor:
-    """For each element of the exported groups ``(G heads, s W)`` (group, head, row within the group,
-    column), its index in the map's ``(Hp W heads)`` flat order: ``(G heads s W,)``. (Products and
-    broadcasts only: the ONNX exporter takes no remainder by a symbolic size.)"""
+    """For each element of the exported groups ``(G heads, s W)`` (group and head; row within the group,
+    then column), its index in the map's ``(Hp W heads)`` flat order. (Products, broadcasts and one
+    concatenation of the ``s`` rows: the ONNX exporter takes no remainder by a symbolic size, and a view
+    that merged ``(s, W)`` would ask whether ``s W`` exceeds ``s``.)"""
     rows = _export_rows(groups, num_heads, group_size, interlaced, device)
-    head = (torch.arange(groups * num_heads, device=device) % num_heads)[:, None, None]
-    col = torch.arange(width, device=device)[None, None, :]
-    return ((rows * width + col) * num_heads + head).flatten()
+    head = (torch.arange(groups * num_heads, device=device) % num_heads)[:, None]
+    col = torch.arange(width, device=device)[None, :]
+    return torch.cat([(rows[:, i] * width + col) * num_heads + head for i in range(group_size)], dim=1)
 
 
 def export_group_rows(x: Tensor, num_heads: int, group_size: int, interlaced: bool) -> Tensor:
     """:func:`group_rows` then :func:`split_heads` as torch.export keeps them at every size:
     ``(B, Hp, W, C)`` -> ``(B, G heads, s W, C / heads)``."""
     b, hp, w, c = x.shape
-    g, d = hp // group_size, c // num_heads
-    index = _export_positions(g, num_heads, group_size, w, interlaced, x.device)
-    return _flat(_flat(x, b, hp * w * num_heads, d).index_select(1, index), b, g * num_heads, group_size * w, d)
+    index = _export_positions(hp // group_size, num_heads, group_size, w, interlaced, x.device)
+    return _flat(x, b, hp * w * num_heads, c // num_heads)[:, index]
 
 
 def export_ungroup_rows(out: Tensor, num_heads: int, height: int, group_size: int, width: int,
                         interlaced: bool) -> Tensor:
     """Inverse of :func:`export_group_rows`, padded rows dropped: ``(B, G heads, s W, D)`` -> ``(B, H, W, heads D)``."""
     b, n, length, d = out.shape
-    position = _export_positions(n // num_heads, num_heads, group_size, width, interlaced, out.device)
+    position = _export_positions(n // num_heads, num_heads, group_size, width, interlaced, out.device).flatten()
     inverse = torch.empty_like(position).scatter_(0, position, torch.arange(position.numel(), device=out.device))
-    index = inverse.index_select(0, torch.arange(height * width * num_heads, device=out.device))  # real rows first
-    return _flat(_flat(out, b, n * length, d).index_select(1, index), b, height, width, num_heads * d)
+    device = out.device  # the real rows' (row, column, head) in the flat order, first: (H, W, heads)
+    real = ((torch.arange(height, device=device)[:, None, None] * width + torch.arange(width, device=device)[:, None])
+            * num_heads + torch.arange(num_heads, device=device))
+    return _flat(out, b, n * length, d)[:, inverse[real]].flatten(3, 4)
 
 
 def export_key_mask(height: int, groups: int, num_heads: int, group_size: int, width: int, interlaced: bool,
                     device: torch.device) -> Tensor:
-    """The key mask of :func:`export_group_rows`' groups: ``(1, G heads, 1, s W)``, True on real rows."""
-    real = _export_rows(groups, num_heads, group_size, interlaced, device) < height
-    return _flat(real.expand(-1, -1, width), groups * num_heads, group_size * width)[None, :, None, :]
+    """The key mask of :func:`export_group_rows`' groups: ``(1, G heads, 1, s W)``, True on real rows
+    (the map's real-row indicator, grouped as the tokens are)."""
+    padded = groups * group_size
+    real = (torch.arange(padded, device=device) < height)[None, :, None, None].expand(1, padded, width, num_heads)
+    return export_group_rows(real, num_heads, group_size, interlaced)[..., 0][:, :, None, :]
 
 
 def split_heads(x: Tensor, num_heads: int) -> Tensor:
@@ -804,6 +811,18 @@ class ConvPatchMerging(nn.Module):
         return self.norm(self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
 
+class CeilMaxPool2d(nn.Module):
+    """2x2 max-pooling with stride 2 that keeps a last odd row or column, as ``nn.MaxPool2d(2,
+    ceil_mode=True)``: ``(B, C, H, W)`` -> ``(B, C, ceil(H/2), ceil(W/2))``.
+
+    Written as a pad of one row and column of -inf, then pooling in floor mode: the same values, and
+    an output size torch.export proves for every input size (ceil mode's size rule asks whether
+    ``2 ((H - 1) // 2) < H``, which it cannot prove)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.max_pool2d(F.pad(x, (0, 1, 0, 1), value=float("-inf")), 2)
+
+
 class DeepConvStem(nn.Module):
     """Four 3x3 conv-BatchNorm-ReLU layers of ``C/2, C/2`` channels, a 2x2 max-pool, ``C, C`` channels, then
     a 1x1 convolution and LayerNorm: ``(B, H, W, C_in)`` -> ``(B, ceil(H/2), ceil(W/2), C)``.
@@ -819,7 +838,7 @@ class DeepConvStem(nn.Module):
         dd = {"device": device, "dtype": dtype}
         half = max(dim // 2, 1)
         self.convs = nn.Sequential(ConvNormAct(in_chans, half, 3, **dd), ConvNormAct(half, half, 3, **dd),
-                                   nn.MaxPool2d(2, ceil_mode=True), ConvNormAct(half, dim, 3, **dd),
+                                   CeilMaxPool2d(), ConvNormAct(half, dim, 3, **dd),
                                    ConvNormAct(dim, dim, 3, **dd))
         self.pointwise = nn.Conv2d(dim, dim, 1, **dd)
         self.norm = norm_layer(dim, **dd)
