@@ -256,8 +256,9 @@ def markdown(doc: Dict[str, Any]) -> str:
         lines += [f"| {t['dtype']} | {'compiled' if t['compiled'] else 'eager'} | {t['mode']} | {t['ratio']:.2f} | "
                   f"{_f(t['target'], '.1f')} | {'-' if t['met'] is None else 'yes' if t['met'] else 'NO'} |" for t in targets]
     if doc["mode"] == "dry":
-        lines += ["", "Dry run: tiny sizes, and the compiled stages ran with TORCH_COMPILE_DISABLE=1 (eager): "
-                      "these figures check the commands, not the speed."]
+        lines += ["", "Dry run: tiny sizes, the compiled stages ran with TORCH_COMPILE_DISABLE=1 (eager), and the digits "
+                      "run in auto precision (bf16 only on a CPU with native bf16): these figures check the commands, "
+                      "not the speed."]
     return "\n".join(lines) + "\n"
 
 

@@ -72,6 +72,8 @@ def test_the_dry_plan_uses_tiny_sizes_installs_nothing_and_does_not_compile():
         assert f"--models pale_tiny {SWIN} --img-size 64 --batch-size 2 --warmup 1 --repeats 1" in command
         assert ("TORCH_COMPILE_DISABLE=1" in command) == ("compiled" in name)
     assert "--device cpu" in stages["train"][2]
+    # bf16 only where the CPU runs it natively: emulated, the epoch would outlast its stage's limit
+    assert all("--amp auto" in stages[name][2] for name in ("train", "eval", "eval_export"))
 
 
 def test_only_keeps_the_named_stages_and_what_they_need():
