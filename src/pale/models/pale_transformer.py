@@ -392,23 +392,22 @@ def _export_rows(groups: int, num_heads: int, group_size: int, interlaced: bool,
     return within * groups + group if interlaced else group * group_size + within
 
 
-def _export_positions(groups: int, num_heads: int, group_size: int, width: int, interlaced: bool,
-                      device: torch.device) -> Tensor:
+def export_group_index(groups: int, num_heads: int, group_size: int, width: int, interlaced: bool,
+                       device: torch.device) -> Tensor:
     """For each element of the exported groups ``(G heads, s W)`` (group and head; row within the group,
     then column), its index in the map's ``(Hp W heads)`` flat order. (Products, broadcasts and one
     concatenation of the ``s`` rows: the ONNX exporter takes no remainder by a symbolic size, and a view
     that merged ``(s, W)`` would ask whether ``s W`` exceeds ``s``.)"""
     rows = _export_rows(groups, num_heads, group_size, interlaced, device)
-    head = (torch.arange(groups * num_heads, device=device) % num_heads)[:, None]
-    col = torch.arange(width, device=device)[None, :]
-    return torch.cat([(rows[:, i] * width + col) * num_heads + head for i in range(group_size)], dim=1)
+    head = (torch.arange(groups * num_heads, device=device) % num_heads)[:, None, None]
+    col = torch.arange(width, device=device)[None, None, :]
+    return torch.cat(((rows * width + col) * num_heads + head).unbind(1), dim=1)
 
 
-def export_group_rows(x: Tensor, num_heads: int, group_size: int, interlaced: bool) -> Tensor:
+def export_group_rows(x: Tensor, num_heads: int, index: Tensor) -> Tensor:
     """:func:`group_rows` then :func:`split_heads` as torch.export keeps them at every size:
-    ``(B, Hp, W, C)`` -> ``(B, G heads, s W, C / heads)``."""
+    ``(B, Hp, W, C)`` -> ``(B, G heads, s W, C / heads)``; ``index`` of :func:`export_group_index`."""
     b, hp, w, c = x.shape
-    index = _export_positions(hp // group_size, num_heads, group_size, w, interlaced, x.device)
     return _flat(x, b, hp * w * num_heads, c // num_heads)[:, index]
 
 
@@ -416,7 +415,7 @@ def export_ungroup_rows(out: Tensor, num_heads: int, height: int, group_size: in
                         interlaced: bool) -> Tensor:
     """Inverse of :func:`export_group_rows`, padded rows dropped: ``(B, G heads, s W, D)`` -> ``(B, H, W, heads D)``."""
     b, n, length, d = out.shape
-    position = _export_positions(n // num_heads, num_heads, group_size, width, interlaced, out.device).flatten()
+    position = export_group_index(n // num_heads, num_heads, group_size, width, interlaced, out.device).flatten()
     inverse = torch.empty_like(position).scatter_(0, position, torch.arange(position.numel(), device=out.device))
     device = out.device  # the real rows' (row, column, head) in the flat order, first: (H, W, heads)
     real = ((torch.arange(height, device=device)[:, None, None] * width + torch.arange(width, device=device)[:, None])
@@ -424,13 +423,10 @@ def export_ungroup_rows(out: Tensor, num_heads: int, height: int, group_size: in
     return _flat(out, b, n * length, d)[:, inverse[real]].flatten(3, 4)
 
 
-def export_key_mask(height: int, groups: int, num_heads: int, group_size: int, width: int, interlaced: bool,
-                    device: torch.device) -> Tensor:
-    """The key mask of :func:`export_group_rows`' groups: ``(1, G heads, 1, s W)``, True on real rows
-    (the map's real-row indicator, grouped as the tokens are)."""
-    padded = groups * group_size
-    real = (torch.arange(padded, device=device) < height)[None, :, None, None].expand(1, padded, width, num_heads)
-    return export_group_rows(real, num_heads, group_size, interlaced)[..., 0][:, :, None, :]
+def export_key_mask(index: Tensor, height: int, width: int, num_heads: int) -> Tensor:
+    """The key mask of the groups gathered with ``index`` (:func:`export_group_index`): ``(1, G heads, 1,
+    s W)``, True on real rows (whose flat positions come before the first padded row's)."""
+    return (index < height * width * num_heads)[None, :, None, :]
 
 
 def split_heads(x: Tensor, num_heads: int) -> Tensor:
@@ -487,8 +483,9 @@ def group_lines(q: Tensor, k: Tensor, v: Tensor, num_heads: int, group_size: int
     if padded:
         q, k, v = (F.pad(t, (0, 0, 0, 0, 0, hp - h)) for t in (q, k, v))
     if attention_kernels.is_exporting():
-        mask = export_key_mask(h, hp // group_size, num_heads, group_size, w, interlaced, q.device) if padded else None
-        qg, kg, vg = (export_group_rows(t, num_heads, group_size, interlaced) for t in (q, k, v))
+        index = export_group_index(hp // group_size, num_heads, group_size, w, interlaced, q.device)
+        mask = export_key_mask(index, h, w, num_heads) if padded else None
+        qg, kg, vg = (export_group_rows(t, num_heads, index) for t in (q, k, v))
         return qg, kg, vg, mask
     mask = batch_key_mask(b, h, hp, w, group_size, interlaced, q.device) if padded else None
     qg, kg, vg = (split_heads(group_rows(t, group_size, interlaced), num_heads) for t in (q, k, v))
