@@ -414,10 +414,10 @@ def export_group_rows(x: Tensor, num_heads: int, index: Tensor) -> Tensor:
 def export_ungroup_rows(out: Tensor, num_heads: int, height: int, group_size: int, width: int,
                         interlaced: bool) -> Tensor:
     """Inverse of :func:`export_group_rows`, padded rows dropped: ``(B, G heads, s W, D)`` -> ``(B, H, W, heads D)``."""
-    b, n, length, d = out.shape
-    position = export_group_index(n // num_heads, num_heads, group_size, width, interlaced, out.device).flatten()
-    inverse = torch.empty_like(position).scatter_(0, position, torch.arange(position.numel(), device=out.device))
-    device = out.device  # the real rows' (row, column, head) in the flat order, first: (H, W, heads)
+    (b, n, length, d), device = out.shape, out.device
+    position = export_group_index(n // num_heads, num_heads, group_size, width, interlaced, device).flatten()
+    inverse = torch.empty_like(position).scatter_(0, position, torch.arange(position.numel(), device=device))
+    # the real rows' (row, column, head) in the flat order, first: (H, W, heads)
     real = ((torch.arange(height, device=device)[:, None, None] * width + torch.arange(width, device=device)[:, None])
             * num_heads + torch.arange(num_heads, device=device))
     return _flat(out, b, n * length, d)[:, inverse[real]].flatten(3, 4)
